@@ -1,0 +1,5 @@
+import sys
+
+from unitbox.cli import main
+
+sys.exit(main())

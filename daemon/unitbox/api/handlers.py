@@ -1,0 +1,281 @@
+"""The endpoints of API.md. Handlers parse and validate at the edge, then
+speak to the engine in dataclasses; errors are raised, never formatted here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from unitbox.api.errors import validation_details
+from unitbox.api.models import (
+    HealthOut,
+    LimitsIn,
+    OutputOut,
+    RunOut,
+    RunRequest,
+    RunsPage,
+    RuntimeOut,
+    RuntimesOut,
+    SubmitOut,
+    check_args,
+    decode_source,
+)
+from unitbox.api.state import ENGINE, OPENAPI
+from unitbox.engine import Engine, Submission
+from unitbox.errors import (
+    BadRequest,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    SystemdError,
+    UnitboxError,
+    UnsupportedMediaType,
+)
+from unitbox.limits import resolve_limits
+from unitbox.outcome import RunState
+from unitbox.profile import unit_name
+from unitbox.store import RunRecord
+
+MULTIPART_FIELDS = frozenset({"file", "stdin", "args", "limits", "runtime", "wait"})
+MAX_PAGE = 1000
+
+
+def _json(model: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=model.model_dump_json(), status=status, headers=headers,
+                        content_type="application/json", charset="utf-8")
+
+
+def _run_out(record: RunRecord) -> RunOut:
+    return RunOut.of(record, unit_name(record.id))
+
+
+def _flag(raw: str | None, name: str) -> bool:
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise InvalidInput(f"{name} must be true or false, got {raw!r}",
+                       details=[{"field": name, "message": "not a boolean"}])
+
+
+def _submission(engine: Engine, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
+                runtime: str) -> Submission:
+    engine.runtimes.get(runtime)
+    config = engine.config
+    resolved = resolve_limits(limits.requested() if limits else None, config.default_limits, config.maximum_limits)
+    return Submission(code=source, stdin=stdin.encode("utf-8", "surrogatepass"), args=args, limits=resolved,
+                      runtime=runtime)
+
+
+async def _accept(request: web.Request, submission: Submission, wait: bool) -> web.Response:
+    engine = request.app[ENGINE]
+    began = time.perf_counter()
+    record = await engine.submit(submission)
+    engine.metrics.submission_latency.observe(time.perf_counter() - began)
+    if wait:
+        record = await engine.wait(record.id, engine.config.wait_max_s)
+        if record.state.terminal:
+            return _json(_run_out(record))
+    location = f"/status/{record.id}"
+    body = SubmitOut(id=record.id, state=record.state, status_url=location, output_url=f"/output/{record.id}")
+    return _json(body, status=202, headers={"Location": location})
+
+
+def _source_or_422(read: Any, field: str) -> bytes:
+    try:
+        source: bytes = read()
+    except ValueError as exc:
+        raise InvalidInput(f"{field}: {exc}", details=[{"field": field, "message": str(exc)}]) from None
+    return source
+
+
+async def run_json(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(f"send the run as application/json, not {request.content_type or 'nothing'}")
+    raw = await request.read()  # over client_max_size → 413
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the body must be a JSON object")
+    run = RunRequest.model_validate(data)
+    source = _source_or_422(run.source, "code" if run.code is not None else "code_b64")
+    wait = run.wait or _flag(request.query.get("wait"), "wait")
+    engine = request.app[ENGINE]
+    submission = _submission(engine, source, run.stdin, run.args, limits=run.limits, runtime=run.runtime)
+    return await _accept(request, submission, wait)
+
+
+async def _read_parts(request: web.Request, cap: int) -> dict[str, bytes]:
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    parts: dict[str, bytes] = {}
+    total = 0
+    try:
+        while (part := await reader.next()) is not None:
+            name = getattr(part, "name", None)
+            if name not in MULTIPART_FIELDS:
+                raise InvalidInput(f"unknown form field {name!r}; expected {', '.join(sorted(MULTIPART_FIELDS))}")
+            if name in parts:
+                raise InvalidInput(f"form field {name!r} given twice")
+            chunks = []
+            while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
+                total += len(chunk)
+                if total > cap:
+                    raise PayloadTooLarge(f"the request body is over the {cap // 1024} KiB limit")
+                chunks.append(chunk)
+            parts[name] = b"".join(chunks)
+    except (ValueError, AssertionError, RuntimeError) as exc:
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    return parts
+
+
+def _text_part(parts: dict[str, bytes], name: str) -> str | None:
+    if name not in parts:
+        return None
+    try:
+        return parts[name].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput(f"form field {name!r} is not UTF-8 text") from None
+
+
+def _json_part(parts: dict[str, bytes], name: str) -> Any:
+    text = _text_part(parts, name)
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(f"form field {name!r} is not valid JSON: {exc}") from None
+
+
+async def run_file(request: web.Request) -> web.Response:
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaType(f"upload the file as multipart/form-data, not {request.content_type or 'nothing'}")
+    engine = request.app[ENGINE]
+    parts = await _read_parts(request, engine.config.max_request_kb * 1024)
+    if "file" not in parts:
+        raise InvalidInput("the form has no 'file' part holding the Python source",
+                           details=[{"field": "file", "message": "missing"}])
+    source = _source_or_422(lambda: decode_source(parts["file"]), "file")
+    args = _json_part(parts, "args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise InvalidInput("args must be a JSON list of strings",
+                           details=[{"field": "args", "message": "not a list of strings"}])
+    try:
+        check_args(args)
+        limits = LimitsIn.model_validate(_json_part(parts, "limits") or {})
+    except ValidationError as exc:
+        details = validation_details(exc, "limits.")
+        raise InvalidInput("; ".join(f"{d['field']}: {d['message']}" for d in details), details=details) from None
+    except ValueError as exc:
+        raise InvalidInput(str(exc), details=[{"field": "args", "message": str(exc)}]) from None
+    stdin = _text_part(parts, "stdin") or ""
+    runtime = _text_part(parts, "runtime") or "default"
+    wait = _flag(_text_part(parts, "wait"), "wait") or _flag(request.query.get("wait"), "wait")
+    return await _accept(request, _submission(engine, source, stdin, args, limits=limits, runtime=runtime), wait)
+
+
+async def status(request: web.Request) -> web.Response:
+    record = await request.app[ENGINE].get(request.match_info["id"])
+    return _json(_run_out(record))
+
+
+def _read_stream(path: Any) -> bytes:
+    try:
+        data: bytes = path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    return data
+
+
+async def output(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    record = await engine.get(request.match_info["id"])
+    run_dir = engine.run_dir(record.id)
+    stream = request.query.get("stream")
+    loop = asyncio.get_running_loop()
+    if stream is not None:
+        if stream not in ("stdout", "stderr"):
+            raise InvalidInput(f"stream must be stdout or stderr, got {stream!r}",
+                               details=[{"field": "stream", "message": "must be stdout or stderr"}])
+        data = await loop.run_in_executor(None, _read_stream, run_dir.output(stream))
+        return web.Response(body=data, content_type="application/octet-stream",
+                            headers={"X-Unitbox-Truncated": str(getattr(record, f"{stream}_truncated")).lower(),
+                                     "X-Unitbox-State": str(record.state)})
+    out = await loop.run_in_executor(None, _read_stream, run_dir.output("stdout"))
+    err = await loop.run_in_executor(None, _read_stream, run_dir.output("stderr"))
+    return _json(OutputOut(id=record.id, state=record.state, stdout=out.decode("utf-8", "replace"),
+                           stderr=err.decode("utf-8", "replace"), stdout_truncated=record.stdout_truncated,
+                           stderr_truncated=record.stderr_truncated))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    record, was_going = await request.app[ENGINE].cancel(request.match_info["id"])
+    return _json(_run_out(record), status=202 if was_going else 200)
+
+
+async def list_runs(request: web.Request) -> web.Response:
+    query = request.query
+    state: RunState | None = None
+    if query.get("state"):
+        try:
+            state = RunState(query["state"])
+        except ValueError:
+            raise InvalidInput(f"state must be one of {', '.join(s.value for s in RunState)}",
+                               details=[{"field": "state", "message": "unknown state"}]) from None
+    try:
+        limit = int(query.get("limit", "50"))
+        before = int(query["cursor"]) if query.get("cursor") else None
+    except ValueError:
+        raise InvalidInput("limit and cursor must be integers") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}",
+                           details=[{"field": "limit", "message": "out of range"}])
+    engine = request.app[ENGINE]
+    records = await engine.store.page(state, limit + 1, before)
+    more = len(records) > limit
+    records = [await engine.get(r.id) if not r.state.terminal else r for r in records[:limit]]
+    cursor = str(records[-1].seq) if more and records else None
+    return _json(RunsPage(runs=[_run_out(r) for r in records], next_cursor=cursor))
+
+
+async def runtimes(request: web.Request) -> web.Response:
+    described = await request.app[ENGINE].runtimes.describe()
+    return _json(RuntimesOut(runtimes=[RuntimeOut(name=r.name, python=r.python, packages=r.packages)
+                                       for r in described]))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        version = engine.systemd.version()
+        await engine.store.ping()
+    except UnitboxError as exc:
+        reason = exc.message if isinstance(exc, SystemdError) else f"run store: {exc.message}"
+        return _json(HealthOut(status="unavailable", reason=reason), status=503)
+    return _json(HealthOut(status="ok", systemd=version, running=engine.executing, queued=engine.queue_depth))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[ENGINE].metrics.render(), content_type="text/plain",
+                        charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no such path: {request.path}")

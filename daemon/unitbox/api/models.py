@@ -1,0 +1,189 @@
+"""Request and response models at the HTTP edge (API.md contract v1). They
+also generate the OpenAPI document; inside, the engine uses plain dataclasses."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tokenize
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
+
+from unitbox.outcome import RunState
+from unitbox.store import RunRecord
+
+_Number = StrictInt | StrictFloat
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LimitsIn(_Strict):
+    """Every field optional; a missing one takes the server's default. Values
+    ≤ 0, non-numbers and values above the server's maximum are rejected."""
+
+    timeout_s: _Number | None = Field(default=None, description="Wall-clock limit in seconds (> 0).")
+    memory_mb: _Number | None = Field(default=None, description="Memory limit for the whole run, no swap.")
+    cpu_percent: _Number | None = Field(default=None, description="CPU quota; 100 = one full core.")
+    tasks: _Number | None = Field(default=None, description="Processes + threads at once.")
+    output_kb: _Number | None = Field(default=None, description="Cap on each of stdout and stderr.")
+    disk_mb: _Number | None = Field(default=None, description="Cap on the working directory and /tmp.")
+
+    def requested(self) -> dict[str, object]:
+        return self.model_dump(exclude_none=True)
+
+
+class LimitsOut(BaseModel):
+    timeout_s: float
+    memory_mb: int
+    cpu_percent: int
+    tasks: int
+    output_kb: int
+    disk_mb: int
+
+
+def check_args(args: list[str]) -> list[str]:
+    for index, arg in enumerate(args):
+        if "\0" in arg:
+            raise ValueError(f"args[{index}] contains a NUL byte")
+    return args
+
+
+def decode_source(source: bytes) -> bytes:
+    """Check that `source` is Python source the interpreter will read: UTF-8,
+    or another encoding its PEP 263 coding line declares; no NUL bytes."""
+    if b"\0" in source:
+        raise ValueError("the code contains a NUL byte")
+    try:
+        encoding, _ = tokenize.detect_encoding(io.BytesIO(source).readline)
+        source.decode(encoding)
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        raise ValueError(f"the code is not valid UTF-8 (or its declared encoding): {exc}") from None
+    return source
+
+
+class RunRequest(_Strict):
+    code: str | None = Field(default=None, description="The program, as UTF-8 text.")
+    code_b64: str | None = Field(default=None, description="Alternative to code: base64 of the source bytes.")
+    stdin: str = Field(default="", description="Fed to the program's standard input.")
+    args: list[str] = Field(default_factory=list, description="sys.argv[1:] of the program.")
+    limits: LimitsIn | None = None
+    runtime: str = Field(default="default", description="A runtime the server defines (GET /runtimes).")
+    wait: bool = Field(default=False, description="Answer once the run has finished (up to the server's cap).")
+
+    @field_validator("args")
+    @classmethod
+    def _no_nul_in_args(cls, value: list[str]) -> list[str]:
+        return check_args(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RunRequest:
+        if (self.code is None) == (self.code_b64 is None):
+            raise ValueError("give exactly one of code and code_b64")
+        return self
+
+    def source(self) -> bytes:
+        if self.code is not None:
+            try:
+                return decode_source(self.code.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise ValueError("code contains lone surrogates: it is not valid UTF-8") from None
+        try:
+            raw = base64.b64decode(self.code_b64 or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("code_b64 is not valid base64") from None
+        return decode_source(raw)
+
+
+Timestamp = Annotated[datetime | None, Field(description="RFC 3339, UTC; null until known.")]
+
+
+def _time(value: float | None) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if value is not None else None
+
+
+class RunOut(BaseModel):
+    id: str
+    state: RunState
+    exit_code: int | None
+    signal: str | None
+    unit: str
+    runtime: str
+    created_at: Timestamp
+    started_at: Timestamp
+    finished_at: Timestamp
+    duration_ms: float | None
+    cpu_ms: float | None
+    memory_peak_bytes: int | None
+    limits: LimitsOut
+    stdout_bytes: int = Field(description="Bytes of stdout kept (at most output_kb).")
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+    error: str | None
+
+    @classmethod
+    def of(cls, record: RunRecord, unit: str) -> RunOut:
+        return cls(
+            id=record.id, state=record.state, exit_code=record.exit_code, signal=record.signal, unit=unit,
+            runtime=record.runtime, created_at=_time(record.created_at), started_at=_time(record.started_at),
+            finished_at=_time(record.finished_at), duration_ms=record.duration_ms, cpu_ms=record.cpu_ms,
+            memory_peak_bytes=record.memory_peak_bytes, limits=LimitsOut.model_validate(record.limits.as_dict()),
+            stdout_bytes=record.stdout_bytes, stderr_bytes=record.stderr_bytes,
+            stdout_truncated=record.stdout_truncated, stderr_truncated=record.stderr_truncated,
+            error=record.error,
+        )
+
+
+class SubmitOut(BaseModel):
+    id: str
+    state: RunState
+    status_url: str
+    output_url: str
+
+
+class OutputOut(BaseModel):
+    id: str
+    state: RunState
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    encoding: Literal["utf-8"] = "utf-8"
+
+
+class RunsPage(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None
+
+
+class RuntimeOut(BaseModel):
+    name: str
+    python: str
+    packages: dict[str, str]
+
+
+class RuntimesOut(BaseModel):
+    runtimes: list[RuntimeOut]
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    systemd: str | None = None
+    running: int = 0
+    queued: int = 0
+    reason: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,120 @@
+"""The OpenAPI 3.1 document, generated from the pydantic models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from unitbox import __version__
+from unitbox.api.models import (
+    ErrorOut,
+    HealthOut,
+    OutputOut,
+    RunOut,
+    RunRequest,
+    RunsPage,
+    RuntimesOut,
+    SubmitOut,
+)
+
+_REF = "#/components/schemas/{model}"
+_ERRORS = {
+    "400": "Malformed JSON or multipart body", "401": "Missing or wrong bearer token",
+    "404": "Unknown id or path", "405": "Wrong method", "413": "Body over the configured size",
+    "415": "Wrong content type", "422": "Well-formed but invalid", "503": "Queue full or service unavailable",
+}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, Any]:
+    return {"$ref": _REF.format(model=model.__name__)}
+
+
+def _json_body(model: type[BaseModel], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {code: _json_body(ErrorOut, _ERRORS[code]) for code in codes}
+
+
+def _id_param() -> list[dict[str, Any]]:
+    return [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}]
+
+
+def _wait_param() -> dict[str, Any]:
+    return {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"}}
+
+
+def build_openapi() -> dict[str, Any]:
+    models: list[type[BaseModel]] = [RunRequest, RunOut, SubmitOut, OutputOut, RunsPage, RuntimesOut, HealthOut,
+                                     ErrorOut]
+    _, schemas = models_json_schema([(m, "serialization" if m is not RunRequest else "validation")
+                                     for m in models], ref_template=_REF)
+    submitted = {
+        "200": _json_body(RunOut, "The finished run (when waiting)"),
+        "202": {**_json_body(SubmitOut, "Accepted; poll status_url"),
+                "headers": {"Location": {"schema": {"type": "string"}}}},
+        **_errors("400", "401", "405", "413", "415", "422", "503"),
+    }
+    multipart = {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"}, "stdin": {"type": "string"},
+        "args": {"type": "string", "description": "JSON list of strings"},
+        "limits": {"type": "string", "description": "JSON object, as in /run-json"},
+        "runtime": {"type": "string"}, "wait": {"type": "string", "enum": ["true", "false"]}}}
+    paths: dict[str, Any] = {
+        "/run-json": {"post": {
+            "summary": "Run code given as JSON", "operationId": "runJson", "parameters": [_wait_param()],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(RunRequest)}}},
+            "responses": submitted}},
+        "/run-file": {"post": {
+            "summary": "Run an uploaded .py file", "operationId": "runFile", "parameters": [_wait_param()],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart}}},
+            "responses": submitted}},
+        "/status/{id}": {"get": {
+            "summary": "A run's state and result", "operationId": "getStatus", "parameters": _id_param(),
+            "responses": {"200": _json_body(RunOut, "The run"), **_errors("401", "404")}}},
+        "/output/{id}": {"get": {
+            "summary": "A run's output so far", "operationId": "getOutput",
+            "parameters": [*_id_param(), {"name": "stream", "in": "query", "required": False,
+                                          "schema": {"type": "string", "enum": ["stdout", "stderr"]}}],
+            "responses": {"200": {"description": "The output (raw bytes with ?stream=)", "content": {
+                "application/json": {"schema": _ref(OutputOut)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                **_errors("401", "404", "422")}}},
+        "/runs/{id}/cancel": {"post": {
+            "summary": "Cancel a run", "operationId": "cancelRun", "parameters": _id_param(),
+            "responses": {"200": _json_body(RunOut, "Already finished; unchanged"),
+                          "202": _json_body(RunOut, "Stopping"), **_errors("401", "404")}}},
+        "/runs/{id}": {"delete": {
+            "summary": "Cancel a run (alias)", "operationId": "deleteRun", "parameters": _id_param(),
+            "responses": {"200": _json_body(RunOut, "Already finished; unchanged"),
+                          "202": _json_body(RunOut, "Stopping"), **_errors("401", "404")}}},
+        "/runs": {"get": {
+            "summary": "Runs, newest first", "operationId": "listRuns",
+            "parameters": [
+                {"name": "state", "in": "query", "required": False, "schema": {"type": "string"}},
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                {"name": "cursor", "in": "query", "required": False, "schema": {"type": "string"}}],
+            "responses": {"200": _json_body(RunsPage, "A page of runs"), **_errors("401", "422")}}},
+        "/runtimes": {"get": {
+            "summary": "Runtimes this server offers", "operationId": "listRuntimes",
+            "responses": {"200": _json_body(RuntimesOut, "The runtimes"), **_errors("401")}}},
+        "/healthz": {"get": {
+            "summary": "Liveness: can the daemon reach systemd", "operationId": "healthz",
+            "responses": {"200": _json_body(HealthOut, "Healthy"), "503": _json_body(HealthOut, "Unhealthy")}}},
+        "/metrics": {"get": {
+            "summary": "Prometheus metrics", "operationId": "metrics",
+            "responses": {"200": {"description": "Prometheus text format",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "unitbox", "version": __version__,
+                 "description": "Run untrusted Python code, each run a hardened transient systemd unit."},
+        "paths": paths,
+        "components": {"schemas": schemas["$defs"],
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

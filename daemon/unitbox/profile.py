@@ -1,0 +1,194 @@
+"""The unit profile: a pure function from a run to the properties of its
+transient service, in systemd's own unit-file vocabulary (the adapter turns
+them into D-Bus values). Every row of SANDBOX.md's "Required settings" is
+here; read it as one screen of policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from unitbox.limits import Limits
+
+# Where a run sees its own files. Everything lives under the private /run
+# tmpfs, so systemd never has to create mount points on the host's disk.
+CODE_DIR = "/run/unitbox/code"
+WORK_DIR = "/run/unitbox/work"
+SCRIPT_PATH = f"{CODE_DIR}/main.py"
+ARGV_PATH = f"{CODE_DIR}/argv"
+
+UNIT_PREFIX = "unitbox-run-"
+UNIT_SUFFIX = ".service"
+
+# Run by the interpreter with -c: sets sys.argv from the run's own argv file
+# (arguments never go into the world-readable unit definition) and runs the
+# script as __main__, hiding this frame from the user's tracebacks.
+BOOTSTRAP = (
+    "import sys\n"
+    f"p={SCRIPT_PATH!r}\n"
+    f"a=open({ARGV_PATH!r},'rb').read()\n"
+    "sys.argv=[p]+(a.decode('utf-8','surrogatepass').split('\\0') if a else [])\n"
+    "def _hook(t,v,tb,_h=sys.excepthook):\n"
+    " if tb is not None and tb.tb_frame.f_code.co_filename=='<string>':\n"
+    "  tb=tb.tb_next;v=v.with_traceback(tb) if v is not None else v\n"
+    " _h(t,v,tb)\n"
+    "sys.excepthook=_hook\n"
+    "g={'__name__':'__main__','__file__':p,'__builtins__':__builtins__,'__doc__':None,"
+    "'__spec__':None,'__loader__':None,'__package__':None}\n"
+    "del a,_hook\n"
+    "exec(compile(open(p,'rb').read(),p,'exec'),g)\n"
+)
+
+# Command lines carry the `:` prefix: systemd must not expand `$…` in them.
+# Privileged ExecStopPost (runs after the run's processes are gone, while its
+# cgroup still exists): records the outcome durably in the run's directory, so
+# a daemon that was down when the run ended still learns the truth, and takes
+# the CPU / memory-peak / OOM figures that cgroup-v1 hosts forget at once.
+STOP_POST_SCRIPT = r"""cpu= peak= oom= acct=
+while IFS=: read -r _ c p; do
+  case ,$c, in
+  ,,) for b in /sys/fs/cgroup$p /sys/fs/cgroup/unified$p; do  # pure v2, or hybrid's unified tree
+        [ -r "$b/cpu.stat" ] || continue
+        while read -r k v; do [ "$k" = usage_usec ] && cpu=${v}000; done < "$b/cpu.stat"
+        [ -r "$b/memory.peak" ] && read -r peak < "$b/memory.peak"
+        [ -r "$b/memory.events" ] && while read -r k v; do [ "$k" = oom_kill ] && oom=$v; done < "$b/memory.events"
+        break
+      done ;;
+  *,cpuacct,*) b=/sys/fs/cgroup/$c$p; [ "$p" != / ] && [ -r "$b/cpuacct.usage" ] && read -r acct < "$b/cpuacct.usage" ;;
+  *,memory,*) b=/sys/fs/cgroup/$c$p
+      [ -r "$b/memory.max_usage_in_bytes" ] && read -r peak < "$b/memory.max_usage_in_bytes"
+      [ -r "$b/memory.oom_control" ] &&
+        while read -r k v; do [ "$k" = oom_kill ] && oom=$v; done < "$b/memory.oom_control" ;;
+  esac
+done < /proc/self/cgroup
+printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\nend=1\n' \
+  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom" > "$1/result"
+"""
+
+DENIED_SYSCALLS = "~@privileged @resources @keyring @debug @mount @obsolete @cpu-emulation"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "RAYON_NUM_THREADS")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What interpreter a run uses: the host's, or a read-only environment."""
+
+    name: str
+    python: str
+    path: str | None = None
+
+
+def unit_name(run_id: str) -> str:
+    return f"{UNIT_PREFIX}{run_id}{UNIT_SUFFIX}"
+
+
+def run_id_of(unit: str) -> str | None:
+    if unit.startswith(UNIT_PREFIX) and unit.endswith(UNIT_SUFFIX):
+        return unit[len(UNIT_PREFIX):-len(UNIT_SUFFIX)]
+    return None
+
+
+def thread_cap(limits: Limits) -> int:
+    """Threads a numeric library may start: within the CPU quota and leaving
+    most of the `tasks` budget to the program itself."""
+    return max(1, min(math.ceil(limits.cpu_percent / 100), limits.tasks // 4))
+
+
+def environment(limits: Limits) -> list[str]:
+    threads = str(thread_cap(limits))
+    return [
+        "PATH=/usr/local/bin:/usr/bin:/bin",
+        "LANG=C.UTF-8",
+        "PYTHONUNBUFFERED=1",
+        "PYTHONDONTWRITEBYTECODE=1",
+        f"HOME={WORK_DIR}",
+        "TMPDIR=/tmp",
+        "MPLBACKEND=Agg",
+        "MPLCONFIGDIR=/tmp/matplotlib",
+        *(f"{name}={threads}" for name in THREAD_VARIABLES),
+    ]
+
+
+def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
+                  slice_name: str, runtime: Runtime) -> dict[str, Any]:
+    """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
+    directory on the host (its `in/` is mounted read-only at CODE_DIR)."""
+    disk = f"mode=1777,size={limits.disk_mb}M"
+    read_only = [f"{run_dir / 'in'}:{CODE_DIR}"]
+    if runtime.path is not None:
+        read_only.append(f"{runtime.path}:{runtime.path}")
+    return {
+        "Description": f"unitbox run {run_id}",
+        "Slice": slice_name,
+        # lifecycle
+        "Type": "exec",
+        "ExecStart": [":" + runtime.python, "-I", "-u", "-c", BOOTSTRAP],
+        "ExecStopPost": ["+:/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", str(run_dir)],
+        "KillMode": "control-group",
+        "OOMPolicy": "kill",
+        "CollectMode": "inactive-or-failed",  # the outcome is already on disk (ExecStopPost)
+        "LogExtraFields": [f"UNITBOX_RUN_ID={run_id}"],
+        "WorkingDirectory": WORK_DIR,
+        "Environment": environment(limits),
+        # identity
+        "DynamicUser": True,
+        "PrivateUsers": True,
+        # network
+        "PrivateNetwork": True,
+        "IPAddressDeny": ["any"],
+        "RestrictAddressFamilies": ["AF_UNIX"],
+        # filesystem
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateDevices": True,
+        "PrivateIPC": True,
+        "TemporaryFileSystem": [
+            "/run:mode=755",  # hides the D-Bus socket and /run/systemd/transient
+            f"{WORK_DIR}:{disk}",
+            f"/tmp:{disk}",
+            f"/var/tmp:{disk}",  # DynamicUser's PrivateTmp would put it on the host disk
+            f"/dev/shm:{disk}",  # PrivateDevices shares the host's /dev/shm otherwise
+        ],
+        "BindReadOnlyPaths": read_only,
+        "InaccessiblePaths": [f"-{state_dir}", "-/etc/unitbox"],
+        # kernel
+        "ProtectKernelTunables": True,
+        "ProtectKernelModules": True,
+        "ProtectKernelLogs": True,
+        "ProtectControlGroups": True,
+        "ProtectClock": True,
+        "ProtectHostname": True,
+        "ProtectProc": "invisible",
+        "ProcSubset": "pid",
+        # privileges
+        "NoNewPrivileges": True,
+        "CapabilityBoundingSet": [],
+        "AmbientCapabilities": [],
+        "RestrictSUIDSGID": True,
+        "RestrictNamespaces": True,
+        "LockPersonality": True,
+        "RestrictRealtime": True,
+        "KeyringMode": "private",
+        "UMask": 0o077,
+        # syscalls
+        "SystemCallArchitectures": ["native"],
+        "SystemCallFilter": ["@system-service", DENIED_SYSCALLS],
+        "SystemCallErrorNumber": "EPERM",
+        # resources
+        "CPUAccounting": True,
+        "MemoryAccounting": True,
+        "TasksAccounting": True,
+        "CPUQuota": limits.cpu_percent,
+        "MemoryMax": limits.memory_mb * MiB,
+        "MemorySwapMax": 0,
+        "TasksMax": limits.tasks,
+        "RuntimeMaxSec": limits.timeout_s,
+        "TimeoutStopSec": 1,
+        "LimitFSIZE": limits.disk_mb * MiB,
+        "LimitNOFILE": 1024,
+        "LimitCORE": 0,
+    }

@@ -1,0 +1,81 @@
+"""A run's directory under the state dir: its inputs (mounted read-only into
+the unit), its captured output and the outcome ExecStopPost recorded.
+
+    runs/<id>/          0700 root — no run can reach the state dir at all
+      in/main.py        the source, 0644 (readable by that run's dynamic user)
+      in/argv           sys.argv[1:], NUL-separated
+      stdin             fed to the program as its standard input
+      stdout, stderr    captured output, each capped at output_kb
+      result            written by the unit's privileged ExecStopPost
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from unitbox.outcome import Outcome, parse_result_file
+
+
+@dataclass(frozen=True, slots=True)
+class RunDir:
+    path: Path
+
+    @property
+    def inputs(self) -> Path:
+        return self.path / "in"
+
+    @property
+    def script(self) -> Path:
+        return self.inputs / "main.py"
+
+    @property
+    def stdin(self) -> Path:
+        return self.path / "stdin"
+
+    def output(self, stream: str) -> Path:
+        return self.path / stream
+
+    @property
+    def result(self) -> Path:
+        return self.path / "result"
+
+    def create(self, code: bytes, stdin: bytes, args: list[str]) -> None:
+        """Write the run's inputs. Blocking: call from a worker thread."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.inputs.mkdir(mode=0o755, exist_ok=True)
+        self.inputs.chmod(0o755)
+        _write(self.script, code, 0o644)
+        _write(self.inputs / "argv", "\0".join(args).encode("utf-8", "surrogatepass"), 0o644)
+        _write(self.stdin, stdin, 0o600)
+
+    def read_outcome(self) -> Outcome | None:
+        try:
+            return parse_result_file(self.result.read_text(errors="replace"))
+        except FileNotFoundError:
+            return None
+
+    def size(self) -> int:
+        total = 0
+        for root, _dirs, files in os.walk(self.path):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)

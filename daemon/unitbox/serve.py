@@ -1,0 +1,77 @@
+"""`unitbox serve`: the daemon. Binds the configured sockets (or those systemd
+passed), tells systemd when it is ready, pings the watchdog, and on SIGTERM
+stops accepting and leaves the runs (systemd units) to go on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from unitbox.api.app import create_app
+from unitbox.config import Config, parse_listen
+from unitbox.engine import Engine
+from unitbox.metrics import Metrics
+from unitbox.notify import listen_fds, notify, watchdog_interval_s
+from unitbox.runtimes import Runtimes
+from unitbox.store import RunStore
+from unitbox.systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(config: Config) -> Engine:
+    return Engine(config, Systemd(), RunStore(config.database_path), Runtimes(config), Metrics())
+
+
+def _sites(runner: web.AppRunner, config: Config) -> list[web.BaseSite]:
+    inherited = listen_fds()
+    if inherited:
+        return [web.SockSite(runner, socket.socket(fileno=fd)) for fd in inherited]
+    sites: list[web.BaseSite] = []
+    for address in config.listen:
+        target = parse_listen(address)
+        if isinstance(target, str):
+            with contextlib.suppress(FileNotFoundError):
+                Path(target).unlink()
+            sites.append(web.UnixSite(runner, target))
+        else:
+            sites.append(web.TCPSite(runner, target[0], target[1], reuse_address=True))
+    return sites
+
+
+async def _status_loop(engine: Engine) -> None:
+    interval = watchdog_interval_s()
+    while True:
+        notify(f"STATUS=Serving: {engine.executing} running, {engine.queue_depth} queued",
+               *(["WATCHDOG=1"] if interval else []))
+        await asyncio.sleep(min(interval or 5.0, 5.0))
+
+
+async def serve(config: Config) -> None:
+    engine = build_engine(config)
+    app = create_app(engine)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()  # starts the engine (cleanup_ctx)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        for site in _sites(runner, config):
+            await site.start()
+            log.info("listening on %s", site.name)
+        notify("READY=1", f"STATUS=Serving on {', '.join(config.listen)}", f"MAINPID={os.getpid()}")
+        status = asyncio.create_task(_status_loop(engine))
+        await stop.wait()
+        log.info("stopping: no new requests; running units go on and are picked up at the next start")
+        notify("STOPPING=1", "STATUS=Stopping")
+        status.cancel()
+    finally:
+        await runner.cleanup()

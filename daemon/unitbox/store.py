@@ -1,0 +1,196 @@
+"""The run store: SQLite in WAL mode under the state directory, schema
+versioned with migrations. One worker thread owns the connection, so the
+event loop never waits on the disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from unitbox.errors import Unavailable
+from unitbox.limits import Limits
+from unitbox.outcome import RunState
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    id: str
+    state: RunState
+    created_at: float
+    limits: Limits
+    runtime: str = "default"
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    signal: str | None = None
+    duration_ms: float | None = None
+    cpu_ms: float | None = None
+    memory_peak_bytes: int | None = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    error: str | None = None
+    cancel_requested: bool = False
+    seq: int = 0
+
+    def evolve(self, **changes: Any) -> RunRecord:
+        return replace(self, **changes)
+
+
+_COLUMNS = [f.name for f in fields(RunRecord) if f.name != "seq"]
+
+MIGRATIONS: list[str] = [
+    # 1: the runs table
+    """
+    CREATE TABLE runs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        limits TEXT NOT NULL,
+        runtime TEXT NOT NULL,
+        started_at REAL, finished_at REAL,
+        exit_code INTEGER, signal TEXT,
+        duration_ms REAL, cpu_ms REAL, memory_peak_bytes INTEGER,
+        stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0,
+        stdout_truncated INTEGER NOT NULL DEFAULT 0, stderr_truncated INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX runs_state ON runs(state, seq);
+    CREATE INDEX runs_finished ON runs(finished_at);
+    """,
+]
+
+
+def _to_row(record: RunRecord) -> dict[str, Any]:
+    row = asdict(record)
+    row.pop("seq")
+    row["limits"] = json.dumps(record.limits.as_dict())
+    row["state"] = str(record.state)
+    return row
+
+
+def _from_row(row: sqlite3.Row) -> RunRecord:
+    values = dict(row)
+    values["limits"] = Limits(**json.loads(values["limits"]))
+    values["state"] = RunState(values["state"])
+    for flag in ("stdout_truncated", "stderr_truncated", "cancel_requested"):
+        values[flag] = bool(values[flag])
+    return RunRecord(**values)
+
+
+class RunStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitbox-store")
+        self._db: sqlite3.Connection | None = None
+
+    # -- plumbing --------------------------------------------------------------
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self._db is None:
+                raise Unavailable("the run store is closed")
+            try:
+                with self._db:  # one transaction: committed, or rolled back on error
+                    return fn(self._db)
+            except sqlite3.OperationalError as exc:
+                raise Unavailable(f"the run store cannot be written: {exc}") from exc
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        db.isolation_level = "DEFERRED"  # back to implicit transactions for `with db:`
+        self.path.chmod(0o600)
+        self._db = db
+
+    async def open(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+
+    async def close(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        self._executor.shutdown(wait=True)
+
+    # -- runs ------------------------------------------------------------------
+    async def insert(self, record: RunRecord) -> RunRecord:
+        row = _to_row(record)
+        names = ", ".join(row)
+        marks = ", ".join(f":{name}" for name in row)
+
+        def insert(db: sqlite3.Connection) -> int:
+            cursor = db.execute(f"INSERT INTO runs ({names}) VALUES ({marks})", row)  # noqa: S608
+            return int(cursor.lastrowid or 0)
+        return record.evolve(seq=await self._run(insert))
+
+    async def update(self, record: RunRecord) -> None:
+        row = _to_row(record)
+        assignments = ", ".join(f"{name} = :{name}" for name in row if name != "id")
+        await self._run(lambda db: db.execute(f"UPDATE runs SET {assignments} WHERE id = :id", row))  # noqa: S608
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        def get(db: sqlite3.Connection) -> RunRecord | None:
+            row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return _from_row(row) if row else None
+        return await self._run(get)
+
+    async def page(self, state: RunState | None, limit: int, before_seq: int | None) -> list[RunRecord]:
+        """Newest first: up to `limit` runs older than `before_seq`."""
+        def page(db: sqlite3.Connection) -> list[RunRecord]:
+            query = "SELECT * FROM runs WHERE seq < ?"
+            params: list[Any] = [before_seq if before_seq is not None else 2**62]
+            if state is not None:
+                query += " AND state = ?"
+                params.append(str(state))
+            query += " ORDER BY seq DESC LIMIT ?"
+            params.append(limit)
+            return [_from_row(r) for r in db.execute(query, params)]
+        return await self._run(page)
+
+    async def unfinished(self) -> list[RunRecord]:
+        """Runs not in a terminal state, oldest first (for restart reconciliation)."""
+        states = [str(s) for s in (RunState.QUEUED, RunState.STARTING, RunState.RUNNING)]
+
+        def unfinished(db: sqlite3.Connection) -> list[RunRecord]:
+            rows = db.execute("SELECT * FROM runs WHERE state IN (?, ?, ?) ORDER BY seq", states)
+            return [_from_row(r) for r in rows]
+        return await self._run(unfinished)
+
+    async def finished_before(self, cutoff: float) -> list[str]:
+        return await self._run(lambda db: [r[0] for r in db.execute(
+            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY seq", (cutoff,))])
+
+    async def finished_oldest_first(self) -> list[tuple[str, int]]:
+        """(id, stored output bytes) of every finished run, oldest first."""
+        return await self._run(lambda db: [(r[0], r[1]) for r in db.execute(
+            "SELECT id, stdout_bytes + stderr_bytes FROM runs WHERE finished_at IS NOT NULL ORDER BY seq")])
+
+    async def delete(self, run_ids: Sequence[str]) -> None:
+        await self._run(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
+
+    async def counts_by_state(self) -> dict[str, int]:
+        return await self._run(lambda db: {r[0]: r[1] for r in db.execute(
+            "SELECT state, COUNT(*) FROM runs GROUP BY state")})
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
