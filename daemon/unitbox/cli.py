@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"unitbox: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_target)
     if args.command == "serve":
         from unitbox.serve import serve
         asyncio.run(serve(config))

@@ -9,7 +9,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -65,6 +65,7 @@ class Config(_Section):
     max_request_kb: int = Field(default=1024, gt=0)
     wait_max_s: float = Field(default=300.0, gt=0)
     log_level: str = "info"
+    log_target: Literal["auto", "journal", "stderr"] = "auto"
     limits: LimitsSection = Field(default_factory=lambda: LimitsSection(**_limits_default(Limits())))
     max_limits: LimitsSection = Field(default_factory=lambda: LimitsSection(**_limits_default(default_maxima())))
     retention: RetentionSection = Field(default_factory=RetentionSection)

@@ -1,14 +1,20 @@
-"""Logging set-up, called by the CLI only (never on import). Under journald
-(JOURNAL_STREAM set) no timestamps; structured run fields appended as
-key=value so `journalctl -u unitbox | grep run_id=…` finds a run's events."""
+"""Logging set-up, called by the CLI only (never on import).
+
+Under systemd (JOURNAL_STREAM set), records go to journald's native socket
+with structured fields (UNITBOX_RUN_ID, UNITBOX_UNIT, UNITBOX_STATE), so
+`journalctl UNITBOX_RUN_ID=<id>` finds the daemon's account of a run beside
+the run unit's own; journald adds the timestamps. Elsewhere: stderr."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 FIELDS = ("run_id", "unit", "state")
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
 class _FieldsFormatter(logging.Formatter):
@@ -18,11 +24,52 @@ class _FieldsFormatter(logging.Formatter):
         return f"{text} {extra}" if extra else text
 
 
-def setup_logging(level: str) -> None:
+def _journal_field(name: str, value: str) -> bytes:
+    data = value.encode("utf-8", "replace")
+    if b"\n" not in data:
+        return name.encode() + b"=" + data + b"\n"
+    return name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
+
+
+class JournalHandler(logging.Handler):
+    """journald's native protocol: one datagram of FIELD=value lines per record."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        super().__init__()
+        self._path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {
+                "MESSAGE": self.format(record),
+                "PRIORITY": str(_PRIORITY.get(record.levelno, 6)),
+                "SYSLOG_IDENTIFIER": "unitbox",
+                "LOGGER": record.name,
+            }
+            for name in FIELDS:
+                if hasattr(record, name):
+                    fields[f"UNITBOX_{name.upper()}"] = str(getattr(record, name))
+            self._socket.sendto(b"".join(_journal_field(k, v) for k, v in fields.items()), self._path)
+        except OSError:
+            self.handleError(record)
+
+
+def setup_logging(level: str, target: str = "auto") -> None:
+    """target: auto (journal under systemd, else stderr), journal (both), stderr."""
     under_journal = bool(os.environ.get("JOURNAL_STREAM"))
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_FieldsFormatter(fmt))
+    handlers: list[logging.Handler] = []
+    use_journal = (target == "journal" or (target == "auto" and under_journal)) and os.path.exists(JOURNAL_SOCKET)
+    if use_journal:
+        journal = JournalHandler()
+        journal.setFormatter(logging.Formatter("%(message)s"))
+        handlers.append(journal)
+    if not (use_journal and target == "auto"):
+        fmt = "%(levelname)s %(name)s: %(message)s" if under_journal else \
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(_FieldsFormatter(fmt))
+        handlers.append(stream)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(level.upper())

@@ -120,7 +120,7 @@ _stage2)   # PID 1 of the new namespaces; becomes systemd
   hostname "$NAME"
   cd $R; mkdir -p .oldroot; pivot_root . .oldroot; umount -l /.oldroot
   exec env -i container=unitbox-test PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    /lib/systemd/systemd --unit=basic.target --log-target=console
+    /lib/systemd/systemd --unit=basic.target --log-target=journal-or-kmsg
   ;;
 stop)
   stop_host "${2:?name}"

@@ -175,7 +175,8 @@ async def run_file(request: web.Request) -> web.Response:
                            details=[{"field": "args", "message": "not a list of strings"}])
     try:
         check_args(args)
-        limits = LimitsIn.model_validate(_json_part(parts, "limits") or {})
+        requested = _json_part(parts, "limits")
+        limits = LimitsIn.model_validate({} if requested is None else requested)
     except ValidationError as exc:
         details = validation_details(exc, "limits.")
         raise InvalidInput("; ".join(f"{d['field']}: {d['message']}" for d in details), details=details) from None

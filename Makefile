@@ -1,0 +1,53 @@
+# unitbox — every target prints what it does. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd dbus curl util-linux iproute2
+PYTEST_ARGS ?=
+
+.PHONY: help deps venv lint test test-fast run bench bench-quick deb vm-test clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+deps: .cache/apt.stamp  ## install the Debian packages the build and tests need
+.cache/apt.stamp:
+	@echo "==> checking Debian packages: $(APT_PACKAGES)"
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "==> apt-get install $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@mkdir -p .cache && touch $@
+
+venv: $(VENV)/.installed  ## create .venv with unitbox and its test tools
+$(VENV)/.installed: pyproject.toml .cache/apt.stamp
+	@echo "==> creating $(VENV) with $(PYTHON)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing unitbox (editable) and its test dependencies"
+	@$(BIN)/pip install --disable-pip-version-check -q --progress-bar on -U pip
+	@$(BIN)/pip install --disable-pip-version-check --progress-bar on -q -e '.[test]'
+	@$(BIN)/python -c 'import unitbox, pystemd, aiohttp, pydantic' && touch $@
+
+lint: venv  ## ruff and mypy --strict
+	@echo "==> ruff check"
+	@$(BIN)/ruff check daemon tests
+	@echo "==> mypy --strict daemon/"
+	@$(BIN)/mypy
+
+test: venv lint  ## everything: lint, unit, API and integration tests on a real systemd test host
+	@echo "==> pytest (unit, API, integration on the systemd test host)"
+	@$(BIN)/pytest -ra $(PYTEST_ARGS)
+	@echo "==> checking that no test host was left behind"
+	@bash tests/testhost/check-clean.sh
+
+test-fast: venv  ## unit and API tests only (no test host)
+	@$(BIN)/pytest -ra tests/unit tests/api $(PYTEST_ARGS)
+
+run: venv  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not systemd)
+	@bash scripts/run.sh
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache dist build

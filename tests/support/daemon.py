@@ -1,0 +1,145 @@
+"""The real daemon inside a test host, and a small HTTP client for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.testhost import REPO, TestHost, wait_until
+
+VENV_UNITBOX = REPO / ".venv" / "bin" / "unitbox"
+TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "error"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Client:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        self.base_url = base_url
+        self.token = token
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                timeout: float = 120, headers: dict[str, str] | None = None) -> Response:
+        request = urllib.request.Request(self.base_url + path, data=body, method=method)
+        if content_type:
+            request.add_header("Content-Type", content_type)
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return Response(reply.status, dict(reply.headers), reply.read())
+        except urllib.error.HTTPError as err:
+            return Response(err.code, dict(err.headers), err.read())
+
+    def get(self, path: str, **kwargs: Any) -> Response:
+        return self.request("GET", path, **kwargs)
+
+    def post_json(self, path: str, payload: Any, **kwargs: Any) -> Response:
+        return self.request("POST", path, json.dumps(payload).encode(), "application/json", **kwargs)
+
+    def submit(self, code: str, **fields: Any) -> str:
+        reply = self.post_json("/run-json", {"code": code, **fields})
+        assert reply.status == 202, (reply.status, reply.body)
+        return str(reply.json()["id"])
+
+    def run(self, code: str, **fields: Any) -> dict[str, Any]:
+        """Submit with wait=true; the finished Run object with its output merged in."""
+        reply = self.post_json("/run-json?wait=true", {"code": code, **fields})
+        assert reply.status == 200, (reply.status, reply.body)
+        run: dict[str, Any] = reply.json()
+        output = self.get(f"/output/{run['id']}").json()
+        run["stdout"], run["stderr"] = output["stdout"], output["stderr"]
+        return run
+
+    def status(self, run_id: str) -> dict[str, Any]:
+        reply = self.get(f"/status/{run_id}")
+        assert reply.status == 200, (reply.status, reply.body)
+        result: dict[str, Any] = reply.json()
+        return result
+
+    def wait(self, run_id: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.status(run_id)
+            if run["state"] in TERMINAL or time.monotonic() > deadline:
+                return run
+            time.sleep(0.05)
+
+
+class Daemon:
+    """`unitbox serve` inside the test host, on a free loopback port."""
+
+    def __init__(self, host: TestHost, workdir: Path, config: str = "", name: str = "daemon") -> None:
+        self.host = host
+        self.port = free_port()
+        self.state_dir = f"/var/lib/unitbox-{name}"
+        self.config_path = f"/etc/unitbox-{name}.toml"
+        self.log = workdir / f"{name}.log"
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client = Client(f"http://127.0.0.1:{self.port}")
+
+    def start(self, timeout: float = 30) -> None:
+        config = f'listen = ["127.0.0.1:{self.port}"]\nstate_dir = "{self.state_dir}"\n{self.config}\n'
+        self.host.path(self.config_path).write_text(config)
+        self.process = self.host.popen(str(VENV_UNITBOX), "--config", self.config_path, "serve", log=self.log)
+
+        def healthy() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the daemon exited:\n{self.log.read_text()}")
+            try:
+                return self.client.get("/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+        if not wait_until(healthy, timeout):
+            raise RuntimeError(f"the daemon did not become healthy:\n{self.log.read_text()}")
+
+    @property
+    def pid(self) -> int:
+        """The daemon's own PID (outside view): nsenter's child."""
+        assert self.process is not None
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False)
+        return int(out.stdout.split()[0]) if out.stdout.strip() else self.process.pid
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.kill(self.pid, sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        self.process = None

@@ -1,0 +1,101 @@
+"""A real systemd for the tests: boots tests/testhost/testhost.sh, runs
+commands inside it, and always tears it down."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tests" / "testhost" / "testhost.sh"
+_counter = iter(range(1, 1_000_000))
+_lock = threading.Lock()
+
+
+def unique_name(purpose: str) -> str:
+    with _lock:
+        return f"ubx-{purpose}-{os.getpid()}-{next(_counter)}"
+
+
+class TestHost:
+    """systemd as PID 1 of private namespaces on an overlay of this machine's
+    root; the checkout is bind-mounted live at the same path inside."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.pid = pid
+
+    @classmethod
+    def boot(cls, name: str, *binds: Path) -> TestHost:
+        env = {**os.environ, "UNITBOX_TESTHOST_OWNER": str(os.getpid())}
+        done = subprocess.run(["bash", str(SCRIPT), "start", name, str(REPO), *map(str, binds)],
+                              capture_output=True, text=True, env=env, check=False, timeout=120)
+        if done.returncode != 0:
+            subprocess.run(["bash", str(SCRIPT), "stop", name], check=False, capture_output=True)
+            raise RuntimeError(f"test host {name} did not boot:\n{done.stderr}")
+        return cls(name, int(done.stdout.split()[-1]))
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(SCRIPT), "stop", self.name], check=False, capture_output=True, timeout=120)
+
+    def command(self, *argv: str) -> list[str]:
+        return ["nsenter", "-t", str(self.pid), "-a", *argv]
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(*argv), capture_output=True, text=True, check=check, timeout=timeout)
+
+    def sh(self, script: str, check: bool = True, timeout: float = 60) -> str:
+        return self.run("sh", "-c", script, check=check, timeout=timeout).stdout
+
+    def popen(self, *argv: str, log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            return subprocess.Popen(self.command(*argv), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def path(self, inside: str) -> Path:
+        """A path inside the host, seen from outside (through its PID 1's root)."""
+        return Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
+
+    def units(self, pattern: str = "unitbox-run-*") -> list[str]:
+        out = self.run("systemctl", "list-units", "--all", "--plain", "--no-legend", pattern).stdout
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@contextlib.contextmanager
+def booted(purpose: str, *binds: Path) -> Iterator[TestHost]:
+    """A test host for the duration of the block, torn down even on SIGTERM."""
+    host = TestHost.boot(unique_name(purpose), *binds)
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally below
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupted)
+    try:
+        yield host
+    finally:
+        host.stop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def collect_stale_hosts() -> None:
+    """Remove hosts left by an earlier, killed test run (their owner is gone)."""
+    subprocess.run(["bash", str(SCRIPT), "gc"], check=False, capture_output=True, timeout=120)
+
+
+def wait_until(predicate: object, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False

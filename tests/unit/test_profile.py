@@ -1,0 +1,124 @@
+"""The unit profile is pure: its exact output for a known run."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from unitbox.limits import Limits
+from unitbox.profile import BOOTSTRAP, STOP_POST_SCRIPT, Runtime, build_profile, run_id_of, thread_cap, unit_name
+from unitbox.systemd import encode_properties, unit_path
+
+LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)
+
+
+def profile(runtime: Runtime | None = None) -> dict[str, object]:
+    return build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                         state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
+                         runtime=runtime or Runtime("default", "/usr/bin/python3"))
+
+
+def test_profile_exact_output() -> None:
+    assert profile() == {
+        "Description": "unitbox run abc123",
+        "Slice": "unitbox.slice",
+        "Type": "exec",
+        "ExecStart": [":/usr/bin/python3", "-I", "-u", "-c", BOOTSTRAP],
+        "ExecStopPost": ["+:/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", "/var/lib/unitbox/runs/abc123"],
+        "KillMode": "control-group",
+        "OOMPolicy": "kill",
+        "CollectMode": "inactive-or-failed",
+        "LogExtraFields": ["UNITBOX_RUN_ID=abc123"],
+        "WorkingDirectory": "/run/unitbox/work",
+        "Environment": [
+            "PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1",
+            "HOME=/run/unitbox/work", "TMPDIR=/tmp", "MPLBACKEND=Agg", "MPLCONFIGDIR=/tmp/matplotlib",
+            "OMP_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1", "MKL_NUM_THREADS=1", "NUMEXPR_NUM_THREADS=1",
+            "VECLIB_MAXIMUM_THREADS=1", "RAYON_NUM_THREADS=1",
+        ],
+        "DynamicUser": True,
+        "PrivateUsers": True,
+        "PrivateNetwork": True,
+        "IPAddressDeny": ["any"],
+        "RestrictAddressFamilies": ["AF_UNIX"],
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateDevices": True,
+        "PrivateIPC": True,
+        "TemporaryFileSystem": [
+            "/run:mode=755",
+            "/run/unitbox/work:mode=1777,size=16M",
+            "/tmp:mode=1777,size=16M",
+            "/var/tmp:mode=1777,size=16M",
+            "/dev/shm:mode=1777,size=16M",
+        ],
+        "BindReadOnlyPaths": ["/var/lib/unitbox/runs/abc123/in:/run/unitbox/code"],
+        "InaccessiblePaths": ["-/var/lib/unitbox", "-/etc/unitbox"],
+        "ProtectKernelTunables": True,
+        "ProtectKernelModules": True,
+        "ProtectKernelLogs": True,
+        "ProtectControlGroups": True,
+        "ProtectClock": True,
+        "ProtectHostname": True,
+        "ProtectProc": "invisible",
+        "ProcSubset": "pid",
+        "NoNewPrivileges": True,
+        "CapabilityBoundingSet": [],
+        "AmbientCapabilities": [],
+        "RestrictSUIDSGID": True,
+        "RestrictNamespaces": True,
+        "LockPersonality": True,
+        "RestrictRealtime": True,
+        "KeyringMode": "private",
+        "UMask": 0o077,
+        "SystemCallArchitectures": ["native"],
+        "SystemCallFilter": ["@system-service",
+                             "~@privileged @resources @keyring @debug @mount @obsolete @cpu-emulation"],
+        "SystemCallErrorNumber": "EPERM",
+        "CPUAccounting": True,
+        "MemoryAccounting": True,
+        "TasksAccounting": True,
+        "CPUQuota": 50,
+        "MemoryMax": 128 * 1024 * 1024,
+        "MemorySwapMax": 0,
+        "TasksMax": 32,
+        "RuntimeMaxSec": 2.5,
+        "TimeoutStopSec": 1,
+        "LimitFSIZE": 16 * 1024 * 1024,
+        "LimitNOFILE": 1024,
+        "LimitCORE": 0,
+    }
+
+
+def test_user_input_never_reaches_unit_properties() -> None:
+    text = repr(profile())
+    for secret in ("print(", "stdin", "argv=["):
+        assert secret not in text.replace("argv','rb'", "").replace("sys.argv=[p]", "")
+
+
+def test_runtime_directory_is_mounted_read_only() -> None:
+    props = profile(Runtime("sci", "/var/lib/unitbox/runtimes/sci/bin/python", "/var/lib/unitbox/runtimes/sci"))
+    assert props["ExecStart"][0] == ":/var/lib/unitbox/runtimes/sci/bin/python"  # type: ignore[index]
+    assert "/var/lib/unitbox/runtimes/sci:/var/lib/unitbox/runtimes/sci" in props["BindReadOnlyPaths"]  # type: ignore[operator]
+
+
+def test_thread_cap_follows_cpu_and_tasks() -> None:
+    assert thread_cap(Limits(cpu_percent=400, tasks=64)) == 4
+    assert thread_cap(Limits(cpu_percent=400, tasks=8)) == 2
+    assert thread_cap(Limits(cpu_percent=20, tasks=2)) == 1
+
+
+def test_unit_names_round_trip() -> None:
+    assert unit_name("abc") == "unitbox-run-abc.service"
+    assert run_id_of("unitbox-run-abc.service") == "abc"
+    assert run_id_of("other.service") is None
+
+
+def test_unit_object_path_escapes_every_non_alphanumeric() -> None:
+    assert unit_path("unitbox-run-ab1.service") == "/org/freedesktop/systemd1/unit/unitbox_2drun_2dab1_2eservice"
+
+
+def test_every_profile_property_has_a_dbus_signature() -> None:
+    args = encode_properties(profile())
+    names = [value for kind, value in args if kind == ord("s") and isinstance(value, bytes)]
+    assert {b"CPUQuotaPerSecUSec", b"RuntimeMaxUSec", b"ExecStopPostEx", b"ExecStartEx"} <= set(names)
+    assert names.count(b"SystemCallFilter") == 2
