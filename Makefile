@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd dbus curl util-linux iproute2
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv lint test test-fast run bench bench-quick deb vm-test clean
+.PHONY: help deps venv lint test test-fast run clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -48,6 +48,10 @@ test-fast: venv  ## unit and API tests only (no test host)
 
 run: venv  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not systemd)
 	@bash scripts/run.sh
+
+# Debian package and VM tier (packaging/deb.mk), benchmark (bench/bench.mk).
+-include packaging/deb.mk
+-include bench/bench.mk
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache dist build
