@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,6 +47,9 @@ class Metrics:
         self.submission_latency = Histogram("unitbox_submission_latency_seconds",
                                             "Time to accept a submission (not waiting for the run).",
                                             (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+        self.loop_lag = Histogram("unitbox_event_loop_lag_seconds",
+                                  f"How late the event loop woke a {LOOP_LAG_INTERVAL_S:g} s sleep (sampled).",
+                                  (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1))
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
@@ -58,5 +62,18 @@ class Metrics:
                   for state, count in sorted(self.finished.items())]
         for name, (help_text, read) in sorted(self.gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read():g}"]
-        lines += self.run_duration.render() + self.submission_latency.render()
+        lines += self.run_duration.render() + self.submission_latency.render() + self.loop_lag.render()
         return "\n".join(lines) + "\n"
+
+
+LOOP_LAG_INTERVAL_S = 0.05
+
+
+async def watch_loop_lag(histogram: Histogram, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Sleep `interval_s` again and again; how much later than asked the loop
+    woke us is how long something held it (20 cheap wake-ups a second)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        began = loop.time()
+        await asyncio.sleep(interval_s)
+        histogram.observe(max(0.0, loop.time() - began - interval_s))

@@ -17,7 +17,7 @@ from aiohttp import web
 from unitbox.api.app import create_app
 from unitbox.config import Config, parse_listen
 from unitbox.engine import Engine
-from unitbox.metrics import Metrics
+from unitbox.metrics import Metrics, watch_loop_lag
 from unitbox.notify import listen_fds, notify, watchdog_interval_s
 from unitbox.runtimes import Runtimes
 from unitbox.store import RunStore
@@ -69,9 +69,11 @@ async def serve(config: Config) -> None:
             log.info("listening on %s", site.name)
         notify("READY=1", f"STATUS=Serving on {', '.join(config.listen)}", f"MAINPID={os.getpid()}")
         status = asyncio.create_task(_status_loop(engine))
+        lag = asyncio.create_task(watch_loop_lag(engine.metrics.loop_lag))
         await stop.wait()
         log.info("stopping: no new requests; running units go on and are picked up at the next start")
         notify("STOPPING=1", "STATUS=Stopping")
         status.cancel()
+        lag.cancel()
     finally:
         await runner.cleanup()
