@@ -1,28 +1,38 @@
 """The run engine: admission (a bounded FIFO queue in front of a cap on runs
 executing at once), and each run's life as a transient unit:
-queued → starting → running → a terminal state (outcome.RunState)."""
+queued → starting → running → a terminal state (outcome.RunState).
+
+Durability: a run is recorded before it is acknowledged; its outcome is
+written by the unit's own ExecStopPost; the read ends of its output pipes
+(and a write end, so they never hang up) are parked in systemd's fd store
+when the daemon runs under systemd. A daemon that crashes or restarts finds
+all three again at start (recovery.py) and loses nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
+from unitbox import notify
 from unitbox.capture import StreamCapture, make_pipe
 from unitbox.config import Config
-from unitbox.errors import Busy, NotFound, SystemdError
+from unitbox.errors import Busy, NotFound, SystemdError, Unavailable
 from unitbox.limits import Limits
 from unitbox.metrics import Metrics
 from unitbox.outcome import Outcome, RunState, classify
-from unitbox.profile import build_profile, unit_name
+from unitbox.profile import UNIT_PREFIX, build_profile, unit_name
+from unitbox.recovery import Action, plan_recovery
+from unitbox.retention import retention_loop
 from unitbox.rundir import RunDir
 from unitbox.runtimes import Runtimes
 from unitbox.store import RunRecord, RunStore
@@ -30,7 +40,8 @@ from unitbox.systemd import UnitInfo, UnitSnapshot, Watcher
 
 log = logging.getLogger(__name__)
 
-PIPE_DRAIN_GRACE_S = 5.0  # after the unit is gone, how long output may still trickle in
+STREAMS = ("stdout", "stderr")
+PERSIST_RETRY_S = 2.0
 SLICE_PROPERTIES: Mapping[str, Any] = {
     "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
     "CPUAccounting": True, "MemoryAccounting": True, "TasksAccounting": True,
@@ -77,19 +88,26 @@ def new_run_id() -> str:
     return secrets.token_hex(8)
 
 
+def fd_name(run_id: str, stream: str) -> str:
+    return f"{run_id}.{stream}"
+
+
 def _usec(value: Any) -> float | None:
     return value / 1e6 if isinstance(value, int) and value > 0 else None
 
 
 class Engine:
-    def __init__(self, config: Config, systemd: UnitManager, store: RunStore, runtimes: Runtimes,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, systemd: UnitManager, store: RunStore, runtimes: Runtimes, *,
+                 metrics: Metrics | None = None, stored_fds: Mapping[str, list[int]] | None = None) -> None:
         self.config = config
         self.systemd = systemd
         self.store = store
         self.runtimes = runtimes
         self.metrics = metrics or Metrics()
+        self._stored_fds = dict(stored_fds or {})  # from systemd's fd store, by name
+        self._use_fd_store = notify.fd_store_available()
         self._active: dict[str, ActiveRun] = {}
+        self._unsaved: dict[str, RunRecord] = {}  # finished, but the store could not take it yet
         self._queue: deque[str] = deque()
         self._executing = 0
         self._accepting = False
@@ -106,19 +124,30 @@ class Engine:
         if self.systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
             log.info("created transient %s (install units/unitbox.slice for the shipped caps)", self.config.slice)
         self._accepting = True
+        await self._recover()
+        self._spawn(self._retry_unsaved())
+        self._spawn(retention_loop(self.store, self.run_dir, self.config.retention))
 
-    async def stop(self) -> None:
-        """Stop accepting; the runs themselves are systemd units and go on."""
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Stop accepting; give running runs `grace_s` to finish. Queued runs
+        stay recorded and start at the next start; runs still going are
+        systemd units and go on (picked up again at the next start)."""
         self._accepting = False
+        if grace_s > 0 and self._executing:
+            log.info("waiting up to %.0f s for %d running runs", grace_s, self._executing)
+            running = [run.done.wait() for run in self._active.values() if run.launched]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*running), grace_s)
         for task in list(self._tasks):
             task.cancel()
         for run in self._active.values():
             for capture in run.captures.values():
                 capture.close()
         self.systemd.close()
+        await self._save_unsaved()
         await self.store.close()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -147,8 +176,10 @@ class Engine:
         try:
             await loop.run_in_executor(None, run_dir.create, submission.code, submission.stdin, submission.args)
             record = await self.store.insert(record)
-        except BaseException:
+        except BaseException as exc:
             await loop.run_in_executor(None, run_dir.remove)
+            if isinstance(exc, OSError):
+                raise Unavailable(f"the run cannot be recorded ({exc.strerror or exc}); nothing was started") from exc
             raise
         self._active[run_id] = ActiveRun(record, run_dir)
         self._queue.append(run_id)
@@ -157,27 +188,28 @@ class Engine:
         return self._active[run_id].record
 
     def _pump(self) -> None:
-        while self._queue and self._executing < self.config.max_concurrent:
+        while self._accepting and self._queue and self._executing < self.config.max_concurrent:
             run = self._active.get(self._queue.popleft())
             if run is None or run.record.state is not RunState.QUEUED:
                 continue
             self._executing += 1
+            run.launched = True
             self._launch(run)
 
     def _launch(self, run: ActiveRun) -> None:
         record = run.record
         name = unit_name(record.id)
         run.record = record.evolve(state=RunState.STARTING)
-        run.launched = True
-        runtime = self.runtimes.get(record.runtime)
         profile = build_profile(record.id, record.limits, run_dir=PurePosixPath(run.dir.path),
                                 state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                runtime=runtime)
+                                runtime=self.runtimes.get(record.runtime))
         cap = record.limits.output_kb * 1024
+        pipes = {stream: make_pipe() for stream in STREAMS}
         stdin_fd = os.open(run.dir.stdin, os.O_RDONLY | os.O_CLOEXEC)
-        pipes = {stream: make_pipe() for stream in ("stdout", "stderr")}
         try:
-            for stream, (read_fd, _) in pipes.items():
+            for stream, (read_fd, write_fd) in pipes.items():
+                if self._use_fd_store:  # both ends: a stored pipe never hangs up, so systemd keeps it
+                    notify.store_fd([read_fd, write_fd], fd_name(record.id, stream))
                 run.captures[stream] = StreamCapture(read_fd, run.dir.output(stream), cap)
             self.systemd.watch(name, lambda snapshot: self._on_unit_change(run, snapshot))
             self.systemd.start_transient_service(
@@ -186,66 +218,56 @@ class Engine:
             log.error("run %s: systemd refused %s: %s", record.id, name, exc.message,
                       extra={"run_id": record.id, "unit": name})
             self.systemd.unwatch(name)
-            for capture in run.captures.values():
-                capture.close()
-            self._spawn(self._finish(run, None, error=exc.message))
+            self._spawn(self._finish(run, error=exc.message))
+        else:
+            log.info("run %s starting as %s", record.id, name, extra={"run_id": record.id, "unit": name})
         finally:
             os.close(stdin_fd)
             for _, write_fd in pipes.values():
                 os.close(write_fd)
-        log.info("run %s starting as %s", record.id, name, extra={"run_id": record.id, "unit": name})
 
     def _on_unit_change(self, run: ActiveRun, snapshot: UnitSnapshot) -> None:
         run.service = snapshot.service
         if snapshot.active_state == "active" and not run.ran:
             run.ran = True
-            if run.record.state is RunState.STARTING:
+            if run.record.state in (RunState.STARTING, RunState.QUEUED):
                 started = _usec(snapshot.service.get("ExecMainStartTimestamp")) or time.time()
                 run.record = run.record.evolve(state=RunState.RUNNING, started_at=started)
                 self._spawn(self._persist(run.record))
         if snapshot.finished and not run.finishing:
-            run.finishing = True
             self.systemd.unwatch(unit_name(run.record.id))
-            self._spawn(self._finish(run, snapshot))
+            self._spawn(self._finish(run))
 
-    async def _persist(self, record: RunRecord) -> None:
-        try:
-            await self.store.update(record)
-        except Exception:
-            log.exception("run %s: cannot record state %s", record.id, record.state)
-
-    async def _finish(self, run: ActiveRun, snapshot: UnitSnapshot | None, error: str | None = None) -> None:
+    async def _finish(self, run: ActiveRun, error: str | None = None) -> None:
+        """The unit is gone (or never started): collect output and outcome."""
         run.finishing = True
-        captures = [c.done for c in run.captures.values()]
-        if captures:
-            await asyncio.wait(captures, timeout=PIPE_DRAIN_GRACE_S)
-            for capture in run.captures.values():
-                if not capture.done.done():
-                    log.warning("run %s: output still open %.0f s after the unit ended; closing it",
-                                run.record.id, PIPE_DRAIN_GRACE_S)
-                    capture.close()
-        outcome = None if error else await asyncio.get_running_loop().run_in_executor(None, run.dir.read_outcome)
-        run.record = self._final_record(run, outcome, error)
+        for stream, capture in run.captures.items():
+            capture.finish()  # every writer is dead: what is in the pipe is all there is
+            if self._use_fd_store:
+                notify.forget_fd(fd_name(run.record.id, stream))
+        found = None if error else await asyncio.get_running_loop().run_in_executor(None, run.dir.read_outcome)
+        run.record = self._final_record(run, found, error)
         await self._persist(run.record)
         self._retire(run)
 
-    def _final_record(self, run: ActiveRun, outcome: Outcome | None, error: str | None) -> RunRecord:
+    def _final_record(self, run: ActiveRun, found: tuple[Outcome, float] | None, error: str | None) -> RunRecord:
         record = run.record
-        now = time.time()
+        outcome, written = found if found else (None, time.time())
         started = record.started_at or (_usec(run.service.get("ExecMainStartTimestamp")) if run.ran else None)
-        ended = _usec(run.service.get("ExecMainExitTimestamp")) or now
-        if outcome is None and record.cancel_requested:
-            state, exit_code, sig = RunState.CANCELLED, None, None
-        elif outcome is None:
-            state, exit_code, sig = RunState.ERROR, None, None
-            error = error or "the run ended without recording an outcome"
+        ended = _usec(run.service.get("ExecMainExitTimestamp")) or written
+        if outcome is None:
+            state = RunState.CANCELLED if record.cancel_requested else RunState.ERROR
+            exit_code, sig = None, None
+            if state is RunState.ERROR:
+                error = error or "the run ended without recording an outcome"
         else:
             verdict = classify(outcome, cancelled=record.cancel_requested, ran=run.ran)
             state, exit_code, sig, error = verdict.state, verdict.exit_code, verdict.signal, verdict.error
         out, err = run.captures.get("stdout"), run.captures.get("stderr")
         return record.evolve(
-            state=state, exit_code=exit_code, signal=sig, error=error, started_at=started, finished_at=now,
-            duration_ms=round((ended - started) * 1000, 3) if started else None,
+            state=state, exit_code=exit_code, signal=sig, error=error, started_at=started,
+            finished_at=max(written, started or 0),
+            duration_ms=round(max(0.0, ended - started) * 1000, 3) if started else None,
             cpu_ms=round(outcome.cpu_ns / 1e6, 3) if outcome and outcome.cpu_ns is not None else None,
             memory_peak_bytes=outcome.memory_peak if outcome else None,
             stdout_bytes=out.kept if out else 0, stderr_bytes=err.kept if err else 0,
@@ -265,11 +287,92 @@ class Engine:
         run.done.set()
         self._pump()
 
+    # -- persistence ---------------------------------------------------------------
+    async def _persist(self, record: RunRecord) -> None:
+        """Record a state change; a final state the store cannot take now (disk
+        full) is kept in memory, served from there, and retried."""
+        try:
+            await self.store.update(record)
+        except Unavailable as exc:
+            log.error("run %s: cannot record state %s: %s", record.id, record.state, exc.message)
+            if record.state.terminal:
+                self._unsaved[record.id] = record
+        else:
+            self._unsaved.pop(record.id, None)
+
+    async def _save_unsaved(self) -> None:
+        for record in list(self._unsaved.values()):
+            await self._persist(record)
+
+    async def _retry_unsaved(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_RETRY_S)
+            await self._save_unsaved()
+
+    # -- restart reconciliation ------------------------------------------------------
+    async def _recover(self) -> None:
+        loop = asyncio.get_running_loop()
+        unfinished = await self.store.unfinished()
+        units = self.systemd.list_units([f"{UNIT_PREFIX}*.service"])
+
+        def scan() -> tuple[set[str], set[str]]:
+            dirs = {p.name for p in self.config.runs_dir.iterdir() if p.is_dir()}
+            return dirs, {d for d in dirs if (self.config.runs_dir / d / "result").exists()}
+        own_dirs, with_outcome = await loop.run_in_executor(None, scan)
+        plan = plan_recovery(unfinished, units, with_outcome, own_dirs)
+        for record, action in plan.runs:
+            log.info("recovering run %s: %s", record.id, action.value, extra={"run_id": record.id})
+            run = ActiveRun(record, RunDir(self.config.runs_dir / record.id))
+            self._active[record.id] = run
+            if action is Action.REQUEUE:
+                self._queue.append(record.id)
+                continue
+            run.launched, run.ran = True, record.state is RunState.RUNNING
+            self._executing += 1
+            self._adopt_captures(run)
+            if action is Action.ATTACH:
+                self._reattach(run)
+            elif action is Action.FINISH:
+                self._spawn(self._finish(run))
+            else:
+                self._spawn(self._finish(run, error="the run's unit disappeared while the daemon was down, "
+                                                    "without recording an outcome"))
+        for name in plan.orphans:
+            log.warning("stopping %s: it has no run record", name, extra={"unit": name})
+            with contextlib.suppress(SystemdError):
+                self.systemd.stop_unit(name)
+        for name, fds in self._stored_fds.items():  # pipes of runs that are no more
+            for fd in fds:
+                os.close(fd)
+            notify.forget_fd(name)
+        self._stored_fds.clear()
+        self._pump()
+
+    def _adopt_captures(self, run: ActiveRun) -> None:
+        cap = run.record.limits.output_kb * 1024
+        for stream in STREAMS:
+            for fd in self._stored_fds.pop(fd_name(run.record.id, stream), []):
+                if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+                    run.captures[stream] = StreamCapture(fd, run.dir.output(stream), cap)
+                else:
+                    os.close(fd)  # our copy of the write end; the store keeps its own
+
+    def _reattach(self, run: ActiveRun) -> None:
+        name = unit_name(run.record.id)
+        self.systemd.watch(name, lambda snapshot: self._on_unit_change(run, snapshot))
+        # It may have ended between list_units and watch: look once more.
+        state = next(iter(self.systemd.list_units([name])), None)
+        if state is None or state.active_state in ("inactive", "failed"):
+            self.systemd.unwatch(name)
+            self._spawn(self._finish(run))
+
     # -- queries and control -------------------------------------------------------
     async def get(self, run_id: str) -> RunRecord:
         active = self._active.get(run_id)
         if active is not None:
             return active.record
+        if run_id in self._unsaved:
+            return self._unsaved[run_id]
         record = await self.store.get(run_id)
         if record is None:
             raise NotFound(f"no run with id {run_id!r}")

@@ -52,11 +52,15 @@ class RunDir:
         _write(self.inputs / "argv", "\0".join(args).encode("utf-8", "surrogatepass"), 0o644)
         _write(self.stdin, stdin, 0o600)
 
-    def read_outcome(self) -> Outcome | None:
+    def read_outcome(self) -> tuple[Outcome, float] | None:
+        """The recorded outcome and when it was written (≈ when the unit ended)."""
         try:
-            return parse_result_file(self.result.read_text(errors="replace"))
+            text = self.result.read_text(errors="replace")
+            written = self.result.stat().st_mtime
         except FileNotFoundError:
             return None
+        outcome = parse_result_file(text)
+        return (outcome, written) if outcome is not None else None
 
     def size(self) -> int:
         total = 0

@@ -18,7 +18,7 @@ from unitbox.api.app import create_app
 from unitbox.config import Config, parse_listen
 from unitbox.engine import Engine
 from unitbox.metrics import Metrics, watch_loop_lag
-from unitbox.notify import listen_fds, notify, watchdog_interval_s
+from unitbox.notify import InheritedFds, inherited_fds, notify, watchdog_interval_s
 from unitbox.runtimes import Runtimes
 from unitbox.store import RunStore
 from unitbox.systemd import Systemd
@@ -26,14 +26,15 @@ from unitbox.systemd import Systemd
 log = logging.getLogger(__name__)
 
 
-def build_engine(config: Config) -> Engine:
-    return Engine(config, Systemd(), RunStore(config.database_path), Runtimes(config), Metrics())
+def build_engine(config: Config, inherited: InheritedFds | None = None) -> Engine:
+    stored = inherited.stored if inherited else {}
+    return Engine(config, Systemd(), RunStore(config.database_path), Runtimes(config), metrics=Metrics(),
+                  stored_fds=stored)
 
 
-def _sites(runner: web.AppRunner, config: Config) -> list[web.BaseSite]:
-    inherited = listen_fds()
-    if inherited:
-        return [web.SockSite(runner, socket.socket(fileno=fd)) for fd in inherited]
+def _sites(runner: web.AppRunner, config: Config, inherited: InheritedFds) -> list[web.BaseSite]:
+    if inherited.sockets:
+        return [web.SockSite(runner, socket.socket(fileno=fd)) for fd in inherited.sockets]
     sites: list[web.BaseSite] = []
     for address in config.listen:
         target = parse_listen(address)
@@ -55,8 +56,9 @@ async def _status_loop(engine: Engine) -> None:
 
 
 async def serve(config: Config) -> None:
-    engine = build_engine(config)
-    app = create_app(engine)
+    inherited = inherited_fds()
+    engine = build_engine(config, inherited)
+    app = create_app(engine, shutdown_grace_s=config.shutdown_grace_s)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()  # starts the engine (cleanup_ctx)
     stop = asyncio.Event()
@@ -64,7 +66,7 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        for site in _sites(runner, config):
+        for site in _sites(runner, config, inherited):
             await site.start()
             log.info("listening on %s", site.name)
         notify("READY=1", f"STATUS=Serving on {', '.join(config.listen)}", f"MAINPID={os.getpid()}")

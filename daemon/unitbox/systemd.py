@@ -79,6 +79,12 @@ def _split(spec: str) -> tuple[str, str]:
     return head, tail
 
 
+def _bind(spec: str) -> tuple[str, str, bool, int]:
+    """`[-]SOURCE:DEST` (unit-file form; `-`: a missing source is ignored)."""
+    source, dest = _split(spec.removeprefix("-"))
+    return source, dest, spec.startswith("-"), MS_REC
+
+
 # name -> (D-Bus name, signature, value) for the properties that need converting.
 _CONVERTED: dict[str, Callable[[Any], tuple[str, bytes, Any]]] = {
     "CPUQuota": lambda pct: ("CPUQuotaPerSecUSec", b"t", int(pct * _USEC // 100)),
@@ -89,6 +95,7 @@ _CONVERTED: dict[str, Callable[[Any], tuple[str, bytes, Any]]] = {
     "TemporaryFileSystem": lambda specs: ("TemporaryFileSystem", b"a(ss)", [_split(s) for s in specs]),
     "BindReadOnlyPaths": lambda specs: ("BindReadOnlyPaths", b"a(ssbt)",
                                         [(*_split(s), False, MS_REC) for s in specs]),
+    "BindPaths": lambda specs: ("BindPaths", b"a(ssbt)", [_bind(s) for s in specs]),
     "CapabilityBoundingSet": lambda caps: ("CapabilityBoundingSet", b"t", _capabilities(caps)),
     "AmbientCapabilities": lambda caps: ("AmbientCapabilities", b"t", _capabilities(caps)),
     "RestrictNamespaces": lambda on: ("RestrictNamespaces", b"t", 0 if on else (1 << 64) - 1),
@@ -282,7 +289,7 @@ class Systemd:
     def list_units(self, patterns: list[str]) -> list[UnitInfo]:
         body = self._call(b"ListUnitsByPatterns",
                           apply_signature(b"asas", [[], [p.encode() for p in patterns]]))
-        return [UnitInfo(_text(u[0]), _text(u[3]), _text(u[4])) for u in body[0]]
+        return [UnitInfo(_text(u[0]), _text(u[3]), _text(u[4])) for u in body]  # the one out-arg, unwrapped
 
     def unit_state(self, name: str) -> UnitInfo | None:
         """The unit's current state, or None when systemd does not have it loaded."""

@@ -143,3 +143,59 @@ class Daemon:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         self.process = None
+
+
+class DaemonService(Daemon):
+    """The daemon as a real systemd service inside the test host (Type=notify,
+    Restart=on-failure, an fd store): crash and restart it like an operator's."""
+
+    def __init__(self, host: TestHost, workdir: Path, config: str = "", name: str = "service") -> None:
+        super().__init__(host, workdir, config, name)
+        self.unit = f"unitbox-{name}.service"
+
+    def start(self, timeout: float = 30) -> None:
+        config = f'listen = ["127.0.0.1:{self.port}"]\nstate_dir = "{self.state_dir}"\n{self.config}\n'
+        self.host.path(self.config_path).write_text(config)
+        unit_file = (
+            "[Service]\nType=notify\nNotifyAccess=main\nFileDescriptorStoreMax=4096\n"
+            "Restart=on-failure\nRestartSec=500ms\nTimeoutStopSec=30\nKillMode=mixed\n"
+            f"ExecStart={VENV_UNITBOX} --config {self.config_path} serve\n"
+        )
+        self.host.path(f"/etc/systemd/system/{self.unit}").write_text(unit_file)
+        self.host.run("systemctl", "daemon-reload")
+        self.host.run("systemctl", "start", "--no-block", self.unit)
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        def healthy() -> bool:
+            try:
+                return self.client.get("/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+        if not wait_until(healthy, timeout, interval=0.1):
+            raise RuntimeError(f"{self.unit} did not become healthy:\n{self.journal(60)}")
+
+    @property
+    def pid(self) -> int:
+        """The daemon's PID inside the test host's pid namespace is useless
+        outside: find it by its cgroup's process list instead."""
+        out = subprocess.run(["pgrep", "-f", f"--config {self.config_path} serve"], capture_output=True,
+                             text=True, check=False)
+        return int(out.stdout.split()[0])
+
+    def main_pid(self) -> int:
+        return int(self.host.run("systemctl", "show", "-P", "MainPID", self.unit).stdout.strip() or 0)
+
+    def systemctl(self, *args: str) -> str:
+        return self.host.run("systemctl", *args, self.unit, check=False).stdout
+
+    def journal(self, lines: int = 10_000) -> str:
+        return self.host.run("journalctl", "--no-pager", "-n", str(lines), "-u", self.unit, check=False).stdout
+
+    def crash(self) -> None:
+        """kill -9 the daemon; systemd restarts it (Restart=on-failure)."""
+        self.host.run("systemctl", "kill", "--kill-who=main", "-s", "KILL", self.unit)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> None:
+        self.host.run("systemctl", "stop", self.unit, check=False, timeout=timeout + 40)
+        self.host.run("systemctl", "reset-failed", self.unit, check=False)

@@ -49,7 +49,7 @@ def _auth_middleware(tokens: list[str]) -> Middleware:
     return require_token
 
 
-def create_app(engine: Engine, *, manage_engine: bool = True) -> web.Application:
+def create_app(engine: Engine, *, manage_engine: bool = True, shutdown_grace_s: float = 0.0) -> web.Application:
     """`manage_engine`: start the engine with the app and stop it on cleanup."""
     config = engine.config
     middlewares: list[Middleware] = [error_middleware]
@@ -66,6 +66,6 @@ def create_app(engine: Engine, *, manage_engine: bool = True) -> web.Application
         async def engine_lifetime(_: web.Application) -> AsyncIterator[None]:
             await engine.start()
             yield
-            await engine.stop()
+            await engine.stop(shutdown_grace_s)
         app.cleanup_ctx.append(engine_lifetime)
     return app
