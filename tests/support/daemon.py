@@ -103,9 +103,14 @@ class Daemon:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self.client = Client(f"http://127.0.0.1:{self.port}")
+        self.extra_listen: list[str] = []
+
+    def config_text(self) -> str:
+        listen = ", ".join(f'"{a}"' for a in [f"127.0.0.1:{self.port}", *self.extra_listen])
+        return f'listen = [{listen}]\nstate_dir = "{self.state_dir}"\n{self.config}\n'
 
     def start(self, timeout: float = 30) -> None:
-        config = f'listen = ["127.0.0.1:{self.port}"]\nstate_dir = "{self.state_dir}"\n{self.config}\n'
+        config = self.config_text()
         self.host.path(self.config_path).write_text(config)
         self.process = self.host.popen(str(VENV_UNITBOX), "--config", self.config_path, "serve", log=self.log)
 
@@ -154,8 +159,7 @@ class DaemonService(Daemon):
         self.unit = f"unitbox-{name}.service"
 
     def start(self, timeout: float = 30) -> None:
-        config = f'listen = ["127.0.0.1:{self.port}"]\nstate_dir = "{self.state_dir}"\n{self.config}\n'
-        self.host.path(self.config_path).write_text(config)
+        self.host.path(self.config_path).write_text(self.config_text())
         unit_file = (
             "[Service]\nType=notify\nNotifyAccess=main\nFileDescriptorStoreMax=4096\n"
             "Restart=on-failure\nRestartSec=500ms\nTimeoutStopSec=30\nKillMode=mixed\n"

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
 from unitbox.api.errors import validation_details
@@ -118,7 +119,7 @@ async def run_json(request: web.Request) -> web.Response:
 async def _read_parts(request: web.Request, cap: int) -> dict[str, bytes]:
     try:
         reader = await request.multipart()
-    except (ValueError, AssertionError, KeyError) as exc:
+    except (ValueError, AssertionError, KeyError, HttpProcessingError) as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     parts: dict[str, bytes] = {}
     total = 0
@@ -136,8 +137,8 @@ async def _read_parts(request: web.Request, cap: int) -> dict[str, bytes]:
                     raise PayloadTooLarge(f"the request body is over the {cap // 1024} KiB limit")
                 chunks.append(chunk)
             parts[name] = b"".join(chunks)
-    except (ValueError, AssertionError, RuntimeError) as exc:
-        raise BadRequest(f"malformed multipart body: {exc}") from None
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
+        raise BadRequest(f"malformed multipart body: {getattr(exc, 'message', None) or exc}") from None
     return parts
 
 
