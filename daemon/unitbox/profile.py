@@ -38,6 +38,7 @@ BOOTSTRAP = (
     "g={'__name__':'__main__','__file__':p,'__builtins__':__builtins__,'__doc__':None,"
     "'__spec__':None,'__loader__':None,'__package__':None}\n"
     "del a,_hook\n"
+    "if sys.flags.no_site:import site;site.setquit();site.setcopyright();site.sethelper()\n"  # exit() under -S
     "exec(compile(open(p,'rb').read(),p,'exec'),g)\n"
 )
 
@@ -80,6 +81,10 @@ class Runtime:
     name: str
     python: str
     path: str | None = None
+    target: str | None = None
+    """Where runs see `path` (default: the same place)."""
+    stdlib_only: bool = False
+    """Run with -S: no site-packages at all (the `default` runtime)."""
 
 
 def unit_name(run_id: str) -> str:
@@ -120,13 +125,13 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
     disk = f"mode=1777,size={limits.disk_mb}M"
     read_only = [f"{run_dir / 'in'}:{CODE_DIR}"]
     if runtime.path is not None:
-        read_only.append(f"{runtime.path}:{runtime.path}")
+        read_only.append(f"{runtime.path}:{runtime.target or runtime.path}")
     return {
         "Description": f"unitbox run {run_id}",
         "Slice": slice_name,
         # lifecycle
         "Type": "exec",
-        "ExecStart": [":" + runtime.python, "-I", "-u", "-c", BOOTSTRAP],
+        "ExecStart": [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP],
         "ExecStopPost": ["+:/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", str(run_dir)],
         "KillMode": "control-group",
         "OOMPolicy": "kill",
