@@ -113,10 +113,10 @@ def fuzz_target(testhost: TestHost, tmp_path: Path) -> Iterator[Daemon]:
     server.stop()
 
 
-def test_schemathesis_finds_no_server_error(fuzz_target: Daemon) -> None:
+def test_schemathesis_finds_no_server_error(fuzz_target: Daemon, tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{fuzz_target.port}/openapi.json"
     done = subprocess.run([str(REPO / ".venv/bin/schemathesis"), "run", url, "--checks", "not_a_server_error",
                            "-n", "20", "--request-timeout", "30", "--no-color"],
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:]
     assert fuzz_target.client.get("/healthz").status == 200
