@@ -16,6 +16,9 @@ from unitbox.limits import Limits
 # tmpfs, so systemd never has to create mount points on the host's disk.
 CODE_DIR = "/run/unitbox/code"
 WORK_DIR = "/run/unitbox/work"
+TMP_DIR = "/run/unitbox/tmp"  # bound onto /tmp on systemd < 256 (see BindPaths below)
+VAR_TMP_DIR = "/run/unitbox/var-tmp"  # bound onto /var/tmp
+LEGACY_UNIT_ROOT = "/run/systemd/unit-root"  # where systemd 252 assembles a unit's mount namespace
 SCRIPT_PATH = f"{CODE_DIR}/main.py"
 ARGV_PATH = f"{CODE_DIR}/argv"
 
@@ -35,11 +38,12 @@ BOOTSTRAP = (
     "  tb=tb.tb_next;v=v.with_traceback(tb) if v is not None else v\n"
     " _h(t,v,tb)\n"
     "sys.excepthook=_hook\n"
-    "g={'__name__':'__main__','__file__':p,'__builtins__':__builtins__,'__doc__':None,"
-    "'__spec__':None,'__loader__':None,'__package__':None}\n"
+    # A fresh module registered as sys.modules['__main__']: pickle (hence
+    # multiprocessing) finds the program's functions and classes there.
+    "m=type(sys)('__main__');m.__file__=p;m.__builtins__=__builtins__;sys.modules['__main__']=m\n"
     "del a,_hook\n"
     "if sys.flags.no_site:import site;site.setquit();site.setcopyright();site.sethelper()\n"  # exit() under -S
-    "exec(compile(open(p,'rb').read(),p,'exec'),g)\n"
+    "exec(compile(open(p,'rb').read(),p,'exec'),m.__dict__)\n"
 )
 
 # Command lines carry the `:` prefix: systemd must not expand `$…` in them.
@@ -119,9 +123,11 @@ def environment(limits: Limits) -> list[str]:
 
 
 def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
-                  slice_name: str, runtime: Runtime) -> dict[str, Any]:
+                  slice_name: str, runtime: Runtime, native_private_tmpfs: bool = False) -> dict[str, Any]:
     """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
-    directory on the host (its `in/` is mounted read-only at CODE_DIR)."""
+    directory on the host (its `in/` is mounted read-only at CODE_DIR).
+    `native_private_tmpfs`: systemd >= 256, where TemporaryFileSystem=/tmp
+    and /var/tmp alone replace DynamicUser's implied PrivateTmp=."""
     disk = f"mode=1777,size={limits.disk_mb}M"
     read_only = [f"{run_dir / 'in'}:{CODE_DIR}"]
     if runtime.path is not None:
@@ -155,9 +161,18 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
             "/run:mode=755",  # hides the D-Bus socket and /run/systemd/transient
             f"{WORK_DIR}:{disk}",
             f"/tmp:{disk}",
-            f"/var/tmp:{disk}",  # DynamicUser's PrivateTmp would put it on the host disk
+            f"/var/tmp:{disk}",
             f"/dev/shm:{disk}",  # PrivateDevices shares the host's /dev/shm otherwise
+            *([] if native_private_tmpfs else [f"{TMP_DIR}:{disk}", f"{VAR_TMP_DIR}:{disk}"]),
         ],
+        # systemd < 256: DynamicUser= implies PrivateTmp=, whose /tmp and
+        # /var/tmp (directories on the host's /tmp and /var/tmp: uncapped, on
+        # its disk) win over TemporaryFileSystem= at the same path (systemd
+        # PR #32724 changed that in 256). A bind mount wins over both, and its
+        # source resolves while the namespace is assembled under the unit root
+        # (/run/systemd/unit-root on 252), where the capped tmpfs is mounted.
+        **({} if native_private_tmpfs else {"BindPaths": [
+            f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]}),
         "BindReadOnlyPaths": read_only,
         "InaccessiblePaths": [f"-{state_dir}", "-/etc/unitbox"],
         # kernel

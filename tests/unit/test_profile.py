@@ -50,7 +50,11 @@ def test_profile_exact_output() -> None:
             "/tmp:mode=1777,size=16M",
             "/var/tmp:mode=1777,size=16M",
             "/dev/shm:mode=1777,size=16M",
+            "/run/unitbox/tmp:mode=1777,size=16M",
+            "/run/unitbox/var-tmp:mode=1777,size=16M",
         ],
+        "BindPaths": ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
+                      "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"],
         "BindReadOnlyPaths": ["/var/lib/unitbox/runs/abc123/in:/run/unitbox/code"],
         "InaccessiblePaths": ["-/var/lib/unitbox", "-/etc/unitbox"],
         "ProtectKernelTunables": True,
@@ -99,6 +103,29 @@ def test_runtime_directory_is_mounted_read_only() -> None:
     props = profile(Runtime("sci", "/var/lib/unitbox/runtimes/sci/bin/python", "/var/lib/unitbox/runtimes/sci"))
     assert props["ExecStart"][0] == ":/var/lib/unitbox/runtimes/sci/bin/python"  # type: ignore[index]
     assert "/var/lib/unitbox/runtimes/sci:/var/lib/unitbox/runtimes/sci" in props["BindReadOnlyPaths"]  # type: ignore[operator]
+
+
+def test_tmp_and_var_tmp_are_capped_tmpfs_on_every_systemd() -> None:
+    # systemd < 256: the implied PrivateTmp= wins over TemporaryFileSystem=/tmp,
+    # so the capped tmpfs is bound over it from the namespace being assembled.
+    legacy = profile()
+    assert "/tmp:mode=1777,size=16M" in legacy["TemporaryFileSystem"]  # type: ignore[operator]
+    assert legacy["BindPaths"] == ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
+                                   "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"]
+    native = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
+                           runtime=Runtime("default", "/usr/bin/python3"), native_private_tmpfs=True)
+    assert "BindPaths" not in native
+    assert native["TemporaryFileSystem"] == ["/run:mode=755", "/run/unitbox/work:mode=1777,size=16M",
+                                             "/tmp:mode=1777,size=16M", "/var/tmp:mode=1777,size=16M",
+                                             "/dev/shm:mode=1777,size=16M"]
+
+
+def test_bind_paths_keep_the_ignore_missing_prefix_as_a_flag() -> None:
+    args = encode_properties({"BindPaths": ["-/a:/b", "/c:/d"]})
+    entries = [value for _, value in args]
+    assert entries[entries.index("/a"):entries.index("/a") + 3] == ["/a", "/b", True]  # "-": ignore if missing
+    assert entries[entries.index("/c"):entries.index("/c") + 3] == ["/c", "/d", False]
 
 
 def test_thread_cap_follows_cpu_and_tasks() -> None:

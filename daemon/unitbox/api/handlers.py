@@ -104,7 +104,7 @@ async def run_json(request: web.Request) -> web.Response:
     raw = await request.read()  # over client_max_size → 413
     try:
         data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidInput("the body must be a JSON object")
@@ -157,7 +157,7 @@ def _json_part(parts: dict[str, bytes], name: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidInput(f"form field {name!r} is not valid JSON: {exc}") from None
 
 
