@@ -123,11 +123,14 @@ def environment(limits: Limits) -> list[str]:
 
 
 def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
-                  slice_name: str, runtime: Runtime, native_private_tmpfs: bool = False) -> dict[str, Any]:
+                  slice_name: str, runtime: Runtime, native_private_tmpfs: bool = False,
+                  secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
     directory on the host (its `in/` is mounted read-only at CODE_DIR).
     `native_private_tmpfs`: systemd >= 256, where TemporaryFileSystem=/tmp
-    and /var/tmp alone replace DynamicUser's implied PrivateTmp=."""
+    and /var/tmp alone replace DynamicUser's implied PrivateTmp=.
+    `secret_paths`: more host paths runs must not see (e.g. a config file
+    given with --config outside /etc/unitbox)."""
     disk = f"mode=1777,size={limits.disk_mb}M"
     read_only = [f"{run_dir / 'in'}:{CODE_DIR}"]
     if runtime.path is not None:
@@ -174,7 +177,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         **({} if native_private_tmpfs else {"BindPaths": [
             f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]}),
         "BindReadOnlyPaths": read_only,
-        "InaccessiblePaths": [f"-{state_dir}", "-/etc/unitbox"],
+        "InaccessiblePaths": [f"-{state_dir}", "-/etc/unitbox", *(f"-{p}" for p in secret_paths)],
         # kernel
         "ProtectKernelTunables": True,
         "ProtectKernelModules": True,

@@ -167,6 +167,17 @@ def test_daemon_config_with_tokens_is_invisible(client: Client, planted: dict[st
     assert planted["token"] not in run["stdout"] + run["stderr"]
 
 
+@pytest.mark.xfail(strict=True, reason="engine: a config outside /etc/unitbox (--config) is not passed to "
+                   "build_profile(secret_paths=...), and the test daemon's is 0644")
+def test_the_running_daemons_own_config_file_is_unreadable(client: Client, daemon: Daemon,
+                                                           testhost: TestHost) -> None:
+    # The test daemon's config lives outside /etc/unitbox (--config): only its
+    # file mode protects it, and it must (SECURITY.md: keep it 0600 root).
+    mode = testhost.sh(f"stat -c %a {daemon.config_path}").strip()
+    seen = report_of(run_hostile(client, f"report(read=attempt(lambda: open({daemon.config_path!r}).read()))\n"))
+    assert seen == {"read": "EACCES"}, (mode, seen)
+
+
 def test_daemon_database_and_run_directories_are_invisible(client: Client, daemon: Daemon) -> None:
     state = daemon.state_dir
     code = (
@@ -573,11 +584,10 @@ def test_uids_are_never_equal_while_runs_live(client: Client) -> None:
         ids = list(pool.map(lambda _: submit_hostile(client, code), range(12)))
         runs = list(pool.map(lambda i: finished(client, i), ids))
     assert all(r["state"] == "succeeded" for r in runs), [r["state"] for r in runs]
-    overlapping = [r for r in runs if r["started_at"] and r["finished_at"]]
-    assert len(overlapping) == 12
+    assert max(r["started_at"] for r in runs) < min(r["finished_at"] for r in runs)  # all 12 alive at once
     ids_seen = [report_of(r) for r in runs]
     uids = [s["uid"] for s in ids_seen]
-    assert len(set(uids)) == 12, uids  # all 12 were alive together (max_concurrent 24)
+    assert len(set(uids)) == 12, uids
     assert not {0, 65534} & set(uids)
     assert len({s["gid"] for s in ids_seen}) == 12
 

@@ -121,6 +121,13 @@ def test_tmp_and_var_tmp_are_capped_tmpfs_on_every_systemd() -> None:
                                              "/dev/shm:mode=1777,size=16M"]
 
 
+def test_secret_paths_are_made_inaccessible() -> None:
+    props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                          state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
+                          runtime=Runtime("default", "/usr/bin/python3"), secret_paths=("/srv/unitbox.toml",))
+    assert props["InaccessiblePaths"] == ["-/var/lib/unitbox", "-/etc/unitbox", "-/srv/unitbox.toml"]
+
+
 def test_bind_paths_keep_the_ignore_missing_prefix_as_a_flag() -> None:
     args = encode_properties({"BindPaths": ["-/a:/b", "/c:/d"]})
     entries = [value for _, value in args]
