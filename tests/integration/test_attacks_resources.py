@@ -83,6 +83,19 @@ def test_all_signals_blocked_busy_loop_is_sigkilled_after_the_deadline(client: C
     assert time.monotonic() - began < 5
 
 
+def test_self_stopped_run_is_still_ended_at_the_deadline(client: Client) -> None:
+    # SIGSTOP itself (and its child): a stopped process cannot act on SIGTERM,
+    # but systemd follows with SIGCONT, then SIGKILL.
+    code = ("import signal\nif os.fork() == 0:\n    os.kill(os.getpid(), signal.SIGSTOP)\n"
+            "report(stopping=True)\nos.kill(os.getpid(), signal.SIGSTOP)\nreport(resumed=True)\n")
+    began = time.monotonic()
+    run = run_hostile(client, code, timeout_s=1)
+    assert run["state"] == "timed_out", run
+    assert run["signal"] in ("SIGTERM", "SIGKILL"), run
+    assert report_of(run) == {"stopping": True}
+    assert time.monotonic() - began < 5
+
+
 def test_child_outliving_its_parent_is_killed_with_the_run(client: Client, testhost: TestHost) -> None:
     code = (
         "import os, signal, time\n"
