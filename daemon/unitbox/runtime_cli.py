@@ -49,7 +49,7 @@ def _build(config: Config, args: argparse.Namespace) -> int:
     _say(f"building runtime {args.name!r} from {args.requirements}")
     try:
         built = build(config, args.name, args.requirements, python=args.python, pip_args=args.pip_args, say=_say)
-    except BuildError as exc:
+    except (BuildError, ValueError) as exc:
         print(f"unitbox: {exc}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as exc:

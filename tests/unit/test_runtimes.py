@@ -298,3 +298,5 @@ def test_cli_list_and_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "no built runtime 'nope'" in capsys.readouterr().err
     assert main(["--config", str(path), "runtime", "build", "default", "-r", "/dev/null"]) == 1
     assert "pick another name" in capsys.readouterr().err
+    assert main(["--config", str(path), "runtime", "build", "../etc", "-r", "/dev/null"]) == 1
+    assert "not a runtime name" in capsys.readouterr().err
