@@ -1,0 +1,16 @@
+# make bench: unitbox against raw systemd-run (bench/run_bench.py). Not part of make test.
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick bench-tools
+
+bench-tools: venv
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || { echo "==> pip install matplotlib py-spy into $(VENV) (the chart and the profiler; not runtime dependencies)"; \
+	  $(BIN)/pip install --disable-pip-version-check -q matplotlib py-spy; }
+
+bench: bench-tools  ## benchmark vs systemd-run, D-Bus ceiling and floor (≈20 min); writes bench/results/latest.*
+	@echo "==> booting a systemd test host, starting unitbox in it, and measuring floor / systemd-run / D-Bus ceiling / unitbox, interleaved, at concurrency 1, 4, 16"
+	@$(BIN)/python bench/run_bench.py $(BENCH_ARGS)
+
+bench-quick: bench-tools  ## the same, one short round (under a minute): bench/results/quick.*
+	@echo "==> quick benchmark: one short interleaved round (numbers are indicative only)"
+	@$(BIN)/python bench/run_bench.py --quick $(BENCH_ARGS)

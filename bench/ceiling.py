@@ -1,0 +1,111 @@
+"""The ceiling: unitbox's units started straight over D-Bus from one asyncio
+process, through the daemon's own adapter (unitbox.systemd.Systemd) and with
+the daemon's own profile, but with no HTTP, no store and no output capture
+(stdio is /dev/null). What is left is PID 1's own cost per unit.
+
+    python bench/ceiling.py [--runs 100] [--concurrency 4] [--code 'pass']
+
+Must run where systemd is PID 1 (make bench runs it inside the test host)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import statistics
+import time
+from pathlib import Path, PurePosixPath
+
+from unitbox.config import Config
+from unitbox.limits import Limits
+from unitbox.profile import build_profile
+from unitbox.rundir import RunDir
+from unitbox.runtimes import Runtimes
+from unitbox.systemd import Systemd, UnitSnapshot
+
+BENCH_STATE = Path("/var/lib/unitbox-baseline")
+SLICE = "unitbox.slice"
+RUNTIME = Runtimes(Config()).get("default")  # the daemon's own default runtime, flags and all
+
+
+def new_run(prefix: str, code: bytes) -> tuple[str, RunDir]:
+    """A fresh run id and its directory (inputs written), as the daemon makes them."""
+    run_id = f"{prefix}{secrets.token_hex(6)}"
+    run_dir = RunDir(BENCH_STATE / "runs" / run_id)
+    run_dir.create(code, b"", [])
+    return run_id, run_dir
+
+
+def interpreter_command() -> list[str]:
+    """The interpreter and its flags as the profile runs them (for the floor)."""
+    exec_start = profile_for("x", RunDir(Path("/nonexistent")))["ExecStart"]
+    assert isinstance(exec_start, list)
+    return [str(exec_start[0]).lstrip("+:-"), *exec_start[1:exec_start.index("-c")]]
+
+
+def profile_for(run_id: str, run_dir: RunDir) -> dict[str, object]:
+    return build_profile(run_id, Limits(), run_dir=PurePosixPath(run_dir.path),
+                         state_dir=PurePosixPath(BENCH_STATE), slice_name=SLICE, runtime=RUNTIME)
+
+
+class Ceiling:
+    def __init__(self) -> None:
+        self.systemd = Systemd()
+        self._devnull = -1
+
+    def open(self) -> None:
+        self.systemd.open()
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        self.systemd.close()
+        os.close(self._devnull)
+
+    async def run(self, code: bytes) -> None:
+        """One unit, start to finish. Raises if it did not succeed."""
+        run_id, run_dir = new_run("c", code)
+        name = f"ubench-dbus-{run_id}.service"
+        done: asyncio.Future[UnitSnapshot] = asyncio.get_running_loop().create_future()
+
+        def changed(snapshot: UnitSnapshot) -> None:
+            if snapshot.finished and not done.done():
+                done.set_result(snapshot)
+        self.systemd.watch(name, changed)
+        try:
+            fd = self._devnull
+            self.systemd.start_transient_service(name, profile_for(run_id, run_dir),
+                                                 {"input": fd, "output": fd, "error": fd})
+            snapshot = await asyncio.wait_for(done, 60)
+        finally:
+            self.systemd.unwatch(name)
+        result = snapshot.service.get("Result", "success")
+        if snapshot.active_state == "failed" or result != "success":
+            raise RuntimeError(f"{name}: {snapshot.active_state} ({result})")
+
+
+async def _main(args: argparse.Namespace) -> None:
+    ceiling = Ceiling()
+    ceiling.open()
+    latencies: list[float] = []
+    todo = iter(range(args.runs))
+
+    async def worker() -> None:
+        for _ in todo:
+            began = time.perf_counter()
+            await ceiling.run(args.code.encode())
+            latencies.append(time.perf_counter() - began)
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    wall = time.perf_counter() - began
+    ceiling.close()
+    print(f"{args.runs} runs, {args.concurrency} at a time: {args.runs / wall:.1f} runs/s, "
+          f"p50 {statistics.median(latencies) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--code", default="pass")
+    asyncio.run(_main(parser.parse_args()))

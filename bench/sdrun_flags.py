@@ -1,0 +1,61 @@
+"""unitbox's unit profile as `systemd-run -p` flags: what an operator would
+script by hand to get the same sandbox without the daemon. Generated from
+unitbox.profile.build_profile, so the baseline can never drift from the
+daemon's profile; a property this module cannot spell is an error."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# ExecStopPost's shell script cannot travel inside a `-p` value (systemd-run
+# parses it as a unit-file command line); the operator's version keeps it in
+# a file and runs it the same way: privileged, after the run, same argument.
+STOP_POST_FILE = "/var/lib/unitbox-baseline/stop-post.sh"
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def flags(profile: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(`-p` arguments, the command line) for `systemd-run`."""
+    out: list[str] = []
+    command: list[str] = []
+    for name, value in profile.items():
+        if name == "ExecStart":
+            command = [value[0].lstrip("+:-"), *value[1:]]
+        elif name == "ExecStopPost":
+            *_, run_dir = value
+            out.append(f"ExecStopPost=+/bin/sh {STOP_POST_FILE} {run_dir}")
+        elif name == "CPUQuota":
+            out.append(f"CPUQuota={value}%")
+        elif name == "UMask":
+            out.append(f"UMask={value:04o}")
+        elif name == "RestrictNamespaces":
+            out.append(f"RestrictNamespaces={_value(value)}")
+        elif name in ("CapabilityBoundingSet", "AmbientCapabilities"):
+            if value:
+                raise ValueError(f"{name}: only an empty set is spelled here")
+            out.append(f"{name}=")  # the empty assignment: no capabilities at all
+        elif name in ("IPAddressDeny", "RestrictAddressFamilies", "SystemCallArchitectures"):
+            out.append(f"{name}={' '.join(value)}")
+        elif name in {"RuntimeMaxSec", "TimeoutStopSec"}:
+            out.append(f"{name}={value}s")
+        elif isinstance(value, list):
+            out += [f"{name}={_value(item)}" for item in value]
+        elif isinstance(value, bool | int | str):
+            out.append(f"{name}={_value(value)}")
+        else:
+            raise ValueError(f"no systemd-run spelling for {name}={value!r}")
+    if not command:
+        raise ValueError("the profile has no ExecStart")
+    return [arg for item in out for arg in ("-p", item)], command
+
+
+def stop_post_script(profile: Mapping[str, Any]) -> str:
+    """The ExecStopPost shell script, to write to STOP_POST_FILE."""
+    _sh, _c, script, *_ = profile["ExecStopPost"]
+    return str(script)
