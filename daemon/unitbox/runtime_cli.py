@@ -52,6 +52,9 @@ def _build(config: Config, args: argparse.Namespace) -> int:
     except (BuildError, ValueError) as exc:
         print(f"unitbox: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # not root, disk full, …
+        print(f"unitbox: {exc}; runtime {args.name!r} is unchanged", file=sys.stderr)
+        return 1
     except subprocess.CalledProcessError as exc:
         print(f"unitbox: {' '.join(map(str, exc.cmd[:4]))} … failed (exit status {exc.returncode}); "
               f"runtime {args.name!r} is unchanged", file=sys.stderr)
@@ -71,7 +74,7 @@ def _build(config: Config, args: argparse.Namespace) -> int:
 def _remove(config: Config, args: argparse.Namespace) -> int:
     try:
         remove(config, args.name)
-    except (BuildError, ValueError) as exc:
+    except (BuildError, ValueError, OSError) as exc:
         print(f"unitbox: {exc}", file=sys.stderr)
         return 1
     print(f"removed runtime {args.name!r} (runs still using it keep it until they end)")
