@@ -26,10 +26,10 @@ from typing import Any, Protocol
 from unitbox import notify
 from unitbox.capture import StreamCapture, make_pipe
 from unitbox.config import Config
-from unitbox.errors import Busy, NotFound, SystemdError, Unavailable
+from unitbox.errors import Busy, NotFound, SystemdError, Unavailable, UnitboxError
 from unitbox.limits import Limits
 from unitbox.metrics import Metrics
-from unitbox.outcome import Outcome, RunState, classify
+from unitbox.outcome import Outcome, RunState, classify, outcome_from_properties
 from unitbox.profile import UNIT_PREFIX, build_profile, unit_name
 from unitbox.recovery import Action, plan_recovery
 from unitbox.retention import retention_loop
@@ -200,12 +200,18 @@ class Engine:
         record = run.record
         name = unit_name(record.id)
         run.record = record.evolve(state=RunState.STARTING)
+        try:  # the runtime may have been removed, the run's files lost, since it was queued
+            runtime = self.runtimes.get(record.runtime)
+            stdin_fd = os.open(run.dir.stdin, os.O_RDONLY | os.O_CLOEXEC)
+        except (UnitboxError, OSError) as exc:
+            problem = exc.message if isinstance(exc, UnitboxError) else f"the run's input is gone: {exc}"
+            self._spawn(self._finish(run, error=problem))
+            return
         profile = build_profile(record.id, record.limits, run_dir=PurePosixPath(run.dir.path),
                                 state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                runtime=self.runtimes.get(record.runtime))
+                                runtime=runtime)
         cap = record.limits.output_kb * 1024
         pipes = {stream: make_pipe() for stream in STREAMS}
-        stdin_fd = os.open(run.dir.stdin, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for stream, (read_fd, write_fd) in pipes.items():
                 if self._use_fd_store:  # both ends: a stored pipe never hangs up, so systemd keeps it
@@ -246,6 +252,11 @@ class Engine:
             if self._use_fd_store:
                 notify.forget_fd(fd_name(run.record.id, stream))
         found = None if error else await asyncio.get_running_loop().run_in_executor(None, run.dir.read_outcome)
+        if found is None and not error and (fallback := outcome_from_properties(run.service)) is not None:
+            # No outcome file (its ExecStopPost timed out on a loaded host, say):
+            # what systemd said in its signals is the next best source.
+            log.warning("run %s: no outcome file; using systemd's properties", run.record.id)
+            found = fallback, time.time()
         run.record = self._final_record(run, found, error)
         await self._persist(run.record)
         self._retire(run)

@@ -106,3 +106,15 @@ def test_result_file_parsing() -> None:
             "oom_kill=0\nend=1\n")
     assert parse_result_file(text) == Outcome("success", "exited", "0", 123, None, 0)
     assert parse_result_file(text.replace("end=1\n", "")) is None
+
+
+def test_outcome_from_signal_properties() -> None:
+    from unitbox.outcome import outcome_from_properties
+
+    assert outcome_from_properties({"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 6}) == \
+        Outcome("exit-code", "exited", "6")
+    killed = outcome_from_properties({"Result": "signal", "ExecMainCode": 2, "ExecMainStatus": 9})
+    assert killed is not None
+    assert classify(killed, cancelled=False, ran=True).signal == "SIGKILL"
+    assert outcome_from_properties({"Result": "success", "ExecMainCode": 0, "ExecMainStatus": 0}) is None
+    assert outcome_from_properties({}) is None
