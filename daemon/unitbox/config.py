@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from unitbox.errors import ConfigError
 from unitbox.limits import Limits, default_maxima
@@ -71,6 +71,7 @@ class Config(_Section):
     max_limits: LimitsSection = Field(default_factory=lambda: LimitsSection(**_limits_default(default_maxima())))
     retention: RetentionSection = Field(default_factory=RetentionSection)
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
+    _source: Path | None = PrivateAttr(default=None)
 
     @field_validator("listen")
     @classmethod
@@ -101,6 +102,11 @@ class Config(_Section):
         if "default" in self.runtimes:
             raise ValueError("runtimes.default is built in and cannot be redefined")
         return self
+
+    @property
+    def source(self) -> Path | None:
+        """The config file this was read from, if any (runs must not see it)."""
+        return self._source
 
     @property
     def default_limits(self) -> Limits:
@@ -190,13 +196,17 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
                 cli: Mapping[str, Any] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     explicit = path or (Path(environ["UNITBOX_CONFIG"]) if environ.get("UNITBOX_CONFIG") else None)
-    data = _read_toml(explicit or DEFAULT_CONFIG_PATH, required=explicit is not None)
+    source = explicit or DEFAULT_CONFIG_PATH
+    data = _read_toml(source, required=explicit is not None)
     # The limits sections are merged onto the defaults so a file may set one key.
     data = _merge({"limits": Limits().as_dict(), "max_limits": default_maxima().as_dict()}, data)
     data = _merge(data, env_overrides(environ))
     data = _merge(data, {k: v for k, v in (cli or {}).items() if v is not None})
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        source = str(explicit or DEFAULT_CONFIG_PATH) + ", UNITBOX_* environment, command line"
-        raise ConfigError(_describe(exc, source)) from None
+        where = f"{source}, UNITBOX_* environment, command line"
+        raise ConfigError(_describe(exc, where)) from None
+    if source.is_file():
+        config._source = source.resolve()
+    return config

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 STREAMS = ("stdout", "stderr")
 PERSIST_RETRY_S = 2.0
+NATIVE_PRIVATE_TMPFS_SINCE = 256  # TemporaryFileSystem=/tmp beats DynamicUser's PrivateTmp (systemd PR #32724)
 SLICE_PROPERTIES: Mapping[str, Any] = {
     "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
     "CPUAccounting": True, "MemoryAccounting": True, "TasksAccounting": True,
@@ -84,6 +85,16 @@ class ActiveRun:
     service: dict[str, Any] = field(default_factory=dict)
 
 
+def systemd_major(version: str) -> int:
+    """"252.39-1~deb12u2" → 252 (0 if unreadable)."""
+    digits = ""
+    for char in version.strip():
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits or 0)
+
+
 def new_run_id() -> str:
     return secrets.token_hex(8)
 
@@ -112,6 +123,10 @@ class Engine:
         self._executing = 0
         self._accepting = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._native_private_tmpfs = False
+        source = config.source
+        # A config given with --config outside /etc/unitbox may hold tokens: hide it from runs too.
+        self._secret_paths = (str(source),) if source and not source.is_relative_to("/etc/unitbox") else ()
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self._executing)
         self.metrics.gauge("unitbox_queue_depth", "Runs waiting for a free slot.", lambda: len(self._queue))
 
@@ -121,6 +136,7 @@ class Engine:
         self.config.state_dir.chmod(0o700)
         await self.store.open()
         self.systemd.open()
+        self._native_private_tmpfs = systemd_major(self.systemd.version()) >= NATIVE_PRIVATE_TMPFS_SINCE
         if self.systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
             log.info("created transient %s (install units/unitbox.slice for the shipped caps)", self.config.slice)
         self._accepting = True
@@ -209,7 +225,8 @@ class Engine:
             return
         profile = build_profile(record.id, record.limits, run_dir=PurePosixPath(run.dir.path),
                                 state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                runtime=runtime)
+                                runtime=runtime, native_private_tmpfs=self._native_private_tmpfs,
+                                secret_paths=self._secret_paths)
         cap = record.limits.output_kb * 1024
         pipes = {stream: make_pipe() for stream in STREAMS}
         try:
@@ -264,7 +281,7 @@ class Engine:
     def _final_record(self, run: ActiveRun, found: tuple[Outcome, float] | None, error: str | None) -> RunRecord:
         record = run.record
         outcome, written = found if found else (None, time.time())
-        started = record.started_at or (_usec(run.service.get("ExecMainStartTimestamp")) if run.ran else None)
+        started = _usec(run.service.get("ExecMainStartTimestamp")) or record.started_at
         ended = _usec(run.service.get("ExecMainExitTimestamp")) or written
         if outcome is None:
             state = RunState.CANCELLED if record.cancel_requested else RunState.ERROR
@@ -272,7 +289,11 @@ class Engine:
             if state is RunState.ERROR:
                 error = error or "the run ended without recording an outcome"
         else:
-            verdict = classify(outcome, cancelled=record.cancel_requested, ran=run.ran)
+            # Result=timeout with a main process that exited by itself before the
+            # deadline means only the stop of leftover processes timed out.
+            in_time = started is not None and ended - started < record.limits.timeout_s
+            verdict = classify(outcome, cancelled=record.cancel_requested, ran=run.ran or started is not None,
+                               exited_in_time=in_time)
             state, exit_code, sig, error = verdict.state, verdict.exit_code, verdict.signal, verdict.error
         out, err = run.captures.get("stdout"), run.captures.get("stderr")
         return record.evolve(

@@ -95,14 +95,15 @@ def signal_name(status: str) -> str:
     return status if status.startswith("SIG") else f"SIG{status}"
 
 
-def classify(outcome: Outcome, *, cancelled: bool, ran: bool) -> Verdict:
-    """The run state for a finished unit. `ran`: the unit was seen active,
-    i.e. the program itself was executed."""
+def classify(outcome: Outcome, *, cancelled: bool, ran: bool, exited_in_time: bool = False) -> Verdict:
+    """The run state for a finished unit. `ran`: the program itself was
+    executed. `exited_in_time`: its main process ended before timeout_s."""
     exit_code = int(outcome.exit_status) if outcome.exit_code == "exited" and outcome.exit_status.isdigit() else None
     sig = signal_name(outcome.exit_status) if outcome.exit_code in ("killed", "dumped") else None
     if cancelled:
         return Verdict(RunState.CANCELLED, exit_code, sig)
-    if outcome.service_result == "timeout":
+    leftover_stop_timed_out = outcome.exit_code == "exited" and exited_in_time
+    if outcome.service_result == "timeout" and not leftover_stop_timed_out:
         return Verdict(RunState.TIMED_OUT, exit_code, sig, "the run reached its timeout_s limit")
     if outcome.service_result == "oom-kill" or (outcome.oom_kills > 0 and exit_code != 0):
         return Verdict(RunState.OOM_KILLED, exit_code, sig, "the run reached its memory_mb limit")

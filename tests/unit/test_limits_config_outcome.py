@@ -118,3 +118,26 @@ def test_outcome_from_signal_properties() -> None:
     assert classify(killed, cancelled=False, ran=True).signal == "SIGKILL"
     assert outcome_from_properties({"Result": "success", "ExecMainCode": 0, "ExecMainStatus": 0}) is None
     assert outcome_from_properties({}) is None
+
+
+def test_timeout_of_a_leftover_process_stop_is_not_a_run_timeout() -> None:
+    stop_timed_out = outcome("timeout", "exited", "0")
+    assert classify(stop_timed_out, cancelled=False, ran=True, exited_in_time=True).state is RunState.SUCCEEDED
+    assert classify(stop_timed_out, cancelled=False, ran=True, exited_in_time=False).state is RunState.TIMED_OUT
+    killed_at_deadline = outcome("timeout", "killed", "TERM")
+    assert classify(killed_at_deadline, cancelled=False, ran=True, exited_in_time=True).state is RunState.TIMED_OUT
+
+
+def test_config_remembers_its_source(tmp_path: Path) -> None:
+    path = tmp_path / "u.toml"
+    path.write_text("queue_size = 3\n")
+    assert load_config(path, environ={}).source == path.resolve()
+    assert load_config(Path("/dev/null"), environ={}).source is None
+
+
+def test_systemd_major_version() -> None:
+    from unitbox.engine import systemd_major
+
+    assert systemd_major("252.39-1~deb12u2") == 252
+    assert systemd_major("257") == 257
+    assert systemd_major("unknown") == 0
