@@ -42,6 +42,7 @@ test: venv lint  ## everything: lint, unit, API and integration tests on a real 
 	@$(BIN)/pytest -ra $(PYTEST_ARGS)
 	@echo "==> checking that no test host was left behind"
 	@bash tests/testhost/check-clean.sh
+	@$(MAKE) --no-print-directory vm-test
 
 test-fast: venv  ## unit and API tests only (no test host)
 	@$(BIN)/pytest -ra tests/unit tests/api $(PYTEST_ARGS)

@@ -1,0 +1,92 @@
+"""The Debian package's static parts agree with the code: the shipped config
+lists every key with its default, the man page every command and option, the
+versions match, and the daemon unit has what the daemon relies on."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from unitbox import __version__
+from unitbox.cli import _parser
+from unitbox.config import Config, RetentionSection, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = REPO / "packaging" / "unitbox.toml"
+MANPAGE = REPO / "packaging" / "unitbox.1"
+SERVICE = REPO / "units" / "unitbox.service"
+
+
+def _uncommented() -> str:
+    """The template with every `#key = value` line made live."""
+    return re.sub(r"^#(\[?[a-z_.]+\]?( = .*)?)$", r"\1", TEMPLATE.read_text(), flags=re.M)
+
+
+def test_the_shipped_config_is_all_defaults() -> None:
+    assert load_config(TEMPLATE, environ={}) == load_config(Path("/dev/null"), environ={})
+
+
+def test_the_shipped_config_names_every_key_with_its_default() -> None:
+    live = tomllib.loads(_uncommented())
+    defaults = Config().model_dump(mode="json")
+    machine_dependent = {"max_concurrent", "max_limits.cpu_percent"}
+
+    def check(model: type[BaseModel], values: dict[str, Any], expected: dict[str, Any], prefix: str) -> None:
+        for name in model.model_fields:
+            key = prefix + name
+            assert name in values, f"{key} is missing from {TEMPLATE.name}"
+            if isinstance(expected.get(name), dict) and name != "runtimes":
+                sub = Config.model_fields[name].annotation
+                assert isinstance(sub, type) and issubclass(sub, BaseModel)
+                check(sub, values[name], expected[name], key + ".")
+            elif key not in machine_dependent and name != "runtimes":
+                assert values[name] == expected[name], f"{key}: {values[name]!r} != default {expected[name]!r}"
+
+    check(Config, live, defaults, "")
+    assert set(live["retention"]) == set(RetentionSection.model_fields)
+    example = live["runtimes"]
+    assert example and all({"python", "path"} <= set(runtime) for runtime in example.values())
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    found = {prefix: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_commands(sub, f"{prefix} {name}".strip()))
+    return found
+
+
+def test_the_man_page_covers_every_command_and_option() -> None:
+    page = MANPAGE.read_text().replace("\\-", "-")
+    for command, parser in _commands(_parser()).items():
+        if command:
+            assert f".B {command}" in page or f".BI \"{command} " in page, f"man page lacks `{command}`"
+        for action in parser._actions:
+            for option in action.option_strings:
+                if option.startswith("--"):
+                    assert option in page, f"man page lacks {option} ({command or 'unitbox'})"
+
+
+def test_versions_agree() -> None:
+    changelog = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert re.match(rf"unitbox \({re.escape(__version__)}\) ", changelog)
+    assert pyproject == __version__
+    assert f'"unitbox {__version__}"' in MANPAGE.read_text()
+
+
+def test_the_daemon_unit() -> None:
+    settings = dict(
+        line.split("=", 1) for line in SERVICE.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
+    assert settings["StateDirectory"] == "unitbox"
+    assert settings["ExecStart"] == "/usr/bin/unitbox serve"
+    assert int(settings["FileDescriptorStoreMax"]) > 0  # the daemon parks output pipes there
+    assert settings["KillMode"] == "mixed"  # runs are units of their own and outlive a restart
+    assert settings["CapabilityBoundingSet"] == ""

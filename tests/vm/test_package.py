@@ -1,0 +1,226 @@
+"""The operator story of the Debian package, on a real Debian 12 VM: install,
+systemctl/journalctl, runs and their limits on cgroup v2, restart, upgrade,
+remove, purge. The steps run in this order and build on each other."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import REPO, VM, step
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
+
+CONFFILE = "/etc/unitbox/unitbox.toml"
+
+
+def _exposure(text: str) -> float:
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", text)
+    assert found, text
+    return float(found.group(1))
+
+
+def test_apt_install_succeeds(vm: VM, deb: Path) -> None:
+    vm.put(deb, f"/root/{deb.name}")
+    started = time.monotonic()
+    done = vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{deb.name}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("Setting up unitbox", "Created symlink"))]
+    step(f"apt install ./{deb.name}", f"ok in {time.monotonic() - started:.0f} s: " + "; ".join(lines))
+    assert any(line.startswith("Setting up unitbox") for line in lines)
+
+
+def test_service_is_enabled_and_active(vm: VM) -> None:
+    active = vm.out("systemctl is-active unitbox", check=False)
+    enabled = vm.out("systemctl is-enabled unitbox", check=False)
+    step("systemctl is-active unitbox; systemctl is-enabled unitbox", f"{active}, {enabled}")
+    assert (active, enabled) == ("active", "enabled")
+    vm.wait_healthy()
+
+
+def test_status_shows_the_status_text(vm: VM) -> None:
+    status = vm.out("systemctl status unitbox --no-pager", check=False)
+    line = next((line.strip() for line in status.splitlines() if line.strip().startswith("Status:")), None)
+    step("systemctl status unitbox", line)
+    assert line is not None and line.startswith('Status: "Serving'), status
+
+
+def test_installed_files_and_commands(vm: VM) -> None:
+    outside_venv = vm.out("dpkg -L unitbox | grep -v '^/usr/lib/unitbox/' | sort")
+    step("dpkg -L unitbox (without the venv's files)", " ".join(outside_venv.split()))
+    for path in ("/usr/bin/unitbox", "/lib/systemd/system/unitbox.service", "/lib/systemd/system/unitbox.slice",
+                 CONFFILE, "/usr/share/man/man1/unitbox.1.gz"):
+        assert path in outside_venv.split()
+    conffiles = vm.out("dpkg-query -W -f='${Conffiles}' unitbox")
+    step("dpkg-query -W -f='${Conffiles}' unitbox", conffiles)
+    assert CONFFILE in conffiles
+    version = vm.out("unitbox --version")
+    check = vm.out("unitbox check-config")
+    step("unitbox --version; unitbox check-config", f"{version}; {check}")
+    assert version.startswith("unitbox ") and check == "configuration is valid"
+    perms = vm.out(f"stat -c '%a %U' {CONFFILE} /var/lib/unitbox")
+    step(f"stat {CONFFILE} /var/lib/unitbox", " | ".join(perms.splitlines()))
+    assert perms.splitlines() == ["640 root", "700 root"]
+
+
+def test_run_submitted_with_curl_succeeds(vm: VM) -> None:
+    run = vm.curl("POST", "/run-json?wait=true", {"code": "import sys\nprint(6 * 7, sys.argv[1:])", "args": ["a"]})
+    output = vm.curl("GET", f"/output/{run['id']}")
+    step("curl -X POST localhost:8080/run-json?wait=true -d '{\"code\": \"print(6 * 7, …)\"}'",
+         f"{run['state']}, exit {run['exit_code']}, stdout {output['stdout']!r}, cpu_ms {run['cpu_ms']}")
+    assert run["state"] == "succeeded" and output["stdout"] == "42 ['a']\n"
+    vm.runs["first"] = run["id"]
+
+
+def test_run_unit_in_systemctl_and_journalctl(vm: VM) -> None:
+    code = "import time\nprint('begin', flush=True)\ntime.sleep(20)\nprint('end')"
+    accepted = vm.curl("POST", "/run-json", {"code": code, "limits": {"timeout_s": 60}})
+    run_id = accepted["id"]
+    unit = f"unitbox-run-{run_id}.service"
+    deadline = time.monotonic() + 60
+    while vm.curl("GET", f"/status/{run_id}")["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    status = vm.out(f"systemctl status {unit} --no-pager", check=False)
+    step(f"systemctl status unitbox-run-{run_id}",
+         " | ".join(line.strip() for line in status.splitlines()[:8] if line.strip()))
+    assert "Active: active (running)" in status and f"/unitbox.slice/{unit}" in status, status
+    security = vm.out(f"systemd-analyze security {unit} --no-pager 2>&1", check=False)
+    step(f"systemd-analyze security {unit} (a live run)", f"exposure {_exposure(security)}")
+    assert _exposure(security) <= 1.0
+    run = vm.wait_run(run_id)
+    assert run["state"] == "succeeded", run
+    journal = vm.out(f"journalctl -u unitbox-run-{run_id} --no-pager -o short", check=False)
+    step(f"journalctl -u unitbox-run-{run_id}", " | ".join(journal.splitlines()[-3:]))
+    assert f"Started {unit}" in journal
+    records = vm.out(f"journalctl UNITBOX_RUN_ID={run_id} --no-pager -o cat", check=False)
+    step(f"journalctl UNITBOX_RUN_ID={run_id}", " | ".join(records.splitlines()))
+    assert f"run {run_id} queued" in records and "succeeded" in records
+    fields = vm.out(f"journalctl UNITBOX_RUN_ID={run_id} -o verbose --no-pager | grep -E '^ *UNITBOX_' | sort -u")
+    assert f"UNITBOX_UNIT={unit}" in fields
+
+
+def test_daemon_security_exposure(vm: VM) -> None:
+    report = vm.out("systemd-analyze security unitbox.service --no-pager 2>&1", check=False)
+    open_items = [line.split()[1] for line in report.splitlines() if line.startswith("✗")]
+    step("systemd-analyze security unitbox.service", f"exposure {_exposure(report)}; still open: {', '.join(open_items)}")
+    assert _exposure(report) <= 2.0
+
+
+def test_memory_hog_ends_oom_killed(vm: VM) -> None:
+    code = "chunks = []\nwhile True:\n    chunks.append(b'x' * (16 << 20))\n"
+    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"memory_mb": 64, "timeout_s": 60}})
+    step("a memory hog with memory_mb 64",
+         f"{run['state']}, signal {run['signal']}, memory_peak_bytes {run['memory_peak_bytes']}")
+    assert run["state"] == "oom_killed", run
+    assert run["memory_peak_bytes"] is not None and 32 << 20 < run["memory_peak_bytes"] <= 64 << 20
+
+
+def test_cpu_quota_holds(vm: VM) -> None:
+    code = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 3:\n    pass\n"
+    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"cpu_percent": 20, "timeout_s": 60}})
+    step("a 3 s busy loop with cpu_percent 20",
+         f"{run['state']}, cpu_ms {run['cpu_ms']} in {run['duration_ms']} ms {run['error'] or ''}")
+    assert run["state"] == "succeeded", run
+    # 20 % of the wall time, plus the interpreter's start-up (slow under TCG).
+    assert run["cpu_ms"] is not None and run["cpu_ms"] <= 0.2 * run["duration_ms"] + 500
+
+
+def test_timeout_holds(vm: VM) -> None:
+    run = vm.curl("POST", "/run-json?wait=true", {"code": "while True:\n    pass\n", "limits": {"timeout_s": 2}})
+    step("while True: pass with timeout_s 2", f"{run['state']} after {run['duration_ms']} ms")
+    assert run["state"] == "timed_out", run
+    assert 1900 <= run["duration_ms"] <= 4000
+
+
+def _records(vm: VM) -> dict[str, str]:
+    return {run["id"]: run["state"] for run in vm.curl("GET", "/runs?limit=100")["runs"]}
+
+
+def test_restart_loses_no_record(vm: VM) -> None:
+    before = _records(vm)
+    code = "import time\nprint('before', flush=True)\ntime.sleep(10)\nprint('after')"
+    in_flight = vm.curl("POST", "/run-json", {"code": code, "limits": {"timeout_s": 60}})["id"]
+    deadline = time.monotonic() + 60
+    while vm.curl("GET", f"/status/{in_flight}")["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    old_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    vm.sh("systemctl restart unitbox")
+    new_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    vm.wait_healthy()
+    after = _records(vm)
+    run = vm.wait_run(in_flight)
+    output = vm.curl("GET", f"/output/{in_flight}")
+    step("systemctl restart unitbox (with a run in flight)",
+         f"pid {old_pid} -> {new_pid}; {len(before)} records before, {len(after)} after; "
+         f"the in-flight run: {run['state']}, stdout {output['stdout']!r}")
+    assert old_pid != new_pid
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert run["state"] == "succeeded" and output["stdout"] == "before\nafter\n"
+
+
+def _next_version(deb: Path, workdir: Path) -> Path:
+    """The same package as version <v>+vmtest1: a real upgrade for dpkg."""
+    tree = workdir / "tree"
+    subprocess.run(["rm", "-rf", str(workdir)], check=True)
+    workdir.mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text()
+    version = re.search(r"^Version: (\S+)$", text, re.M)
+    assert version
+    control.write_text(text.replace(version.group(0), f"Version: {version.group(1)}+vmtest1"))
+    target = workdir / f"unitbox_{version.group(1)}+vmtest1_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "-b", str(tree), str(target)],
+                   check=True, capture_output=True)
+    return target
+
+
+def test_upgrade_restarts_and_keeps_records_and_config(vm: VM, deb: Path) -> None:
+    vm.sh(f"sed -i 's/^#queue_size = 1000$/queue_size = 500  # edited by the operator/' {CONFFILE}")
+    before = _records(vm)
+    old_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    newer = _next_version(deb, REPO / ".cache" / "vm" / "run" / "upgrade")
+    vm.put(newer, f"/root/{newer.name}")
+    vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{newer.name}")
+    vm.wait_healthy()
+    new_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    version = vm.out("dpkg-query -W -f='${Version}' unitbox")
+    after = _records(vm)
+    kept = vm.out(f"grep -c 'edited by the operator' {CONFFILE}")
+    step(f"apt install ./{newer.name} (upgrade)",
+         f"version {version}; pid {old_pid} -> {new_pid}; records {len(before)} -> {len(after)}; "
+         f"edited conffile kept: {kept == '1'}")
+    assert version.endswith("+vmtest1") and old_pid != new_pid
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert kept == "1"
+    assert vm.out("find /usr/lib/unitbox -name '*.pyc' | wc -l") != "0"  # postinst compiled the new files
+
+
+def test_apt_remove_stops_it_and_keeps_config_and_state(vm: VM) -> None:
+    vm.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y unitbox")
+    active = vm.out("systemctl is-active unitbox", check=False)
+    left = vm.out("ls -d /etc/unitbox/unitbox.toml /var/lib/unitbox/unitbox.db /var/lib/unitbox/runs 2>&1")
+    gone = vm.out("ls -d /usr/lib/unitbox /usr/bin/unitbox /lib/systemd/system/unitbox.service 2>&1", check=False)
+    step("apt remove unitbox", f"is-active: {active}; kept: {' '.join(left.split())}; removed: "
+         f"{'yes' if gone.count('No such file') == 3 else gone}")
+    assert active in {"inactive", "unknown"}
+    assert gone.count("No such file") == 3, gone
+    assert "rc  unitbox" in vm.out("dpkg -l unitbox | tail -n1")
+
+
+def test_apt_purge_leaves_nothing_behind(vm: VM) -> None:
+    vm.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y unitbox")
+    files = vm.out("find / -xdev \\( -path /proc -o -path /sys \\) -prune -o -name '*unitbox*' -print "
+                   "| grep -v '^/root/unitbox_' || true")
+    units = vm.out("systemctl list-units --all --no-legend --plain 'unitbox*'; "
+                   "systemctl list-unit-files --no-legend --plain 'unitbox*'; ls /run/systemd/transient | grep unitbox",
+                   check=False)
+    users = vm.out("getent passwd unitbox; getent group unitbox", check=False)
+    dpkg = vm.out("dpkg -l unitbox 2>&1 | tail -n1", check=False)
+    step("apt purge unitbox", f"files named *unitbox*: {files or 'none'}; units: {units or 'none'}; "
+         f"user/group: {users or 'none'}; dpkg: {dpkg}")
+    assert files == "" and units == "" and users == ""
+    assert not dpkg.startswith(("ii", "rc"))
