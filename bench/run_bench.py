@@ -64,7 +64,7 @@ README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 # -- the plan ---------------------------------------------------------------------
 def runs_per_batch(program: str, concurrency: int, quick: bool) -> int:
     if quick:
-        return {1: 3, 4: 8, 16: 16}[concurrency]
+        return {1: 2, 4: 4, 16: 16}[concurrency]
     base = {1: 16, 4: 32, 16: 64}[concurrency]
     return base // 2 if program == "cpu_100ms" else base
 
@@ -193,7 +193,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noqa:
     soak_runs = args.soak
     profile_runs = (150 if args.quick else 600) if args.profile else 0
     warmup = [(mode, program) for program in PROGRAMS for mode in MODES]
-    warm = 2 if args.quick else 3
+    warm = 1 if args.quick else 3
     total = sum(b["runs"] for b in batches) + soak_runs + profile_runs + warm * len(warmup)
     progress = Progress(total)
     done_before = 0
