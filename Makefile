@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help deps venv lint test test-fast run clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
 deps: .cache/apt.stamp  ## install the Debian packages the build and tests need
 .cache/apt.stamp:

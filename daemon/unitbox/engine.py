@@ -199,7 +199,7 @@ class Engine:
             raise
         self._active[run_id] = ActiveRun(record, run_dir)
         self._queue.append(run_id)
-        log.info("run %s queued", run_id, extra={"run_id": run_id, "state": "queued"})
+        log.debug("run %s queued", run_id, extra={"run_id": run_id, "state": "queued"})
         self._pump()
         return self._active[run_id].record
 
