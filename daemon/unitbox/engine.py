@@ -292,8 +292,9 @@ class Engine:
             # Result=timeout with a main process that exited by itself before the
             # deadline means only the stop of leftover processes timed out.
             in_time = started is not None and ended - started < record.limits.timeout_s
-            verdict = classify(outcome, cancelled=record.cancel_requested, ran=run.ran or started is not None,
-                               exited_in_time=in_time)
+            # `ran` only when seen active: systemd stamps a start time even when
+            # it fails to set the program up (2xx statuses), which is an error.
+            verdict = classify(outcome, cancelled=record.cancel_requested, ran=run.ran, exited_in_time=in_time)
             state, exit_code, sig, error = verdict.state, verdict.exit_code, verdict.signal, verdict.error
         out, err = run.captures.get("stdout"), run.captures.get("stderr")
         return record.evolve(
