@@ -37,7 +37,7 @@ lint: venv  ## ruff and mypy --strict
 	@echo "==> mypy --strict daemon/"
 	@$(BIN)/mypy
 
-test: venv lint  ## everything: lint, unit, API and integration tests on a real systemd test host
+test: venv lint  ## everything: lint, unit, API, integration (systemd test host) and the Debian VM tier
 	@echo "==> pytest (unit, API, integration on the systemd test host)"
 	@$(BIN)/pytest -ra $(PYTEST_ARGS)
 	@echo "==> checking that no test host was left behind"
