@@ -231,6 +231,19 @@ class Systemd:
             if self._loop is not None:
                 self._loop.call_soon(self._drain)
 
+    def _get_property(self, path: bytes, interface: bytes, name: bytes, signature: bytes) -> Any:
+        if self._bus is None:
+            raise SystemdError("not connected to systemd")
+        try:
+            return self._bus.get_property(DEST, path, interface, name, signature)
+        except DBusBaseError as exc:
+            raise SystemdError(_dbus_message(exc)) from exc
+        finally:
+            # Like every blocking call, it may have read signals into sd-bus's
+            # queue: drain them, or a unit's end could sit there unseen.
+            if self._loop is not None:
+                self._loop.call_soon(self._drain)
+
     # -- signals -------------------------------------------------------------
     def _make_signal_callback(self) -> Callable[..., None]:
         def on_properties_changed(msg: Any, error: Any = None, userdata: Any = None) -> None:
@@ -302,10 +315,9 @@ class Systemd:
         try:
             body = self._call(b"LoadUnit", apply_signature(b"s", [name.encode()]))
             path = body if isinstance(body, bytes) else body[0]
-            load_state = _text(self._bus.get_property(  # type: ignore[union-attr]
-                DEST, path, UNIT_IFACE.encode(), b"LoadState", b"s"))
-        except DBusBaseError as exc:
-            raise SystemdError(f"systemd LoadUnit {name}: {_dbus_message(exc)}") from exc
+            load_state = _text(self._get_property(path, UNIT_IFACE.encode(), b"LoadState", b"s"))
+        except SystemdError as exc:
+            raise SystemdError(f"systemd LoadUnit {name}: {exc.message}") from exc
         if load_state == "loaded":
             return False
         args = apply_signature(b"ss", [name.encode(), b"fail"])
@@ -316,12 +328,10 @@ class Systemd:
 
     def version(self) -> str:
         """systemd's version; doubles as a liveness check of the bus and PID 1."""
-        if self._bus is None:
-            raise SystemdError("not connected to systemd")
         try:
-            return str(_text(self._bus.get_property(DEST, MANAGER_PATH, MANAGER, b"Version", b"s")))
-        except DBusBaseError as exc:
-            raise SystemdError(f"systemd does not answer: {_dbus_message(exc)}") from exc
+            return str(_text(self._get_property(MANAGER_PATH, MANAGER, b"Version", b"s")))
+        except SystemdError as exc:
+            raise SystemdError(f"systemd does not answer: {exc.message}") from exc
 
 
 def _dbus_message(exc: DBusBaseError) -> str:

@@ -249,3 +249,30 @@ def slice_pids(testhost: TestHost) -> list[str]:
     script = ("for d in /sys/fs/cgroup/pids/unitbox.slice /sys/fs/cgroup/unitbox.slice; do "
               "[ -d $d ] && find $d -name cgroup.procs -exec cat {} +; done; true")
     return testhost.sh(script).split()
+
+
+def test_runs_finish_while_healthz_is_polled_hard(client: Client, daemon: Daemon) -> None:
+    """/healthz makes a blocking D-Bus call; signals it reads on the way must
+    still be handled, or a run's end sits unseen in sd-bus's queue."""
+    import threading
+
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            daemon.client.get("/healthz", timeout=5)
+
+    pollers = [threading.Thread(target=hammer) for _ in range(3)]
+    for poller in pollers:
+        poller.start()
+    try:
+        for _ in range(8):
+            run_id = client.submit("import time; time.sleep(0.3)")
+            deadline = time.monotonic() + 10
+            while client.status(run_id)["state"] not in ("succeeded", "failed", "timed_out", "error"):
+                assert time.monotonic() < deadline, "the run's end was never seen"
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        for poller in pollers:
+            poller.join()

@@ -75,16 +75,23 @@ def booted(purpose: str, *binds: Path) -> Iterator[TestHost]:
     host = TestHost.boot(unique_name(purpose), *binds)
     previous = signal.getsignal(signal.SIGTERM)
 
+    main = threading.current_thread() is threading.main_thread()
+
     def interrupted(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the teardown short
         raise KeyboardInterrupt  # unwinds through the finally below
-    if threading.current_thread() is threading.main_thread():
+    if main:
         signal.signal(signal.SIGTERM, interrupted)
     try:
         yield host
     finally:
-        host.stop()
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            host.stop()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def collect_stale_hosts() -> None:
