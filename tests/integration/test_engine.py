@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.support.daemon import Client, Daemon
+from tests.support.hostile import slice_pids
 from tests.support.testhost import TestHost, wait_until
 
 
@@ -242,13 +243,6 @@ def test_no_process_is_left_in_the_slice_after_a_double_fork(client: Client, tes
     run = client.run(code)
     assert run["state"] == "succeeded"
     assert wait_until(lambda: slice_pids(testhost) == [], 5), slice_pids(testhost)
-
-
-def slice_pids(testhost: TestHost) -> list[str]:
-    """Every process in unitbox.slice (the pids hierarchy exists on v1 and v2)."""
-    script = ("for d in /sys/fs/cgroup/pids/unitbox.slice /sys/fs/cgroup/unitbox.slice; do "
-              "[ -d $d ] && find $d -name cgroup.procs -exec cat {} +; done; true")
-    return testhost.sh(script).split()
 
 
 def test_runs_finish_while_healthz_is_polled_hard(client: Client, daemon: Daemon) -> None:
