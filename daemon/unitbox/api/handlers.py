@@ -69,8 +69,7 @@ def _flag(raw: str | None, name: str) -> bool:
 
 def _submission(engine: Engine, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
                 runtime: str) -> Submission:
-    engine.runtimes.get(runtime)
-    config = engine.config
+    config = engine.config  # the runtime name is checked once, by Engine.submit
     resolved = resolve_limits(limits.requested() if limits else None, config.default_limits, config.maximum_limits)
     return Submission(code=source, stdin=stdin.encode("utf-8", "surrogatepass"), args=args, limits=resolved,
                       runtime=runtime)
