@@ -25,6 +25,21 @@ F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
 
 
+def truncation_marker(path: Path) -> Path:
+    """The empty file whose presence says output beyond the cap was dropped."""
+    return path.parent / f".{path.name}.truncated"
+
+
+def stored_output(path: Path) -> tuple[int, bool]:
+    """(bytes kept, truncated) of one captured stream, read from the files
+    themselves: true for live, finished and recovered runs alike."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    return size, truncation_marker(path).exists()
+
+
 def make_pipe() -> tuple[int, int]:
     """A pipe for a unit's output: (read end for us, write end for systemd)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
@@ -39,7 +54,7 @@ class StreamCapture:
         self.fd = read_fd
         self.path = path
         self.cap = cap
-        self._marker = path.parent / f".{path.name}.truncated"
+        self._marker = truncation_marker(path)
         self._out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.kept = os.fstat(self._out).st_size  # non-zero when re-adopted after a restart
         self.truncated = self._marker.exists()
