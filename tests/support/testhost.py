@@ -18,9 +18,15 @@ _counter = iter(range(1, 1_000_000))
 _lock = threading.Lock()
 
 
+# `make test` sets UNITBOX_TEST_RUN to a tag of its own, so that its final
+# check (check-clean.sh) looks only at the hosts this run made, never at a
+# `make run` or another person's test run on the same machine.
+RUN_TAG = os.environ.get("UNITBOX_TEST_RUN") or str(os.getpid())
+
+
 def unique_name(purpose: str) -> str:
     with _lock:
-        return f"ubx-{purpose}-{os.getpid()}-{next(_counter)}"
+        return f"ubx-{RUN_TAG}-{purpose}-{next(_counter)}"
 
 
 class TestHost:

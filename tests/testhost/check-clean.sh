@@ -1,10 +1,13 @@
 #!/bin/bash
-# After the tests: no test host may be left mounted, running or in a cgroup.
+# After the tests: no test host of THIS run (names ubx-$UNITBOX_TEST_RUN-*) may
+# be left mounted, running or in a cgroup. Other hosts on the machine (a
+# `make run`, someone else's test run) are none of its business.
 set -u
+tag=${UNITBOX_TEST_RUN:?set UNITBOX_TEST_RUN to the tag the test run used}
 bad=0
-if grep -E ' /var/tmp/ubx-[^ ]*/root ' /proc/mounts; then echo "leftover test host mounts (above)"; bad=1; fi
-if ls /run/unitbox-testhost/*.pid >/dev/null 2>&1; then echo "leftover test host pid files:"; ls /run/unitbox-testhost/; bad=1; fi
-left=$(find /sys/fs/cgroup -maxdepth 6 -type d -name 'ubx-*' 2>/dev/null)
+if grep -E " /var/tmp/ubx-$tag-[^ ]*/root " /proc/mounts; then echo "leftover test host mounts (above)"; bad=1; fi
+if ls /run/unitbox-testhost/ubx-"$tag"-*.pid >/dev/null 2>&1; then echo "leftover test host pid files:"; ls /run/unitbox-testhost/ubx-"$tag"-*; bad=1; fi
+left=$(find /sys/fs/cgroup -maxdepth 6 -type d -name "ubx-$tag-*" 2>/dev/null)
 if [ -n "$left" ]; then echo "leftover test host cgroups:"; echo "$left"; bad=1; fi
-[ $bad = 0 ] && echo "clean: no test host mounts, cgroups or processes left"
+[ $bad = 0 ] && echo "clean: no test host of run $tag left (mounts, cgroups, processes)"
 exit $bad
