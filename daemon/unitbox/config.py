@@ -64,7 +64,7 @@ class Config(_Section):
     queue_size: int = Field(default=1000, ge=0)
     max_request_kb: int = Field(default=1024, gt=0)
     wait_max_s: float = Field(default=300.0, gt=0)
-    shutdown_grace_s: float = Field(default=10.0, ge=0)
+    shutdown_grace_s: float = Field(default=10.0, ge=0, le=15)  # + HTTP's 3 s, inside TimeoutStopSec=30
     log_level: str = "info"
     log_target: Literal["auto", "journal", "stderr"] = "auto"
     limits: LimitsSection = Field(default_factory=lambda: LimitsSection(**_limits_default(Limits())))

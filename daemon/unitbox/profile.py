@@ -22,6 +22,14 @@ LEGACY_UNIT_ROOT = "/run/systemd/unit-root"  # where systemd 252 assembles a uni
 SCRIPT_PATH = f"{CODE_DIR}/main.py"
 ARGV_PATH = f"{CODE_DIR}/argv"
 
+# A run's unit ends by SIGKILL (KillSignal=): at its timeout and when stopped.
+# So TimeoutStopSec= bounds only the kill of leftovers and the privileged
+# outcome recorder (ExecStopPost), which runs inside the run's CPU quota and
+# must never be cut short on a loaded host: a run that did nothing wrong
+# would end as `error`. START_BOUND_S bounds set-up to exec.
+START_BOUND_S = 30.0
+STOP_BOUND_S = 30.0
+
 UNIT_PREFIX = "unitbox-run-"
 UNIT_SUFFIX = ".service"
 
@@ -143,6 +151,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "ExecStart": [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP],
         "ExecStopPost": ["+:/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", str(run_dir)],
         "KillMode": "control-group",
+        "KillSignal": "SIGKILL",  # cancel sends SIGTERM itself first (engine.CANCEL_GRACE_S)
         "OOMPolicy": "kill",
         "CollectMode": "inactive-or-failed",  # the outcome is already on disk (ExecStopPost)
         "LogExtraFields": [f"UNITBOX_RUN_ID={run_id}"],
@@ -210,7 +219,8 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "MemorySwapMax": 0,
         "TasksMax": limits.tasks,
         "RuntimeMaxSec": limits.timeout_s,
-        "TimeoutStopSec": 1,
+        "TimeoutStartSec": START_BOUND_S,
+        "TimeoutStopSec": STOP_BOUND_S,
         "LimitFSIZE": limits.disk_mb * MiB,
         "LimitNOFILE": 1024,
         "LimitCORE": 0,

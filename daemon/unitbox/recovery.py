@@ -1,17 +1,25 @@
-"""Restart reconciliation, decided purely: given the runs the store says are
-unfinished, the `unitbox-run-*` units systemd has, and which runs have an
-outcome file, what to do with each. The engine carries the plan out."""
+"""Restart reconciliation. `plan_recovery` decides purely: given the runs the
+store says are unfinished, the `unitbox-run-*` units systemd has, and which
+runs have an outcome file, what to do with each. `recover` gathers those
+facts, stops orphaned units and hands the engine the runs to take over."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
+from unitbox.errors import SystemdError
 from unitbox.outcome import RunState
-from unitbox.profile import run_id_of
-from unitbox.store import RunRecord
-from unitbox.systemd import UnitInfo
+from unitbox.profile import UNIT_PREFIX, run_id_of
+from unitbox.store import RunRecord, RunStore
+from unitbox.systemd import UnitInfo, UnitManager
+
+log = logging.getLogger(__name__)
 
 
 class Action(Enum):
@@ -54,3 +62,23 @@ def plan_recovery(unfinished: Iterable[RunRecord], units: Iterable[UnitInfo],
     known = {record.id for record, _ in planned}
     orphans = sorted(unit.name for run_id, unit in live.items() if run_id not in known and run_id in own_dirs)
     return Plan(planned, orphans)
+
+
+async def recover(store: RunStore, systemd: UnitManager, runs_dir: Path) -> Plan:
+    """Gather the facts, plan, stop our orphaned units; the engine takes over
+    `plan.runs` (attaching, finishing or requeueing each)."""
+    unfinished = await store.unfinished()
+    units = systemd.list_units([f"{UNIT_PREFIX}*.service"])
+
+    def scan() -> tuple[set[str], set[str]]:
+        dirs = {p.name for p in runs_dir.iterdir() if p.is_dir()}
+        return dirs, {d for d in dirs if (runs_dir / d / "result").exists()}
+    own_dirs, with_outcome = await asyncio.to_thread(scan)
+    plan = plan_recovery(unfinished, units, with_outcome, own_dirs)
+    for record, action in plan.runs:
+        log.info("recovering run %s: %s", record.id, action.value, extra={"run_id": record.id})
+    for name in plan.orphans:
+        log.warning("stopping %s: it has no run record", name, extra={"unit": name})
+        with contextlib.suppress(SystemdError):
+            systemd.stop_unit(name)
+    return plan

@@ -25,6 +25,11 @@ from unitbox.systemd import Systemd
 
 log = logging.getLogger(__name__)
 
+# Shutdown must end well inside the unit's TimeoutStopSec= (30 s): requests in
+# progress get this long once held `wait` requests have been answered, then
+# running runs get shutdown_grace_s (at most 15 s, see config.py).
+HTTP_SHUTDOWN_S = 3.0
+
 
 def build_engine(config: Config, inherited: InheritedFds | None = None) -> Engine:
     stored = inherited.stored if inherited else {}
@@ -48,10 +53,14 @@ def _sites(runner: web.AppRunner, config: Config, inherited: InheritedFds) -> li
 
 
 async def _status_loop(engine: Engine) -> None:
+    """STATUS= for `systemctl status`; WATCHDOG=1 only while systemd and the
+    store answer, so a daemon that lost them for good is restarted."""
     interval = watchdog_interval_s()
     while True:
-        notify(f"STATUS=Serving: {engine.executing} running, {engine.queue_depth} queued",
-               *(["WATCHDOG=1"] if interval else []))
+        health = await engine.health()
+        status = f"Serving: {engine.executing} running, {engine.queue_depth} queued" if health.ok \
+            else f"Unhealthy: {health.reason}"
+        notify(f"STATUS={status}", *(["WATCHDOG=1"] if interval and health.ok else []))
         await asyncio.sleep(min(interval or 5.0, 5.0))
 
 
@@ -59,7 +68,7 @@ async def serve(config: Config) -> None:
     inherited = inherited_fds()
     engine = build_engine(config, inherited)
     app = create_app(engine, shutdown_grace_s=config.shutdown_grace_s)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S)
     await runner.setup()  # starts the engine (cleanup_ctx)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -75,6 +84,7 @@ async def serve(config: Config) -> None:
         await stop.wait()
         log.info("stopping: no new requests; running units go on and are picked up at the next start")
         notify("STOPPING=1", "STATUS=Stopping")
+        engine.begin_shutdown()  # held `wait` requests answer now (202), so the HTTP side closes at once
         status.cancel()
         lag.cancel()
     finally:

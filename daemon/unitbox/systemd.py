@@ -1,25 +1,35 @@
-"""The systemd adapter: the only module that imports pystemd.
+"""The systemd adapter: the only module that talks to PID 1 (through pystemd).
 
 One system-bus connection, driven from the asyncio loop (the bus fd under
-`loop.add_reader`, no polling). `Subscribe()` and one wildcard
-PropertiesChanged match are set up when the bus opens, i.e. before any
-StartTransientUnit, so no state change of a unit is ever missed. Bytes,
-D-Bus signatures and pystemd's quirks stay in here; the rest of unitbox
-speaks in unit names and plain Python values."""
+`loop.add_reader`, no polling). `Subscribe()`, one wildcard
+PropertiesChanged match and the Manager's UnitRemoved are set up when the bus
+opens, i.e. before any StartTransientUnit, so no change of a unit is missed.
+What comes out is typed: a watcher gets `UnitActive` once and `UnitEnd` once;
+D-Bus names, signatures and timestamp formats never leave this module.
+
+When is a unit over? As `systemd-run --wait` decides it: ActiveState is
+`inactive` or `failed` *with no job pending*, or the unit was unloaded. It
+never needs to have been seen active: systemd merges queued signals when its
+bus queue is long, and a short run can arrive as one final `inactive`.
+
+A lost bus (dbus restarted, the connection dropped) is detected from sd-bus's
+local `Disconnected` message or from a call failing with ENOTCONN; the reader
+is removed at once (sd-bus closes the fd, and its number may be reused) and
+`on_lost` is called: the owner reconnects and looks at every unit again."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import string
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pystemd.dbusexc import DBusBaseError
 from pystemd.dbuslib import DBus, apply_signature
 
+from unitbox.dbus_properties import encode_properties
 from unitbox.errors import SystemdError
 
 log = logging.getLogger(__name__)
@@ -30,110 +40,116 @@ MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 PROPERTIES = b"org.freedesktop.DBus.Properties"
+LOCAL_PATH = b"/org/freedesktop/DBus/Local"
+LOCAL_IFACE = b"org.freedesktop.DBus.Local"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
-MS_REC = 16384
-
-# Signatures of the properties a transient unit gets from us. pystemd 0.15's
-# table lacks many of the hardening ones (it raises KeyError), so the whole
-# vocabulary unitbox uses is spelled out here, from org.freedesktop.systemd1(5).
-_SIMPLE: dict[str, bytes] = {
-    **dict.fromkeys(
-        ["Description", "Slice", "Type", "KillMode", "OOMPolicy", "CollectMode", "WorkingDirectory",
-         "ProtectSystem", "ProtectHome", "ProtectProc", "ProcSubset", "KeyringMode", "DevicePolicy"], b"s"),
-    **dict.fromkeys(
-        ["DynamicUser", "PrivateUsers", "PrivateNetwork", "PrivateDevices", "PrivateIPC", "PrivateTmp",
-         "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
-         "ProtectClock", "ProtectHostname", "NoNewPrivileges", "RestrictSUIDSGID", "LockPersonality",
-         "RestrictRealtime", "CPUAccounting", "MemoryAccounting", "TasksAccounting", "IPAccounting",
-         "Delegate", "MemoryDenyWriteExecute", "RemoveIPC"], b"b"),
-    **dict.fromkeys(
-        ["MemoryMax", "MemoryHigh", "MemorySwapMax", "TasksMax", "LimitFSIZE", "LimitNOFILE", "LimitCORE",
-         "LimitNPROC", "CPUWeight", "CPUShares"], b"t"),
-    **dict.fromkeys(["Environment", "InaccessiblePaths", "ReadOnlyPaths", "SystemCallArchitectures"], b"as"),
-    **dict.fromkeys(["StandardInputFileDescriptor", "StandardOutputFileDescriptor",
-                     "StandardErrorFileDescriptor"], b"h"),
-    "UMask": b"u",
-}
-_USEC = 1_000_000
+OVER = ("inactive", "failed")
+_CONNECTION_GONE = ("ENOTCONN", "ECONNRESET", "EPIPE", "err -107", "err -104", "err -32")
+_END_PROPERTIES = {"Result": b"s", "ExecMainCode": b"i", "ExecMainStatus": b"i",
+                   "ExecMainStartTimestamp": b"t", "ExecMainExitTimestamp": b"t"}
+_EXEC_CODES = {1: "exited", 2: "killed", 3: "dumped"}  # CLD_EXITED, CLD_KILLED, CLD_DUMPED
 
 
-def _ip_any(_: Any) -> list[tuple[int, bytes, int]]:
-    return [(2, bytes(4), 0), (10, bytes(16), 0)]  # AF_INET 0.0.0.0/0, AF_INET6 ::/0
+@dataclass(frozen=True, slots=True)
+class UnitActive:
+    """The unit is active: its program was executed (Type=exec)."""
+
+    started_at: float | None
 
 
-_EXEC_PREFIXES = {"+": "privileged", ":": "no-env-expand", "-": "ignore-failure"}
+@dataclass(frozen=True, slots=True)
+class UnitEnd:
+    """The unit is over. Fields as the ExecStopPost environment spells them;
+    "" (or None) where systemd did not say."""
+
+    result: str  # success, exit-code, signal, timeout, oom-kill, …
+    exit_code: str  # exited, killed, dumped
+    exit_status: str  # a number, or a signal's number
+    started_at: float | None  # wall clock (s) when the main process started
+    exited_at: float | None  # … and when it ended
 
 
-def _exec(value: list[str]) -> tuple[str, bytes, Any]:
-    """A command line in unit-file form, its prefixes (`+`, `:`, `-`) included."""
-    path, *rest = value
-    flags = []
-    while path[:1] in _EXEC_PREFIXES:
-        flags.append(_EXEC_PREFIXES[path[0]])
-        path = path[1:]
-    return "Ex", b"a(sasas)", [(path, [path, *rest], flags)]
+UnitEvent = UnitActive | UnitEnd
+Watcher = Callable[[UnitEvent], None]
 
 
-def _split(spec: str) -> tuple[str, str]:
-    head, _, tail = spec.partition(":")
-    return head, tail
+@dataclass(frozen=True, slots=True)
+class UnitInfo:
+    name: str
+    active_state: str
+    sub_state: str
+    has_job: bool = False
+
+    @property
+    def over(self) -> bool:
+        return self.active_state in OVER and not self.has_job
 
 
-def _bind(spec: str) -> tuple[str, str, bool, int]:
-    """`[-]SOURCE:DEST` (unit-file form; `-`: a missing source is ignored)."""
-    source, dest = _split(spec.removeprefix("-"))
-    return source, dest, spec.startswith("-"), MS_REC
+def _seconds(usec: Any) -> float | None:
+    return usec / 1e6 if isinstance(usec, int) and usec > 0 else None
 
 
-# name -> (D-Bus name, signature, value) for the properties that need converting.
-_CONVERTED: dict[str, Callable[[Any], tuple[str, bytes, Any]]] = {
-    "CPUQuota": lambda pct: ("CPUQuotaPerSecUSec", b"t", int(pct * _USEC // 100)),
-    "RuntimeMaxSec": lambda s: ("RuntimeMaxUSec", b"t", int(s * _USEC)),
-    "TimeoutStopSec": lambda s: ("TimeoutStopUSec", b"t", int(s * _USEC)),
-    "IPAddressDeny": lambda v: ("IPAddressDeny", b"a(iayu)", _ip_any(v)),
-    "RestrictAddressFamilies": lambda fams: ("RestrictAddressFamilies", b"(bas)", (True, list(fams))),
-    "TemporaryFileSystem": lambda specs: ("TemporaryFileSystem", b"a(ss)", [_split(s) for s in specs]),
-    "BindReadOnlyPaths": lambda specs: ("BindReadOnlyPaths", b"a(ssbt)",
-                                        [(*_split(s), False, MS_REC) for s in specs]),
-    "BindPaths": lambda specs: ("BindPaths", b"a(ssbt)", [_bind(s) for s in specs]),
-    "CapabilityBoundingSet": lambda caps: ("CapabilityBoundingSet", b"t", _capabilities(caps)),
-    "AmbientCapabilities": lambda caps: ("AmbientCapabilities", b"t", _capabilities(caps)),
-    "RestrictNamespaces": lambda on: ("RestrictNamespaces", b"t", 0 if on else (1 << 64) - 1),
-    "SystemCallErrorNumber": lambda name: ("SystemCallErrorNumber", b"i", getattr(errno, name)),
-    "LogExtraFields": lambda fields: ("LogExtraFields", b"aay", [f.encode() for f in fields]),
-}
+@dataclass(slots=True)
+class UnitTracker:
+    """What the signals said about one unit so far; turns them into events
+    (pure: fed decoded signal bodies, testable without a bus)."""
+
+    active_state: str = ""
+    has_job: bool = True  # a unit is watched before its start job exists
+    service: dict[str, Any] = field(default_factory=dict)
+    announced: bool = False
+    ended: bool = False
+
+    def apply(self, interface: str, values: Mapping[str, Any]) -> list[UnitEvent]:
+        if interface == SERVICE_IFACE:
+            self.service.update(values)  # systemd sends these just before the Unit's own
+            return []
+        if interface != UNIT_IFACE:
+            return []
+        self.active_state = values.get("ActiveState", self.active_state)
+        if isinstance(job := values.get("Job"), tuple | list) and job:
+            self.has_job = job[0] != 0
+        events: list[UnitEvent] = []
+        if self.active_state == "active" and not self.announced:
+            self.announced = True
+            events.append(UnitActive(_seconds(self.service.get("ExecMainStartTimestamp"))))
+        if self.active_state in OVER and not self.has_job:
+            events += self.end()
+        return events
+
+    def end(self) -> list[UnitEvent]:
+        """The unit is over (or unloaded): its one UnitEnd, if not given yet."""
+        if self.ended:
+            return []
+        self.ended = True
+        return [end_from_service(self.service)]
 
 
-def _capabilities(caps: Iterable[str]) -> int:
-    if list(caps):
-        raise ValueError("only an empty capability set is supported")
-    return 0
+def end_from_service(service: Mapping[str, Any]) -> UnitEnd:
+    code = service.get("ExecMainCode")
+    status = service.get("ExecMainStatus")
+    exit_code = _EXEC_CODES.get(code, "") if isinstance(code, int) else ""
+    return UnitEnd(result=str(service.get("Result") or ""), exit_code=exit_code,
+                   exit_status=str(status) if exit_code and isinstance(status, int) else "",
+                   started_at=_seconds(service.get("ExecMainStartTimestamp")),
+                   exited_at=_seconds(service.get("ExecMainExitTimestamp")))
 
 
-def _property_entries(name: str, value: Any) -> list[tuple[str, bytes, Any]]:
-    if name in ("ExecStart", "ExecStopPost", "ExecStartPre", "ExecStartPost"):
-        suffix, sig, converted = _exec(value)
-        return [(name + suffix, sig, converted)]
-    if name == "SystemCallFilter":  # one entry per line, like the unit-file form
-        return [("SystemCallFilter", b"(bas)", (not rule.startswith("~"), rule.removeprefix("~").split()))
-                for rule in value]
-    if name in _CONVERTED:
-        return [_CONVERTED[name](value)]
-    if name in _SIMPLE:
-        return [(name, _SIMPLE[name], value)]
-    raise KeyError(f"the systemd adapter has no signature for property {name}")
+class UnitManager(Protocol):
+    """What the engine needs of systemd: `Systemd` below, or a fake in the fast tests."""
 
-
-def encode_properties(properties: Mapping[str, Any]) -> list[tuple[int, Any]]:
-    """Unit-file style properties → pystemd's typed argument list a(sv)."""
-    args: list[tuple[int, Any]] = [(ord("a"), b"(sv)")]
-    for name, value in properties.items():
-        for dbus_name, signature, dbus_value in _property_entries(name, value):
-            args += [(ord("r"), b"sv"), (ord("s"), dbus_name.encode()), (ord("v"), signature)]
-            args += apply_signature(signature, [dbus_value])
-            args += [(-1, None), (-1, None)]
-    args += [(-1, None)]
-    return args
+    def open(self, on_lost: Callable[[str], None] | None = None) -> None: ...
+    def close(self) -> None: ...
+    def watch(self, name: str, watcher: Watcher) -> None: ...
+    def unwatch(self, name: str) -> None: ...
+    def start_transient_service(self, name: str, properties: Mapping[str, Any],
+                                stdio: Mapping[str, int] | None = None) -> None: ...
+    def stop_unit(self, name: str) -> None: ...
+    def kill_unit(self, name: str, signal: int) -> None: ...
+    def list_units(self, patterns: list[str]) -> list[UnitInfo]: ...
+    def probe(self, name: str) -> UnitInfo | UnitEnd: ...
+    def ensure_slice(self, name: str, properties: Mapping[str, Any]) -> bool: ...
+    def version(self) -> str: ...
 
 
 _PATH_SAFE = set(string.ascii_letters + string.digits)
@@ -148,75 +164,72 @@ def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-@dataclass(slots=True)
-class UnitSnapshot:
-    """What the signals told us about a unit so far."""
-
-    active_state: str = ""
-    sub_state: str = ""
-    service: dict[str, Any] = field(default_factory=dict)
-    started: bool = False
-    """Seen in a state other than `inactive` (a new unit is loaded inactive)."""
-
-    @property
-    def finished(self) -> bool:
-        return self.active_state == "failed" or (self.active_state == "inactive" and self.started)
-
-
-@dataclass(frozen=True, slots=True)
-class UnitInfo:
-    name: str
-    active_state: str
-    sub_state: str
-
-
-Watcher = Callable[[UnitSnapshot], None]
-
-
 class Systemd:
     """A typed view of PID 1's manager, for one asyncio loop."""
 
     def __init__(self) -> None:
         self._bus: DBus | None = None
+        self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watchers: dict[str, tuple[Watcher, UnitSnapshot]] = {}
-        # pystemd keeps only a borrowed pointer to the callback: hold it here.
-        self._signal_callback = self._make_signal_callback()
+        self._watched: dict[str, tuple[str, Watcher, UnitTracker]] = {}  # path → (name, watcher, tracker)
+        self._on_lost: Callable[[str], None] = lambda reason: None
+        self._disconnected = False
+        # pystemd keeps only a borrowed pointer to each callback: hold them here.
+        self._callbacks = (self._guarded(self._on_properties), self._guarded(self._on_unit_removed),
+                           self._guarded(self._on_disconnected))
 
     # -- connection ---------------------------------------------------------
-    def open(self) -> None:
+    def open(self, on_lost: Callable[[str], None] | None = None) -> None:
+        """Connect and subscribe. `on_lost(reason)` is called once if the
+        connection later breaks; `open()` again to reconnect."""
+        self.close()
+        if on_lost is not None:
+            self._on_lost = on_lost
         loop = asyncio.get_running_loop()
         bus = DBus()
+        properties, removed, disconnected = self._callbacks
         try:
             bus.open()
-            bus.match_signal(DEST, None, PROPERTIES, b"PropertiesChanged", self._signal_callback)
+            bus.match_signal(None, LOCAL_PATH, LOCAL_IFACE, b"Disconnected", disconnected)
+            bus.match_signal(DEST, None, PROPERTIES, b"PropertiesChanged", properties)
+            bus.match_signal(DEST, MANAGER_PATH, MANAGER, b"UnitRemoved", removed)
             bus.call_method(DEST, MANAGER_PATH, MANAGER, b"Subscribe", [])
         except DBusBaseError as exc:
-            raise SystemdError(f"cannot talk to systemd over the system bus: {exc}") from exc
-        self._bus, self._loop = bus, loop
-        loop.add_reader(bus.get_fd(), self._drain)
+            bus.close()
+            raise SystemdError(f"cannot talk to systemd over the system bus: {_dbus_message(exc)}") from exc
+        self._bus, self._loop, self._fd, self._disconnected = bus, loop, bus.get_fd(), False
+        loop.add_reader(self._fd, self._drain)
         self._drain()
 
     def close(self) -> None:
-        if self._bus is not None and self._loop is not None:
-            self._loop.remove_reader(self._bus.get_fd())
+        if self._loop is not None and self._fd is not None:
+            self._loop.remove_reader(self._fd)
+        if self._bus is not None:
             self._bus.close()
-        self._bus = None
+        self._bus, self._fd = None, None
 
-    @property
-    def is_open(self) -> bool:
-        return self._bus is not None
+    def _lost(self, reason: str) -> None:
+        if self._bus is None:
+            return
+        log.error("lost the system bus connection: %s", reason)
+        if self._loop is not None and self._fd is not None:
+            self._loop.remove_reader(self._fd)  # before sd-bus closes it: the number may be reused
+        self._fd = None
+        self._bus = None  # pystemd frees it when its last reference goes
+        self._on_lost(reason)
 
     def _drain(self) -> None:
         bus = self._bus
         if bus is None:
             return
         try:
-            while not bus.process().is_empty():
+            while not self._disconnected and not bus.process().is_empty():
                 pass
-        except DBusBaseError:
-            log.exception("the system bus connection failed")
-            self.close()
+        except DBusBaseError as exc:
+            self._lost(_dbus_message(exc))
+            return
+        if self._disconnected:
+            self._lost("the bus said Disconnected (dbus restarted?)")
 
     def _call(self, method: bytes, args: list[tuple[int, Any]], path: bytes = MANAGER_PATH,
               interface: bytes = MANAGER) -> Any:
@@ -225,62 +238,58 @@ class Systemd:
         try:
             return self._bus.call_method(DEST, path, interface, method, args).body
         except DBusBaseError as exc:
-            raise SystemdError(f"systemd {method.decode()}: {_dbus_message(exc)}") from exc
+            message = _dbus_message(exc)
+            if any(mark in message for mark in _CONNECTION_GONE):
+                self._lost(message)
+            raise SystemdError(f"systemd {method.decode()}: {message}") from exc
         finally:
             # A blocking call can leave signals queued without the fd turning readable.
             if self._loop is not None:
                 self._loop.call_soon(self._drain)
 
-    def _get_property(self, path: bytes, interface: bytes, name: bytes, signature: bytes) -> Any:
-        if self._bus is None:
-            raise SystemdError("not connected to systemd")
-        try:
-            return self._bus.get_property(DEST, path, interface, name, signature)
-        except DBusBaseError as exc:
-            raise SystemdError(_dbus_message(exc)) from exc
-        finally:
-            # Like every blocking call, it may have read signals into sd-bus's
-            # queue: drain them, or a unit's end could sit there unseen.
-            if self._loop is not None:
-                self._loop.call_soon(self._drain)
-
     # -- signals -------------------------------------------------------------
-    def _make_signal_callback(self) -> Callable[..., None]:
-        def on_properties_changed(msg: Any, error: Any = None, userdata: Any = None) -> None:
+    @staticmethod
+    def _guarded(handler: Callable[[Any], None]) -> Callable[..., None]:
+        def callback(msg: Any, error: Any = None, userdata: Any = None) -> None:
             try:
-                self._on_signal(msg)
+                handler(msg)
             except Exception:  # pystemd would swallow it silently
                 log.exception("error while handling a systemd signal")
-        return on_properties_changed
+        return callback
 
-    def _on_signal(self, msg: Any) -> None:
-        path = _text(msg.get_path())
-        entry = self._watchers.get(path)
+    def _on_disconnected(self, msg: Any) -> None:
+        self._disconnected = True  # acted on once process() returns (not from inside it)
+
+    def _on_properties(self, msg: Any) -> None:
+        entry = self._watched.get(_text(msg.get_path()))
         if entry is None:
             return
-        watcher, snapshot = entry
         msg.process_reply(False)
         interface, changed, _invalidated = msg.body
-        interface = _text(interface)
         values = {_text(k): _text(v) for k, v in changed.items()}
-        if interface == UNIT_IFACE:
-            snapshot.active_state = values.get("ActiveState", snapshot.active_state)
-            snapshot.sub_state = values.get("SubState", snapshot.sub_state)
-            if snapshot.active_state not in ("", "inactive"):
-                snapshot.started = True
-        elif interface == SERVICE_IFACE:
-            snapshot.service.update(values)
-        else:
-            return
-        watcher(snapshot)
+        self._deliver(entry, entry[2].apply(_text(interface), values))
+
+    def _on_unit_removed(self, msg: Any) -> None:
+        msg.process_reply(False)
+        _name, path = msg.body
+        entry = self._watched.get(_text(path))
+        if entry is not None:
+            self._deliver(entry, entry[2].end())
+
+    def _deliver(self, entry: tuple[str, Watcher, UnitTracker], events: list[UnitEvent]) -> None:
+        name, watcher, _tracker = entry
+        for event in events:
+            if isinstance(event, UnitEnd):
+                self._watched.pop(unit_path(name), None)
+            watcher(event)
 
     def watch(self, name: str, watcher: Watcher) -> None:
-        """Call `watcher` on every state change of unit `name`. Set it up before
-        starting the unit."""
-        self._watchers[unit_path(name)] = (watcher, UnitSnapshot())
+        """Call `watcher` with UnitActive (at most once), then UnitEnd (once).
+        Set it up before starting the unit."""
+        self._watched[unit_path(name)] = (name, watcher, UnitTracker())
 
     def unwatch(self, name: str) -> None:
-        self._watchers.pop(unit_path(name), None)
+        self._watched.pop(unit_path(name), None)
 
     # -- units ---------------------------------------------------------------
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
@@ -297,27 +306,48 @@ class Systemd:
         self._call(b"StopUnit", apply_signature(b"ss", [name.encode(), b"replace"]))
 
     def kill_unit(self, name: str, signal: int) -> None:
+        """Send `signal` to every process of the unit (the unit itself goes on)."""
         self._call(b"KillUnit", apply_signature(b"ssi", [name.encode(), b"all", signal]))
 
     def list_units(self, patterns: list[str]) -> list[UnitInfo]:
         body = self._call(b"ListUnitsByPatterns",
                           apply_signature(b"asas", [[], [p.encode() for p in patterns]]))
-        return [UnitInfo(_text(u[0]), _text(u[3]), _text(u[4])) for u in body]  # the one out-arg, unwrapped
+        # (name, description, load, active, sub, following, path, job id, job type, job path)
+        return [UnitInfo(_text(u[0]), _text(u[3]), _text(u[4]), has_job=bool(u[7])) for u in body]
 
-    def unit_state(self, name: str) -> UnitInfo | None:
-        """The unit's current state, or None when systemd does not have it loaded."""
+    def probe(self, name: str) -> UnitInfo | UnitEnd:
+        """Look at a unit once: still going (its UnitInfo), or over (its end
+        as far as systemd still knows it; empty fields once it is unloaded)."""
         infos = self.list_units([name])
-        return infos[0] if infos else None
+        if infos and not infos[0].over:
+            return infos[0]
+        if not infos:
+            return UnitEnd("", "", "", None, None)
+        path = unit_path(name).encode()
+        return end_from_service({key: self._property(path, key, sig) for key, sig in _END_PROPERTIES.items()})
+
+    def _property(self, path: bytes, name: str, signature: bytes) -> Any:
+        if self._bus is None:
+            raise SystemdError("not connected to systemd")
+        try:
+            return _text(self._bus.get_property(DEST, path, SERVICE_IFACE.encode(), name.encode(), signature))
+        except DBusBaseError:
+            return None  # unloaded in the meantime: what is known is what the result file says
+        finally:
+            if self._loop is not None:
+                self._loop.call_soon(self._drain)
 
     def ensure_slice(self, name: str, properties: Mapping[str, Any]) -> bool:
         """Start `name` as a transient slice unless the host already has it
         (e.g. from units/unitbox.slice). Returns True if it was created."""
+        if self._bus is None:
+            raise SystemdError("not connected to systemd")
         try:
             body = self._call(b"LoadUnit", apply_signature(b"s", [name.encode()]))
             path = body if isinstance(body, bytes) else body[0]
-            load_state = _text(self._get_property(path, UNIT_IFACE.encode(), b"LoadState", b"s"))
-        except SystemdError as exc:
-            raise SystemdError(f"systemd LoadUnit {name}: {exc.message}") from exc
+            load_state = _text(self._bus.get_property(DEST, path, UNIT_IFACE.encode(), b"LoadState", b"s"))
+        except (SystemdError, DBusBaseError) as exc:
+            raise SystemdError(f"systemd LoadUnit {name}: {exc}") from exc
         if load_state == "loaded":
             return False
         args = apply_signature(b"ss", [name.encode(), b"fail"])
@@ -328,12 +358,20 @@ class Systemd:
 
     def version(self) -> str:
         """systemd's version; doubles as a liveness check of the bus and PID 1."""
+        if self._bus is None:
+            raise SystemdError("systemd does not answer: not connected to the system bus")
         try:
-            return str(_text(self._get_property(MANAGER_PATH, MANAGER, b"Version", b"s")))
-        except SystemdError as exc:
-            raise SystemdError(f"systemd does not answer: {exc.message}") from exc
+            return str(_text(self._bus.get_property(DEST, MANAGER_PATH, MANAGER, b"Version", b"s")))
+        except DBusBaseError as exc:
+            message = _dbus_message(exc)
+            if any(mark in message for mark in _CONNECTION_GONE):
+                self._lost(message)
+            raise SystemdError(f"systemd does not answer: {message}") from exc
+        finally:
+            if self._loop is not None:
+                self._loop.call_soon(self._drain)
 
 
 def _dbus_message(exc: DBusBaseError) -> str:
     parts = [str(_text(p)) for p in exc.args[1:] if p]
-    return ": ".join(parts) or str(exc)
+    return ": ".join(parts) or str(_text(exc.args[0]) if exc.args else exc)

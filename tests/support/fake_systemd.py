@@ -1,40 +1,79 @@
-"""A fake of the systemd adapter for the API tier: no D-Bus, no sandbox. It
-plays a unit's life (active → output → ExecStopPost's result file →
-inactive) so the HTTP layer can be tested fast. Everything SANDBOX.md
-promises is tested against the real systemd in tests/integration/."""
+"""A fake of the systemd adapter for the fast tiers: no D-Bus, no sandbox. It
+plays a unit's life (active → output → ExecStopPost's result file → over)
+through the same typed events as the real adapter, and can misbehave the
+ways PID 1 and the bus do: merged signals (only the end arrives), signals
+lost, a dropped bus, a start that fails half-way, a unit that ends by itself
+just as a cancel reaches it. Everything SANDBOX.md promises is tested
+against the real systemd in tests/integration/."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unitbox.systemd import UnitInfo, UnitSnapshot, Watcher
+from unitbox.errors import SystemdError
+from unitbox.systemd import UnitActive, UnitEnd, UnitInfo, Watcher
+
+
+@dataclass
+class FakeUnit:
+    run_dir: Path
+    fds: dict[str, int]
+    end: UnitEnd | None = None
 
 
 class FakeSystemd:
-    def __init__(self, *, auto_finish: bool = True, stdout: bytes = b"fake output\n", exit_status: int = 0) -> None:
+    def __init__(self, *, auto_finish: bool = True, stdout: bytes = b"fake output\n", exit_status: int = 0,
+                 merge_signals: bool = False, lose_signals: bool = False, record_outcome: bool = True,
+                 start_error: BaseException | None = None, natural_end_on_stop: bool = False) -> None:
         self.auto_finish = auto_finish
         self.stdout = stdout
         self.exit_status = exit_status
+        self.merge_signals = merge_signals  # only the end arrives, never "active"
+        self.lose_signals = lose_signals  # no event at all: only a look (probe) finds the end
+        self.record_outcome = record_outcome  # ExecStopPost writes the result file
+        self.start_error = start_error  # raised by start_transient_service, after the watch was set
+        self.natural_end_on_stop = natural_end_on_stop  # the program exits 0 just before a stop/kill lands
         self.started: list[str] = []
         self.stopped: list[str] = []
+        self.killed: list[tuple[str, int]] = []
         self.properties: dict[str, Mapping[str, Any]] = {}
         self.reachable = True
+        self.opened = 0
+        self.units: dict[str, FakeUnit] = {}
         self._watchers: dict[str, Watcher] = {}
-        self._pending: dict[str, tuple[Path, dict[str, int]]] = {}
+        self._on_lost: Callable[[str], None] = lambda reason: None
 
-    def open(self) -> None:
-        pass
+    # -- connection ----------------------------------------------------------
+    def open(self, on_lost: Callable[[str], None] | None = None) -> None:
+        if not self.reachable:
+            raise SystemdError("cannot talk to systemd over the system bus: fake outage")
+        self.opened += 1
+        if on_lost is not None:
+            self._on_lost = on_lost
 
     def close(self) -> None:
-        for _, fds in self._pending.values():
-            for fd in fds.values():
-                os.close(fd)
-        self._pending.clear()
+        for unit in self.units.values():
+            self._close_fds(unit)
 
+    def drop_bus(self) -> None:
+        """The connection breaks: events stop until the owner reconnects."""
+        self.reachable = False
+        self._on_lost("fake: the bus went away")
+
+    def restore_bus(self) -> None:
+        self.reachable = True
+
+    def _check(self) -> None:
+        if not self.reachable:
+            raise SystemdError("not connected to systemd")
+
+    # -- units ---------------------------------------------------------------
     def watch(self, name: str, watcher: Watcher) -> None:
         self._watchers[name] = watcher
 
@@ -43,51 +82,92 @@ class FakeSystemd:
 
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
                                 stdio: Mapping[str, int] | None = None) -> None:
+        self._check()
+        if self.start_error is not None:
+            raise self.start_error
         self.started.append(name)
         self.properties[name] = properties
         run_dir = Path(properties["ExecStopPost"][-1])
         fds = {stream: os.dup(fd) for stream, fd in (stdio or {}).items()}  # the caller closes its own
-        self._pending[name] = (run_dir, fds)
+        self.units[name] = FakeUnit(run_dir, fds)
         if self.auto_finish:
             asyncio.get_running_loop().call_soon(self.finish, name)
 
+    def activate(self, name: str) -> None:
+        self._emit(name, UnitActive(time.time()))
+
     def finish(self, name: str, result: str = "success", exit_code: str = "exited",
-               exit_status: str | None = None) -> None:
-        run_dir, fds = self._pending.pop(name)
-        snapshot = UnitSnapshot()
-        self._emit(name, snapshot, "active")
-        os.write(fds["output"], self.stdout)
-        for fd in fds.values():
-            os.close(fd)
+               exit_status: str | None = None, exited_at: float | None = None) -> None:
+        unit = self.units.get(name)
+        if unit is None or unit.end is not None:
+            return
+        if not self.merge_signals:
+            self.activate(name)
+        if "output" in unit.fds:
+            os.write(unit.fds["output"], self.stdout)
+        self._close_fds(unit)
         status = exit_status if exit_status is not None else str(self.exit_status)
         if result == "success" and status != "0":
             result = "exit-code"
-        (run_dir / "result").write_text(
-            f"service_result={result}\nexit_code={exit_code}\nexit_status={status}\n"
-            "cpu_ns=1000000\nmemory_peak=4096\noom_kill=0\nend=1\n")
-        self._emit(name, snapshot, "inactive")
+        if self.record_outcome:
+            (unit.run_dir / "result").write_text(
+                f"service_result={result}\nexit_code={exit_code}\nexit_status={status}\n"
+                "cpu_ns=1000000\nmemory_peak=4096\noom_kill=0\nend=1\n")
+        now = time.time()
+        unit.end = UnitEnd(result, exit_code, status, now - 0.01, exited_at or now)
+        self._emit(name, unit.end)
 
-    def _emit(self, name: str, snapshot: UnitSnapshot, state: str) -> None:
-        snapshot.active_state = state
-        if state != "inactive":
-            snapshot.started = True
+    def _emit(self, name: str, event: UnitActive | UnitEnd) -> None:
         watcher = self._watchers.get(name)
-        if watcher is not None:
-            watcher(snapshot)
+        if watcher is None or not self.reachable or self.lose_signals:
+            return
+        if isinstance(event, UnitEnd):
+            self._watchers.pop(name, None)
+        watcher(event)
+
+    @staticmethod
+    def _close_fds(unit: FakeUnit) -> None:
+        for fd in unit.fds.values():
+            os.close(fd)
+        unit.fds.clear()
+
+    def _live(self, name: str) -> bool:
+        unit = self.units.get(name)
+        return unit is not None and unit.end is None
 
     def stop_unit(self, name: str) -> None:
+        self._check()
         self.stopped.append(name)
-        if name in self._pending:
-            self.finish(name, result="signal", exit_code="killed", exit_status="TERM")
+        self._end_by(name, "9")
+
+    def kill_unit(self, name: str, signal: int) -> None:
+        self._check()
+        self.killed.append((name, signal))
+        self._end_by(name, str(signal))
+
+    def _end_by(self, name: str, signal: str) -> None:
+        if not self._live(name):
+            return
+        if self.natural_end_on_stop:  # it exited by itself a moment before the stop came
+            self.finish(name, exited_at=time.time() - 0.05)
+        else:
+            self.finish(name, result="signal", exit_code="killed", exit_status=signal)
 
     def list_units(self, patterns: list[str]) -> list[UnitInfo]:
-        return [UnitInfo(name, "active", "running") for name in self._pending]
+        self._check()
+        return [UnitInfo(name, "active", "running") for name in self.units if self._live(name)]
+
+    def probe(self, name: str) -> UnitInfo | UnitEnd:
+        self._check()
+        unit = self.units.get(name)
+        if unit is not None and unit.end is None:
+            return UnitInfo(name, "active", "running")
+        return unit.end if unit is not None and unit.end is not None else UnitEnd("", "", "", None, None)
 
     def ensure_slice(self, name: str, properties: Mapping[str, Any]) -> bool:
         return False
 
     def version(self) -> str:
         if not self.reachable:
-            from unitbox.errors import SystemdError
             raise SystemdError("systemd does not answer: fake outage")
         return "252-fake"

@@ -26,15 +26,13 @@ from unitbox.api.models import (
     check_args,
     decode_source,
 )
-from unitbox.api.state import ENGINE, OPENAPI
-from unitbox.engine import Engine, Submission
+from unitbox.api.state import ENGINE, OPENAPI, RunService
+from unitbox.engine import Submission
 from unitbox.errors import (
     BadRequest,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
-    SystemdError,
-    UnitboxError,
     UnsupportedMediaType,
 )
 from unitbox.limits import resolve_limits
@@ -67,7 +65,7 @@ def _flag(raw: str | None, name: str) -> bool:
                        details=[{"field": name, "message": "not a boolean"}])
 
 
-def _submission(engine: Engine, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
+def _submission(engine: RunService, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
                 runtime: str) -> Submission:
     config = engine.config  # the runtime name is checked once, by Engine.submit
     resolved = resolve_limits(limits.requested() if limits else None, config.default_limits, config.maximum_limits)
@@ -244,29 +242,26 @@ async def list_runs(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}",
                            details=[{"field": "limit", "message": "out of range"}])
-    engine = request.app[ENGINE]
-    records = await engine.store.page(state, limit + 1, before)
+    records = await request.app[ENGINE].page(state, limit + 1, before)
     more = len(records) > limit
-    records = [await engine.get(r.id) if not r.state.terminal else r for r in records[:limit]]
+    records = records[:limit]
     cursor = str(records[-1].seq) if more and records else None
     return _json(RunsPage(runs=[_run_out(r) for r in records], next_cursor=cursor))
 
 
 async def runtimes(request: web.Request) -> web.Response:
-    described = await request.app[ENGINE].runtimes.describe()
+    described = await request.app[ENGINE].runtimes()
     return _json(RuntimesOut(runtimes=[RuntimeOut(name=r.name, python=r.python, packages=r.packages)
                                        for r in described]))
 
 
 async def healthz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    try:
-        version = engine.systemd.version()
-        await engine.store.ping()
-    except UnitboxError as exc:
-        reason = exc.message if isinstance(exc, SystemdError) else f"run store: {exc.message}"
-        return _json(HealthOut(status="unavailable", reason=reason), status=503)
-    return _json(HealthOut(status="ok", systemd=version, running=engine.executing, queued=engine.queue_depth))
+    health = await engine.health()
+    if not health.ok:
+        return _json(HealthOut(status="unavailable", reason=health.reason), status=503)
+    return _json(HealthOut(status="ok", systemd=health.systemd_version, running=engine.executing,
+                           queued=engine.queue_depth))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,12 +1,38 @@
-"""Typed application state (aiohttp AppKeys)."""
+"""Typed application state (aiohttp AppKeys), and the narrow service the HTTP
+handlers speak to: runs in, runs out. They never reach the store or systemd."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from unitbox.engine import Engine
+from unitbox.config import Config
+from unitbox.engine import Health, Submission
+from unitbox.metrics import Metrics
+from unitbox.outcome import RunState
+from unitbox.rundir import RunDir
+from unitbox.runtimes import RuntimeInfo
+from unitbox.store import RunRecord
 
-ENGINE = web.AppKey("engine", Engine)
+
+class RunService(Protocol):
+    config: Config
+    metrics: Metrics
+
+    @property
+    def executing(self) -> int: ...
+    @property
+    def queue_depth(self) -> int: ...
+    async def submit(self, submission: Submission) -> RunRecord: ...
+    async def get(self, run_id: str) -> RunRecord: ...
+    async def wait(self, run_id: str, timeout_s: float) -> RunRecord: ...
+    async def cancel(self, run_id: str) -> tuple[RunRecord, bool]: ...
+    async def page(self, state: RunState | None, limit: int, before_seq: int | None) -> list[RunRecord]: ...
+    def run_dir(self, run_id: str) -> RunDir: ...
+    async def runtimes(self) -> list[RuntimeInfo]: ...
+    async def health(self) -> Health: ...
+
+
+ENGINE = web.AppKey("engine", RunService)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
