@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd dbus curl util-linux iproute2
 PYTEST_ARGS ?=
 # Names this run's test hosts (ubx-<tag>-…) so the leftover check sees only its own.
-ifndef UNITBOX_TEST_RUN
-UNITBOX_TEST_RUN := t$(shell date +%s%N | tail -c 10)
+ifndef UBX_TEST_RUN
+UBX_TEST_RUN := t$(shell date +%s%N | tail -c 10)
 endif
-export UNITBOX_TEST_RUN
+export UBX_TEST_RUN
 
 .PHONY: help deps venv lint test test-fast run clean
 

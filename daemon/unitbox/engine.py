@@ -104,6 +104,7 @@ class Engine:
         self._unsaved: dict[str, RunRecord] = {}  # final, but the store could not take it yet
         self._accepting = False
         self._bus_ok = False
+        self._stopped = False
         self._closing = asyncio.Event()  # set at shutdown: held `wait` requests answer at once
         self._tasks: set[asyncio.Task[Any]] = set()
         self.healthy = False  # the last health check's verdict (the watchdog is pinged only while True)
@@ -135,12 +136,15 @@ class Engine:
         """Give running runs `grace_s` to finish, then save what is unsaved and
         let go. Queued runs stay recorded and start at the next start; runs
         still going are systemd units and go on (picked up again then)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.begin_shutdown()
-        going = [run.done.wait() for run in self._runs.values() if run.holds_slot]
+        going = [run.done for run in self._runs.values() if run.holds_slot]
         if grace_s > 0 and going:
             log.info("waiting up to %.1f s for %d running runs", grace_s, len(going))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*going), grace_s)
+                await asyncio.wait_for(asyncio.gather(*(done.wait() for done in going)), grace_s)
         for task in list(self._tasks):
             task.cancel()
         for run in self._runs.values():

@@ -40,14 +40,14 @@ def test_sleep_forever_times_out_at_the_deadline(client: Client, testhost: TestH
     run = run_hostile(client, "report(sleeping=True)\nimport time\ntime.sleep(10**6)\nreport(woke=True)",
                       timeout_s=1)
     assert run["state"] == "timed_out", run
-    assert (run["exit_code"], run["signal"]) == (None, "SIGTERM")  # RuntimeMaxSec's stop: SIGTERM first
+    assert (run["exit_code"], run["signal"]) == (None, "SIGKILL")  # RuntimeMaxSec's stop: KillSignal=SIGKILL
     assert report_of(run) == {"sleeping": True}
     assert 900 <= run["duration_ms"] < 2000, run["duration_ms"]
     assert time.monotonic() - began < 4
     assert run["unit"] not in testhost.units()
 
 
-def test_sigterm_ignoring_handler_is_sigkilled_promptly_after_the_deadline(client: Client) -> None:
+def test_sigterm_handler_cannot_delay_the_deadline(client: Client) -> None:
     code = (
         "import signal, time\n"
         "def handler(signum, frame):\n"
@@ -62,9 +62,8 @@ def test_sigterm_ignoring_handler_is_sigkilled_promptly_after_the_deadline(clien
     elapsed = time.monotonic() - began
     assert run["state"] == "timed_out", run
     assert (run["exit_code"], run["signal"]) == (None, "SIGKILL")
-    assert report_of(run) == {"got": "SIGTERM"}  # it was asked politely, refused, and was killed anyway
-    # deadline 1 s + TimeoutStopSec=1 before SIGKILL; generous margin for a loaded CI machine
-    assert 1.9 <= elapsed < 5, elapsed
+    assert report_of(run) == {"armed": True}  # killed at the deadline: no SIGTERM to catch and stall on
+    assert 0.9 <= elapsed < 3, elapsed  # deadline 1 s; generous margin for a loaded CI machine
 
 
 def test_all_signals_blocked_busy_loop_is_sigkilled_after_the_deadline(client: Client) -> None:

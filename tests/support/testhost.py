@@ -18,10 +18,10 @@ _counter = iter(range(1, 1_000_000))
 _lock = threading.Lock()
 
 
-# `make test` sets UNITBOX_TEST_RUN to a tag of its own, so that its final
+# `make test` sets UBX_TEST_RUN to a tag of its own, so that its final
 # check (check-clean.sh) looks only at the hosts this run made, never at a
 # `make run` or another person's test run on the same machine.
-RUN_TAG = os.environ.get("UNITBOX_TEST_RUN") or str(os.getpid())
+RUN_TAG = os.environ.get("UBX_TEST_RUN") or str(os.getpid())
 
 
 def unique_name(purpose: str) -> str:

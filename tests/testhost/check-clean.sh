@@ -1,9 +1,9 @@
 #!/bin/bash
-# After the tests: no test host of THIS run (names ubx-$UNITBOX_TEST_RUN-*) may
+# After the tests: no test host of THIS run (names ubx-$UBX_TEST_RUN-*) may
 # be left mounted, running or in a cgroup. Other hosts on the machine (a
 # `make run`, someone else's test run) are none of its business.
 set -u
-tag=${UNITBOX_TEST_RUN:?set UNITBOX_TEST_RUN to the tag the test run used}
+tag=${UBX_TEST_RUN:?set UBX_TEST_RUN to the tag the test run used}
 bad=0
 if grep -E " /var/tmp/ubx-$tag-[^ ]*/root " /proc/mounts; then echo "leftover test host mounts (above)"; bad=1; fi
 if ls /run/unitbox-testhost/ubx-"$tag"-*.pid >/dev/null 2>&1; then echo "leftover test host pid files:"; ls /run/unitbox-testhost/ubx-"$tag"-*; bad=1; fi

@@ -6,7 +6,8 @@ from pathlib import PurePosixPath
 
 from unitbox.limits import Limits
 from unitbox.profile import BOOTSTRAP, STOP_POST_SCRIPT, Runtime, build_profile, run_id_of, thread_cap, unit_name
-from unitbox.systemd import encode_properties, unit_path
+from unitbox.dbus_properties import encode_properties
+from unitbox.systemd import unit_path
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)
 
@@ -158,3 +159,14 @@ def test_every_profile_property_has_a_dbus_signature() -> None:
     names = [value for kind, value in args if kind == ord("s") and isinstance(value, bytes)]
     assert {b"CPUQuotaPerSecUSec", b"RuntimeMaxUSec", b"ExecStopPostEx", b"ExecStartEx"} <= set(names)
     assert names.count(b"SystemCallFilter") == 2
+
+
+def test_runs_die_by_sigkill_and_the_outcome_recorder_is_not_cut_short() -> None:
+    """Finding 10: TimeoutStopSec=1 also bounded the privileged ExecStopPost
+    that records the outcome; on a loaded host it ran out and trivial runs
+    ended as `error`. Now the run is killed at once (SIGKILL) and the bound
+    is the recorder's own."""
+    props = profile()
+    assert props["KillSignal"] == "SIGKILL"
+    assert props["TimeoutStopSec"] >= 30
+    assert props["TimeoutStartSec"] >= 30
