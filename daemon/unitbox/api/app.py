@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from unitbox.api import handlers
+from unitbox.api import handlers, output
 from unitbox.api.errors import Handler, error_middleware
 from unitbox.api.openapi import build_openapi
 from unitbox.api.state import ENGINE, OPENAPI
@@ -22,7 +22,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/run-json", handlers.run_json),
     ("POST", "/run-file", handlers.run_file),
     ("GET", "/status/{id}", handlers.status),
-    ("GET", "/output/{id}", handlers.output),
+    ("GET", "/output/{id}", output.output),
     ("POST", "/runs/{id}/cancel", handlers.cancel),
     ("DELETE", "/runs/{id}", handlers.cancel),
     ("GET", "/runs", handlers.list_runs),
