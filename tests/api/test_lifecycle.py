@@ -49,8 +49,8 @@ def submission(code: str = "print(1)", **limits: Any) -> Submission:
     return Submission(code=code.encode(), stdin=b"", args=[], limits=Limits(**limits), runtime="default")
 
 
-async def settled(engine: Engine, run_id: str, timeout: float = 5.0) -> RunRecord:
-    record = await engine.wait(run_id, timeout)
+async def settled(engine: Engine, run_id: str, within_s: float = 5.0) -> RunRecord:
+    record = await engine.wait(run_id, within_s)
     assert record.state in TERMINAL, f"run {run_id} still {record.state}"
     return record
 
@@ -84,7 +84,7 @@ async def test_a_unit_that_never_ends_is_stopped_then_settled_as_error(make_engi
     monkeypatch.setattr(engine_module, "deadline_s", lambda phase, limits: 0.1 if phase.value != "queued" else None)
     monkeypatch.setattr(engine_module, "STOP_GRACE_S", 0.1)
     fake = FakeSystemd(auto_finish=False, lose_signals=True)
-    fake.stop_unit = lambda name: fake.stopped.append(name)  # type: ignore[method-assign]  # PID 1 ignores it
+    fake.stop_unit = fake.stopped.append  # type: ignore[method-assign]  # PID 1 ignores it
     engine = await make_engine(fake)
     record = await engine.submit(submission())
     final = await settled(engine, record.id)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from unitbox.dbus_properties import encode_properties
 from unitbox.limits import Limits
 from unitbox.profile import BOOTSTRAP, STOP_POST_SCRIPT, Runtime, build_profile, run_id_of, thread_cap, unit_name
-from unitbox.dbus_properties import encode_properties
 from unitbox.systemd import unit_path
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)

@@ -3,7 +3,6 @@ speak to the engine in dataclasses; errors are raised, never formatted here."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -16,7 +15,6 @@ from unitbox.api.errors import validation_details
 from unitbox.api.models import (
     HealthOut,
     LimitsIn,
-    OutputOut,
     RunOut,
     RunRequest,
     RunsPage,
@@ -189,35 +187,6 @@ async def run_file(request: web.Request) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     record = await request.app[ENGINE].get(request.match_info["id"])
     return _json(_run_out(record))
-
-
-def _read_stream(path: Any) -> bytes:
-    try:
-        data: bytes = path.read_bytes()
-    except FileNotFoundError:
-        return b""
-    return data
-
-
-async def output(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    record = await engine.get(request.match_info["id"])
-    run_dir = engine.run_dir(record.id)
-    stream = request.query.get("stream")
-    loop = asyncio.get_running_loop()
-    if stream is not None:
-        if stream not in ("stdout", "stderr"):
-            raise InvalidInput(f"stream must be stdout or stderr, got {stream!r}",
-                               details=[{"field": "stream", "message": "must be stdout or stderr"}])
-        data = await loop.run_in_executor(None, _read_stream, run_dir.output(stream))
-        return web.Response(body=data, content_type="application/octet-stream",
-                            headers={"X-Unitbox-Truncated": str(getattr(record, f"{stream}_truncated")).lower(),
-                                     "X-Unitbox-State": str(record.state)})
-    out = await loop.run_in_executor(None, _read_stream, run_dir.output("stdout"))
-    err = await loop.run_in_executor(None, _read_stream, run_dir.output("stderr"))
-    return _json(OutputOut(id=record.id, state=record.state, stdout=out.decode("utf-8", "replace"),
-                           stderr=err.decode("utf-8", "replace"), stdout_truncated=record.stdout_truncated,
-                           stderr_truncated=record.stderr_truncated))
 
 
 async def cancel(request: web.Request) -> web.Response:
