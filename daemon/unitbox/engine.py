@@ -253,8 +253,8 @@ class Engine:
         if run.cancel_at is None:
             run.cancel_at = now
             run.record = run.record.evolve(cancel_requested=True)
+            await self._persist(run.record)  # stored before the signal: a crash in between still ends cancelled
             self._request_stop(run)
-            await self._persist(run.record)
         return run.live_view(), True
 
     async def health(self) -> Health:

@@ -93,7 +93,10 @@ class RunLife:
     @classmethod
     def adopted(cls, record: RunRecord, run_dir: RunDir) -> RunLife:
         """A run found started at a restart: it enters the lifecycle where it was."""
-        return cls(record, run_dir, Phase.RUNNING if record.state is RunState.RUNNING else Phase.STARTED)
+        run = cls(record, run_dir, Phase.RUNNING if record.state is RunState.RUNNING else Phase.STARTED)
+        if record.cancel_requested:  # asked before the restart (when exactly is not stored)
+            run.cancel_at = record.created_at
+        return run
 
     @property
     def id(self) -> str:

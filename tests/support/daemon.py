@@ -183,7 +183,7 @@ class DaemonService(Daemon):
     def pid(self) -> int:
         """The daemon's PID inside the test host's pid namespace is useless
         outside: find it by its cgroup's process list instead."""
-        out = subprocess.run(["pgrep", "-f", f"--config {self.config_path} serve"], capture_output=True,
+        out = subprocess.run(["pgrep", "-f", "--", f"--config {self.config_path} serve"], capture_output=True,
                              text=True, check=False)
         return int(out.stdout.split()[0])
 
