@@ -35,11 +35,6 @@ class NotFound(UnitboxError):
     code = "not_found"
 
 
-class MethodNotAllowed(UnitboxError):
-    status = 405
-    code = "method_not_allowed"
-
-
 class PayloadTooLarge(UnitboxError):
     status = 413
     code = "payload_too_large"

@@ -23,8 +23,6 @@ class RunState(StrEnum):
         return self not in (RunState.QUEUED, RunState.STARTING, RunState.RUNNING)
 
 
-TERMINAL_STATES = frozenset(s for s in RunState if s.terminal)
-
 # Exit statuses systemd itself uses when it cannot set up or exec the program
 # (203/EXEC, 226/NAMESPACE, …); see systemd.exec(5), "Process Exit Codes".
 SYSTEMD_SETUP_STATUSES = range(200, 244)
@@ -60,21 +58,6 @@ def parse_result_file(text: str) -> Outcome | None:
         memory_peak=number("memory_peak"),
         oom_kills=number("oom_kill") or 0,
     )
-
-
-_EXEC_CODES = {1: "exited", 2: "killed", 3: "dumped"}  # CLD_EXITED, CLD_KILLED, CLD_DUMPED
-
-
-def outcome_from_properties(service: dict[str, object]) -> Outcome | None:
-    """An Outcome from the Service properties systemd sent in its signals
-    (Result, ExecMainCode, ExecMainStatus), when the result file is missing.
-    Without the cgroup figures: CPU, memory peak and v1 OOM kills are unknown."""
-    code = service.get("ExecMainCode")
-    status = service.get("ExecMainStatus")
-    if not isinstance(code, int) or code not in _EXEC_CODES or not isinstance(status, int):
-        return None
-    return Outcome(service_result=str(service.get("Result", "")), exit_code=_EXEC_CODES[code],
-                   exit_status=str(status))
 
 
 @dataclass(frozen=True, slots=True)

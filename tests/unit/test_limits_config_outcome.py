@@ -108,16 +108,18 @@ def test_result_file_parsing() -> None:
     assert parse_result_file(text.replace("end=1\n", "")) is None
 
 
-def test_outcome_from_signal_properties() -> None:
-    from unitbox.outcome import outcome_from_properties
+def test_unit_end_from_signal_properties() -> None:
+    from unitbox.systemd import UnitEnd, end_from_service
 
-    assert outcome_from_properties({"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 6}) == \
-        Outcome("exit-code", "exited", "6")
-    killed = outcome_from_properties({"Result": "signal", "ExecMainCode": 2, "ExecMainStatus": 9})
-    assert killed is not None
-    assert classify(killed, cancelled=False, ran=True).signal == "SIGKILL"
-    assert outcome_from_properties({"Result": "success", "ExecMainCode": 0, "ExecMainStatus": 0}) is None
-    assert outcome_from_properties({}) is None
+    assert end_from_service({"Result": "exit-code", "ExecMainCode": 1, "ExecMainStatus": 6}) == \
+        UnitEnd("exit-code", "exited", "6", None, None)
+    killed = end_from_service({"Result": "signal", "ExecMainCode": 2, "ExecMainStatus": 9,
+                               "ExecMainStartTimestamp": 2_000_000, "ExecMainExitTimestamp": 3_500_000})
+    assert (killed.exit_code, killed.exit_status, killed.started_at, killed.exited_at) == ("killed", "9", 2.0, 3.5)
+    assert classify(Outcome(killed.result, killed.exit_code, killed.exit_status), cancelled=False,
+                    ran=True).signal == "SIGKILL"
+    assert end_from_service({"Result": "success", "ExecMainCode": 0, "ExecMainStatus": 0}).exit_code == ""
+    assert end_from_service({}) == UnitEnd("", "", "", None, None)
 
 
 def test_timeout_of_a_leftover_process_stop_is_not_a_run_timeout() -> None:
