@@ -1,6 +1,8 @@
 """The run store: SQLite in WAL mode under the state directory, schema
 versioned with migrations. One worker thread owns the connection, so the
-event loop never waits on the disk."""
+event loop never waits on the disk. Whatever goes wrong in SQLite is a 503
+(Unavailable), never a 500: the request may succeed later, or on a repaired
+store."""
 
 from __future__ import annotations
 
@@ -89,42 +91,74 @@ def _from_row(row: sqlite3.Row) -> RunRecord:
     return RunRecord(**values)
 
 
+def _unavailable(exc: sqlite3.Error) -> Unavailable:
+    """What went wrong, in words, for the 503's message."""
+    if isinstance(exc, sqlite3.OperationalError):  # disk full, read-only, locked, I/O error
+        problem = "cannot be read or written"
+    elif isinstance(exc, sqlite3.IntegrityError):
+        problem = "refused a change"
+    elif isinstance(exc, sqlite3.DatabaseError):  # "file is not a database", "disk image is malformed"
+        problem = "is damaged"
+    else:
+        problem = "failed"
+    return Unavailable(f"the run store {problem}: {exc}")
+
+
 class RunStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitbox-store")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
 
     # -- plumbing --------------------------------------------------------------
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """`fn` on the store's thread, its SQLite errors turned into Unavailable."""
+        if self._closed:  # the executor is shut down: it would raise RuntimeError
+            raise Unavailable("the run store is closed")
+
         def call() -> T:
-            if self._db is None:
-                raise Unavailable("the run store is closed")
             try:
-                with self._db:  # one transaction: committed, or rolled back on error
-                    return fn(self._db)
-            except sqlite3.OperationalError as exc:
-                raise Unavailable(f"the run store cannot be written: {exc}") from exc
+                return fn()
+            except sqlite3.Error as exc:
+                raise _unavailable(exc) from exc
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` in one transaction: committed, or rolled back on error."""
+        def transaction() -> T:
+            if self._db is None:
+                raise Unavailable("the run store is not open")
+            with self._db:
+                return fn(self._db)
+        return await self._call(transaction)
 
     def _open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
-        db.isolation_level = "DEFERRED"  # back to implicit transactions for `with db:`
-        self.path.chmod(0o600)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+            db.isolation_level = "DEFERRED"  # back to implicit transactions for `with db:`
+            self.path.chmod(0o600)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        await self._call(self._open)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True  # from now on calls answer Unavailable; those already queued run first
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
@@ -187,10 +221,6 @@ class RunStore:
 
     async def delete(self, run_ids: Sequence[str]) -> None:
         await self._run(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
-
-    async def counts_by_state(self) -> dict[str, int]:
-        return await self._run(lambda db: {r[0]: r[1] for r in db.execute(
-            "SELECT state, COUNT(*) FROM runs GROUP BY state")})
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

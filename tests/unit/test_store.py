@@ -1,0 +1,70 @@
+"""The run store's failures: whatever SQLite raises, and a store used after
+close(), is Unavailable (a 503), never an exception that becomes a 500."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from unitbox.errors import Unavailable
+from unitbox.limits import Limits
+from unitbox.outcome import RunState
+from unitbox.store import RunRecord, RunStore
+
+GARBAGE = b"this is no SQLite database\n" * 1000
+
+
+def record(run_id: str) -> RunRecord:
+    return RunRecord(id=run_id, state=RunState.QUEUED, created_at=1.0, limits=Limits())
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
+    opened = RunStore(tmp_path / "unitbox.db")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def test_a_file_that_is_no_database_cannot_be_opened(tmp_path: Path) -> None:
+    path = tmp_path / "unitbox.db"
+    path.write_bytes(GARBAGE)
+    store = RunStore(path)
+    with pytest.raises(Unavailable, match="not a database") as caught:
+        await store.open()
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    with pytest.raises(Unavailable):
+        await store.get("0" * 16)
+    await store.close()
+
+
+async def test_a_store_damaged_while_open_answers_unavailable(store: RunStore) -> None:
+    await store.insert(record("a" * 16))
+    # Overwritten in place, the WAL index too, as a bad disk or a stray `dd` would.
+    for path in store.path.parent.glob(store.path.name + "*"):
+        path.write_bytes(GARBAGE[:path.stat().st_size])
+    for query in (store.get("a" * 16), store.insert(record("b" * 16)), store.finished_before(2.0)):
+        with pytest.raises(Unavailable, match="damaged: file is not a database") as caught:
+            await query
+        assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+async def test_a_refused_write_is_unavailable(store: RunStore) -> None:
+    await store.insert(record("a" * 16))
+    with pytest.raises(Unavailable, match="refused a change: UNIQUE constraint failed") as caught:
+        await store.insert(record("a" * 16))
+    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+
+
+async def test_a_closed_store_answers_unavailable(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "unitbox.db")
+    await store.open()
+    await store.close()
+    for call in (store.insert(record("a" * 16)), store.get("a" * 16), store.ping(), store.open()):
+        with pytest.raises(Unavailable, match="the run store is closed"):
+            await call
+    await store.close()  # twice is fine
+
