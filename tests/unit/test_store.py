@@ -68,3 +68,18 @@ async def test_a_closed_store_answers_unavailable(tmp_path: Path) -> None:
             await call
     await store.close()  # twice is fine
 
+
+async def test_only_the_insert_that_accepts_a_run_waits_for_the_disk(store: RunStore) -> None:
+    statements: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(statements.append)
+    inserted = await store.insert(record("a" * 16))
+    await store.update(inserted.evolve(state=RunState.RUNNING))
+    inserts = [i for i, s in enumerate(statements) if s.startswith("INSERT")]
+    updates = [i for i, s in enumerate(statements) if s.startswith("UPDATE")]
+    assert len(inserts) == 1 and len(updates) == 1
+    full = statements.index("PRAGMA synchronous=FULL")
+    normal = statements.index("PRAGMA synchronous=NORMAL")
+    commit = statements.index("COMMIT", inserts[0])
+    assert full < inserts[0] < commit < normal < updates[0]
+    assert statements.count("PRAGMA synchronous=FULL") == 1
