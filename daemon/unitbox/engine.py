@@ -142,7 +142,8 @@ class Engine:
         self._accepting = True
         await self._recover()
         self._spawn(self._retry_unsaved())
-        self._spawn(retention_loop(self.store, self.run_dir, self.config.retention))
+        self._spawn(retention_loop(self.store, self.config.runs_dir, self.config.retention,
+                                   is_live=self._active.__contains__))
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Stop accepting; give running runs `grace_s` to finish. Queued runs

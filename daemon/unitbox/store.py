@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -29,6 +29,8 @@ from unitbox.limits import Limits
 from unitbox.outcome import RunState
 
 T = TypeVar("T")
+
+_IDS_PER_QUERY = 500  # bound parameters per statement (SQLite's limit was 999 before 3.32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,19 @@ class RunStore:
 
     async def delete(self, run_ids: Sequence[str]) -> None:
         await self._run(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
+
+    async def known_ids(self, run_ids: Collection[str]) -> set[str]:
+        """Those of `run_ids` that have a record."""
+        wanted = list(run_ids)
+
+        def known(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(wanted), _IDS_PER_QUERY):
+                chunk = wanted[start:start + _IDS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                found.update(r[0] for r in db.execute(f"SELECT id FROM runs WHERE id IN ({marks})", chunk))  # noqa: S608
+            return found
+        return await self._run(known)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

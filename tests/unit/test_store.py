@@ -83,3 +83,12 @@ async def test_only_the_insert_that_accepts_a_run_waits_for_the_disk(store: RunS
     commit = statements.index("COMMIT", inserts[0])
     assert full < inserts[0] < commit < normal < updates[0]
     assert statements.count("PRAGMA synchronous=FULL") == 1
+
+
+async def test_known_ids_looks_up_more_ids_than_one_statement_takes(store: RunStore) -> None:
+    recorded = ["a" * 16, "b" * 16]
+    for run_id in recorded:
+        await store.insert(record(run_id))
+    asked = [f"{n:016x}" for n in range(1200)] + recorded
+    assert await store.known_ids(asked) == set(recorded)
+    assert await store.known_ids([]) == set()
