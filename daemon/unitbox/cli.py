@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from unitbox import __version__
 from unitbox.config import Config, load_config
 from unitbox.errors import ConfigError
 from unitbox.logs import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unitbox: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_target)
+    for name in config.ignored_env:
+        log.warning("ignoring the environment variable %s: it names no setting", name)
     if args.command == "serve":
         from unitbox.serve import serve
         asyncio.run(serve(config))

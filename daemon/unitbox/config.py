@@ -1,6 +1,8 @@
 """Typed configuration: defaults < /etc/unitbox/unitbox.toml < UNITBOX_*
 environment < command-line flags, validated once at startup with messages
-that name the offending key. Needs no file at all for the defaults to work."""
+that name the offending key. Needs no file at all for the defaults to work.
+An unknown key in the file or the flags is an error; an unknown UNITBOX_*
+variable is ignored and named in a warning (the environment is shared)."""
 
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class Config(_Section):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
+    _ignored_env: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("listen")
     @classmethod
@@ -107,6 +110,11 @@ class Config(_Section):
     def source(self) -> Path | None:
         """The config file this was read from, if any (runs must not see it)."""
         return self._source
+
+    @property
+    def ignored_env(self) -> tuple[str, ...]:
+        """UNITBOX_* environment variables that name no setting (to warn about once logging is up)."""
+        return self._ignored_env
 
     @property
     def default_limits(self) -> Limits:
@@ -147,19 +155,42 @@ def _env_value(raw: str, key: str) -> Any:
         return raw
 
 
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+def _is_known_key(path: list[str]) -> bool:
+    """Whether a lowercased, split variable name is a key of Config: a field,
+    a field of a section (limits__timeout_s), or runtimes__NAME[__field]."""
+    head, *rest = path
+    field = Config.model_fields.get(head)
+    if field is None:
+        return False
+    if not rest:
+        return True
+    if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+        return len(rest) == 1 and rest[0] in field.annotation.model_fields
+    if head == "runtimes" and rest[0]:
+        return len(rest) == 1 or (len(rest) == 2 and rest[1] in RuntimeSection.model_fields)
+    return False
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     """UNITBOX_STATE_DIR=… → {"state_dir": …}; UNITBOX_LIMITS__TIMEOUT_S=5 →
-    {"limits": {"timeout_s": 5}} (a double underscore descends a section)."""
+    {"limits": {"timeout_s": 5}} (a double underscore descends a section).
+    Also returns the names of UNITBOX_* variables that are no key of Config:
+    those are ignored, since the environment holds more than our settings
+    (a test harness's UNITBOX_TEST_HOST must not stop the daemon)."""
     result: dict[str, Any] = {}
-    for name, raw in environ.items():
+    ignored = []
+    for name, raw in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == "UNITBOX_CONFIG":
             continue
         path = name.removeprefix(ENV_PREFIX).lower().split("__")
+        if not _is_known_key(path):
+            ignored.append(name)
+            continue
         node = result
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = _env_value(raw, path[-1])
-    return result
+    return result, ignored
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,7 +231,8 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
     data = _read_toml(source, required=explicit is not None)
     # The limits sections are merged onto the defaults so a file may set one key.
     data = _merge({"limits": Limits().as_dict(), "max_limits": default_maxima().as_dict()}, data)
-    data = _merge(data, env_overrides(environ))
+    from_env, ignored_env = env_overrides(environ)
+    data = _merge(data, from_env)
     data = _merge(data, {k: v for k, v in (cli or {}).items() if v is not None})
     try:
         config = Config.model_validate(data)
@@ -209,4 +241,5 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         raise ConfigError(_describe(exc, where)) from None
     if source.is_file():
         config._source = source.resolve()
+    config._ignored_env = tuple(ignored_env)
     return config

@@ -125,7 +125,8 @@ class Engine:
         self.healthy = True
         await self._take_over(await recover(self._store, self._systemd, self.config.runs_dir))
         self._spawn(self._retry_unsaved())
-        self._spawn(retention_loop(self._store, self.run_dir, self.config.retention))
+        self._spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention,
+                                   is_live=self._runs.__contains__))
 
     def begin_shutdown(self) -> None:
         """Stop accepting; answer every held `wait` request now (with the run as it is)."""

@@ -1,13 +1,18 @@
 """Retention: finished runs (record and files) go once older than
 max_age_days, and beyond max_runs or max_total_mb of stored output, oldest
-first. Runs in flight are never touched. Runs in the background."""
+first; so do run directories left without a record (a crash between writing
+a submission's files and recording it). Runs in flight are never touched.
+Runs in the background, and nothing stops it but cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from unitbox.config import RetentionSection
 from unitbox.errors import Unavailable
@@ -16,7 +21,12 @@ from unitbox.store import RunStore
 
 log = logging.getLogger(__name__)
 
-RunDirFactory = Callable[[str], RunDir]
+IsLive = Callable[[str], bool]
+
+RUN_ID = re.compile(r"[0-9a-f]{16}")  # engine.new_run_id: secrets.token_hex(8)
+# A submission writes its directory just before it records the run: a
+# directory this young may be one of those, not an orphan.
+ORPHAN_MIN_AGE_S = 3600.0
 
 
 def select_expired(finished: Sequence[tuple[str, int]], too_old: set[str], max_runs: int,
@@ -35,25 +45,67 @@ def select_expired(finished: Sequence[tuple[str, int]], too_old: set[str], max_r
     return doomed
 
 
-async def sweep(store: RunStore, runs_dir_of: RunDirFactory, policy: RetentionSection) -> int:
+def _remove_dirs(runs_dir: Path, run_ids: Sequence[str]) -> None:
+    for run_id in run_ids:
+        RunDir(runs_dir / run_id).remove()
+
+
+async def sweep_expired(store: RunStore, runs_dir: Path, policy: RetentionSection) -> int:
     cutoff = time.time() - policy.max_age_days * 86400
     too_old = set(await store.finished_before(cutoff))
     finished = await store.finished_oldest_first()
     doomed = select_expired(finished, too_old, policy.max_runs, policy.max_total_mb * 1024 * 1024)
     if not doomed:
         return 0
+    # Files first: if the rows cannot go now, the next sweep finds them again;
+    # rows first would strand files that no record points to.
+    await asyncio.to_thread(_remove_dirs, runs_dir, doomed)
     await store.delete(doomed)
-    loop = asyncio.get_running_loop()
-    for run_id in doomed:
-        await loop.run_in_executor(None, runs_dir_of(run_id).remove)
     log.info("retention: deleted %d finished runs", len(doomed))
     return len(doomed)
 
 
-async def retention_loop(store: RunStore, runs_dir_of: RunDirFactory, policy: RetentionSection) -> None:
+def _old_run_dirs(runs_dir: Path, older_than: float) -> list[str]:
+    """Names of the run-id-named directories under `runs_dir` last changed before `older_than`."""
+    names = []
+    with os.scandir(runs_dir) as entries:
+        for entry in entries:
+            try:
+                if (RUN_ID.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+                        and entry.stat(follow_symlinks=False).st_mtime < older_than):
+                    names.append(entry.name)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+    return names
+
+
+async def sweep_orphans(store: RunStore, runs_dir: Path, *, is_live: IsLive) -> int:
+    """Remove run directories that no record points to and no run uses."""
+    candidates = await asyncio.to_thread(_old_run_dirs, runs_dir, time.time() - ORPHAN_MIN_AGE_S)
+    if not candidates:
+        return 0
+    known = await store.known_ids(candidates)
+    orphans = [name for name in candidates if name not in known and not is_live(name)]
+    if not orphans:
+        return 0
+    await asyncio.to_thread(_remove_dirs, runs_dir, orphans)
+    log.warning("retention: removed %d run directories that had no run record: %s",
+                len(orphans), ", ".join(orphans))
+    return len(orphans)
+
+
+async def sweep(store: RunStore, runs_dir: Path, policy: RetentionSection, *, is_live: IsLive) -> int:
+    """One pass; the number of run directories removed."""
+    return await sweep_expired(store, runs_dir, policy) + await sweep_orphans(store, runs_dir, is_live=is_live)
+
+
+async def retention_loop(store: RunStore, runs_dir: Path, policy: RetentionSection, *, is_live: IsLive) -> None:
+    """Sweep every `policy.interval_s`. A failed sweep is logged, and the next one runs all the same."""
     while True:
         try:
-            await sweep(store, runs_dir_of, policy)
-        except Unavailable as exc:
+            await sweep(store, runs_dir, policy, is_live=is_live)
+        except Unavailable as exc:  # expected now and then (disk full, store closing): no traceback
             log.warning("retention: %s", exc.message)
+        except Exception:
+            log.exception("retention: the sweep failed; trying again in %.0f s", policy.interval_s)
         await asyncio.sleep(policy.interval_s)

@@ -11,7 +11,6 @@ the unit), its captured output and the outcome ExecStopPost recorded.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -44,13 +43,18 @@ class RunDir:
         return self.path / "result"
 
     def create(self, code: bytes, stdin: bytes, args: list[str]) -> None:
-        """Write the run's inputs. Blocking: call from a worker thread."""
+        """Write the run's inputs, on disk when this returns: a run is
+        acknowledged after this, and must survive a power loss (store.py has
+        the measured cost). Blocking: call from a worker thread."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.inputs.mkdir(mode=0o755, exist_ok=True)
         self.inputs.chmod(0o755)
         _write(self.script, code, 0o644)
         _write(self.inputs / "argv", "\0".join(args).encode("utf-8", "surrogatepass"), 0o644)
         _write(self.stdin, stdin, 0o600)
+        # A new name is durable once its parent directory is synced.
+        for directory in (self.inputs, self.path, self.path.parent):
+            _fsync_dir(directory)
 
     def read_outcome(self) -> tuple[Outcome, float] | None:
         """The recorded outcome and when it was written (≈ when the unit ended)."""
@@ -61,14 +65,6 @@ class RunDir:
             return None
         outcome = parse_result_file(text)
         return (outcome, written) if outcome is not None else None
-
-    def size(self) -> int:
-        total = 0
-        for root, _dirs, files in os.walk(self.path):
-            for name in files:
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(root, name)).st_size
-        return total
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -81,5 +77,14 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)

@@ -1,13 +1,24 @@
 """The run store: SQLite in WAL mode under the state directory, schema
 versioned with migrations. One worker thread owns the connection, so the
-event loop never waits on the disk."""
+event loop never waits on the disk. Whatever goes wrong in SQLite is a 503
+(Unavailable), never a 500: the request may succeed later, or on a repaired
+store.
+
+Durability: the INSERT that accepts a run commits with synchronous=FULL (the
+WAL is synced before the 202 is sent) and RunDir.create syncs the run's files,
+so an acknowledged run survives a power loss. Later state changes commit with
+NORMAL: a power loss may undo the last ones, and recovery re-derives them
+from systemd and the result file. Cost (bench/durability.py, dev VM, ext4 on
+virtio, medians of 300): INSERT 0.42 vs 0.32 ms (FULL vs NORMAL),
+RunDir.create 0.65 vs 0.18 ms (fsync vs none): ≈0.6 ms per submission, so
+it is always on. A disk with a slow cache flush pays that flush up to 7 times."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -18,6 +29,8 @@ from unitbox.limits import Limits
 from unitbox.outcome import RunState
 
 T = TypeVar("T")
+
+_IDS_PER_QUERY = 500  # bound parameters per statement (SQLite's limit was 999 before 3.32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,42 +102,85 @@ def _from_row(row: sqlite3.Row) -> RunRecord:
     return RunRecord(**values)
 
 
+def _unavailable(exc: sqlite3.Error) -> Unavailable:
+    """What went wrong, in words, for the 503's message."""
+    if isinstance(exc, sqlite3.OperationalError):  # disk full, read-only, locked, I/O error
+        problem = "cannot be read or written"
+    elif isinstance(exc, sqlite3.IntegrityError):
+        problem = "refused a change"
+    elif isinstance(exc, sqlite3.DatabaseError):  # "file is not a database", "disk image is malformed"
+        problem = "is damaged"
+    else:
+        problem = "failed"
+    return Unavailable(f"the run store {problem}: {exc}")
+
+
 class RunStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitbox-store")
         self._db: sqlite3.Connection | None = None
+        self._closed = False
 
     # -- plumbing --------------------------------------------------------------
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[], T]) -> T:
+        """`fn` on the store's thread, its SQLite errors turned into Unavailable."""
+        if self._closed:  # the executor is shut down: it would raise RuntimeError
+            raise Unavailable("the run store is closed")
+
         def call() -> T:
-            if self._db is None:
-                raise Unavailable("the run store is closed")
             try:
-                with self._db:  # one transaction: committed, or rolled back on error
-                    return fn(self._db)
-            except sqlite3.OperationalError as exc:
-                raise Unavailable(f"the run store cannot be written: {exc}") from exc
+                return fn()
+            except sqlite3.Error as exc:
+                raise _unavailable(exc) from exc
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = False) -> T:
+        """`fn` in one transaction: committed, or rolled back on error.
+        `durable`: the commit is on disk before this returns (synchronous=FULL)."""
+        def transaction() -> T:
+            db = self._db
+            if db is None:
+                raise Unavailable("the run store is not open")
+            if not durable:
+                with db:
+                    return fn(db)
+            # SQLite refuses to change the safety level inside a transaction:
+            # set it around one (`with db:` begins it at the first write).
+            db.execute("PRAGMA synchronous=FULL")
+            try:
+                with db:
+                    return fn(db)
+            finally:
+                db.execute("PRAGMA synchronous=NORMAL")
+        return await self._call(transaction)
 
     def _open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA busy_timeout=5000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
-        db.isolation_level = "DEFERRED"  # back to implicit transactions for `with db:`
-        self.path.chmod(0o600)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+            db.isolation_level = "DEFERRED"  # back to implicit transactions for `with db:`
+            self.path.chmod(0o600)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
 
     async def open(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        await self._call(self._open)
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True  # from now on calls answer Unavailable; those already queued run first
+
         def close() -> None:
             if self._db is not None:
                 self._db.close()
@@ -141,7 +197,7 @@ class RunStore:
         def insert(db: sqlite3.Connection) -> int:
             cursor = db.execute(f"INSERT INTO runs ({names}) VALUES ({marks})", row)  # noqa: S608
             return int(cursor.lastrowid or 0)
-        return record.evolve(seq=await self._run(insert))
+        return record.evolve(seq=await self._run(insert, durable=True))
 
     async def update(self, record: RunRecord) -> None:
         row = _to_row(record)
@@ -188,9 +244,18 @@ class RunStore:
     async def delete(self, run_ids: Sequence[str]) -> None:
         await self._run(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
 
-    async def counts_by_state(self) -> dict[str, int]:
-        return await self._run(lambda db: {r[0]: r[1] for r in db.execute(
-            "SELECT state, COUNT(*) FROM runs GROUP BY state")})
+    async def known_ids(self, run_ids: Collection[str]) -> set[str]:
+        """Those of `run_ids` that have a record."""
+        wanted = list(run_ids)
+
+        def known(db: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(wanted), _IDS_PER_QUERY):
+                chunk = wanted[start:start + _IDS_PER_QUERY]
+                marks = ", ".join("?" * len(chunk))
+                found.update(r[0] for r in db.execute(f"SELECT id FROM runs WHERE id IN ({marks})", chunk))  # noqa: S608
+            return found
+        return await self._run(known)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

@@ -68,7 +68,7 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
 
 def test_env_overrides_parse_lists_and_sections() -> None:
     assert env_overrides({"UNITBOX_LISTEN": "127.0.0.1:1, unix:/run/u.sock", "UNITBOX_LIMITS__TASKS": "8",
-                          "OTHER": "x"}) == {"listen": ["127.0.0.1:1", "unix:/run/u.sock"], "limits": {"tasks": 8}}
+                          "OTHER": "x"}) == ({"listen": ["127.0.0.1:1", "unix:/run/u.sock"], "limits": {"tasks": 8}}, [])
 
 
 def test_parse_listen() -> None:

@@ -1,0 +1,117 @@
+"""Retention's sweeps against a real store and run directories: files go
+before records, orphaned run directories go, and the loop outlives any failure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from unitbox.config import RetentionSection
+from unitbox.limits import Limits
+from unitbox.outcome import RunState
+from unitbox.retention import retention_loop, sweep
+from unitbox.rundir import RunDir
+from unitbox.store import RunRecord, RunStore
+
+POLICY = RetentionSection(max_age_days=1, interval_s=0.01)
+TWO_HOURS_AGO = time.time() - 7200
+
+
+def never_live(_: str) -> bool:
+    return False
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
+    opened = RunStore(tmp_path / "unitbox.db")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
+
+
+def make_dir(runs_dir: Path, name: str, mtime: float) -> Path:
+    RunDir(runs_dir / name).create(b"print(1)", b"", [])
+    os.utime(runs_dir / name, (mtime, mtime))
+    return runs_dir / name
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def test_files_go_before_records(store: RunStore, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    doomed = "a" * 16
+    await store.insert(RunRecord(id=doomed, state=RunState.SUCCEEDED, created_at=1.0, finished_at=2.0,
+                                 limits=Limits()))
+    make_dir(runs_dir, doomed, time.time())
+
+    async def failing_delete(_: object) -> None:
+        raise RuntimeError("the store failed mid-sweep")
+    monkeypatch.setattr(store, "delete", failing_delete)
+    with pytest.raises(RuntimeError):
+        await sweep(store, runs_dir, POLICY, is_live=never_live)
+    # No directory is stranded; the record stays for the next sweep to finish.
+    assert not (runs_dir / doomed).exists()
+    assert await store.get(doomed) is not None
+
+    monkeypatch.undo()
+    assert await sweep(store, runs_dir, POLICY, is_live=never_live) == 1
+    assert await store.get(doomed) is None
+
+
+async def test_orphaned_run_directories_go_and_nothing_else(store: RunStore, runs_dir: Path) -> None:
+    orphan, fresh, live, recorded = "0123456789abcdef", "1" * 16, "2" * 16, "3" * 16
+    await store.insert(RunRecord(id=recorded, state=RunState.QUEUED, created_at=1.0, limits=Limits()))
+    for name in (orphan, live, recorded, "not-a-run", "0123456789ABCDEF", "0123456789abcdef0"):
+        make_dir(runs_dir, name, TWO_HOURS_AGO)
+    make_dir(runs_dir, fresh, time.time())  # being submitted: written just before its record
+    (runs_dir / ("4" * 16)).write_bytes(b"not a directory")
+    os.utime(runs_dir / ("4" * 16), (TWO_HOURS_AGO, TWO_HOURS_AGO))
+
+    assert await sweep(store, runs_dir, POLICY, is_live=lambda run_id: run_id == live) == 1
+    assert names(runs_dir) == sorted(
+        [fresh, live, recorded, "4" * 16, "not-a-run", "0123456789ABCDEF", "0123456789abcdef0"])
+
+
+async def test_the_loop_outlives_any_failure(store: RunStore, runs_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    sweeps = 0
+    real_finished_before = store.finished_before
+
+    async def finished_before(cutoff: float) -> list[str]:
+        nonlocal sweeps
+        sweeps += 1
+        if sweeps == 1:
+            raise RuntimeError("a bug in a sweep")
+        return await real_finished_before(cutoff)
+    monkeypatch.setattr(store, "finished_before", finished_before)
+
+    loop = asyncio.create_task(retention_loop(store, runs_dir, POLICY, is_live=never_live))
+    try:
+        for _ in range(500):
+            if sweeps >= 3 or loop.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not loop.done()
+        assert sweeps >= 3
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    failures = [r for r in caplog.records if r.name == "unitbox.retention" and r.levelno == logging.ERROR]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None and "a bug in a sweep" in str(failures[0].exc_info[1])

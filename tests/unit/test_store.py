@@ -1,0 +1,94 @@
+"""The run store's failures: whatever SQLite raises, and a store used after
+close(), is Unavailable (a 503), never an exception that becomes a 500."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from unitbox.errors import Unavailable
+from unitbox.limits import Limits
+from unitbox.outcome import RunState
+from unitbox.store import RunRecord, RunStore
+
+GARBAGE = b"this is no SQLite database\n" * 1000
+
+
+def record(run_id: str) -> RunRecord:
+    return RunRecord(id=run_id, state=RunState.QUEUED, created_at=1.0, limits=Limits())
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
+    opened = RunStore(tmp_path / "unitbox.db")
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+async def test_a_file_that_is_no_database_cannot_be_opened(tmp_path: Path) -> None:
+    path = tmp_path / "unitbox.db"
+    path.write_bytes(GARBAGE)
+    store = RunStore(path)
+    with pytest.raises(Unavailable, match="not a database") as caught:
+        await store.open()
+    assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+    with pytest.raises(Unavailable):
+        await store.get("0" * 16)
+    await store.close()
+
+
+async def test_a_store_damaged_while_open_answers_unavailable(store: RunStore) -> None:
+    await store.insert(record("a" * 16))
+    # Overwritten in place, the WAL index too, as a bad disk or a stray `dd` would.
+    for path in store.path.parent.glob(store.path.name + "*"):
+        path.write_bytes(GARBAGE[:path.stat().st_size])
+    for query in (store.get("a" * 16), store.insert(record("b" * 16)), store.finished_before(2.0)):
+        with pytest.raises(Unavailable, match="damaged: file is not a database") as caught:
+            await query
+        assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
+
+
+async def test_a_refused_write_is_unavailable(store: RunStore) -> None:
+    await store.insert(record("a" * 16))
+    with pytest.raises(Unavailable, match="refused a change: UNIQUE constraint failed") as caught:
+        await store.insert(record("a" * 16))
+    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+
+
+async def test_a_closed_store_answers_unavailable(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "unitbox.db")
+    await store.open()
+    await store.close()
+    for call in (store.insert(record("a" * 16)), store.get("a" * 16), store.ping(), store.open()):
+        with pytest.raises(Unavailable, match="the run store is closed"):
+            await call
+    await store.close()  # twice is fine
+
+
+async def test_only_the_insert_that_accepts_a_run_waits_for_the_disk(store: RunStore) -> None:
+    statements: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(statements.append)
+    inserted = await store.insert(record("a" * 16))
+    await store.update(inserted.evolve(state=RunState.RUNNING))
+    inserts = [i for i, s in enumerate(statements) if s.startswith("INSERT")]
+    updates = [i for i, s in enumerate(statements) if s.startswith("UPDATE")]
+    assert len(inserts) == 1 and len(updates) == 1
+    full = statements.index("PRAGMA synchronous=FULL")
+    normal = statements.index("PRAGMA synchronous=NORMAL")
+    commit = statements.index("COMMIT", inserts[0])
+    assert full < inserts[0] < commit < normal < updates[0]
+    assert statements.count("PRAGMA synchronous=FULL") == 1
+
+
+async def test_known_ids_looks_up_more_ids_than_one_statement_takes(store: RunStore) -> None:
+    recorded = ["a" * 16, "b" * 16]
+    for run_id in recorded:
+        await store.insert(record(run_id))
+    asked = [f"{n:016x}" for n in range(1200)] + recorded
+    assert await store.known_ids(asked) == set(recorded)
+    assert await store.known_ids([]) == set()
