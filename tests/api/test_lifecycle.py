@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from tests.support.fake_systemd import FakeSystemd
-from unitbox import engine as engine_module
 from unitbox import launcher as launcher_module
+from unitbox import runner as runner_module
 from unitbox.config import load_config
 from unitbox.engine import Engine, Submission
 from unitbox.errors import Busy
@@ -70,7 +70,7 @@ async def test_merged_signals_a_run_that_arrives_only_as_its_end_finishes(make_e
 
 async def test_lost_signals_the_deadline_looks_and_settles_the_run(make_engine: MakeEngine,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "deadline_s", lambda phase, limits: 0.2 if phase.value != "queued" else None)
+    monkeypatch.setattr(runner_module, "deadline_s", lambda phase, limits: 0.2 if phase.value != "queued" else None)
     fake = FakeSystemd(lose_signals=True)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
@@ -81,8 +81,8 @@ async def test_lost_signals_the_deadline_looks_and_settles_the_run(make_engine: 
 
 async def test_a_unit_that_never_ends_is_stopped_then_settled_as_error(make_engine: MakeEngine,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "deadline_s", lambda phase, limits: 0.1 if phase.value != "queued" else None)
-    monkeypatch.setattr(engine_module, "STOP_GRACE_S", 0.1)
+    monkeypatch.setattr(runner_module, "deadline_s", lambda phase, limits: 0.1 if phase.value != "queued" else None)
+    monkeypatch.setattr(runner_module, "STOP_GRACE_S", 0.1)
     fake = FakeSystemd(auto_finish=False, lose_signals=True)
     fake.stop_unit = fake.stopped.append  # type: ignore[method-assign]  # PID 1 ignores it
     engine = await make_engine(fake)
@@ -96,7 +96,7 @@ async def test_a_unit_that_never_ends_is_stopped_then_settled_as_error(make_engi
 # -- 2. bus loss -------------------------------------------------------------------------
 async def test_bus_loss_reconnects_and_finds_the_runs_that_ended_meanwhile(make_engine: MakeEngine,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "RECONNECT_DELAYS_S", (0.05,))
+    monkeypatch.setattr(runner_module, "RECONNECT_DELAYS_S", (0.05,))
     fake = FakeSystemd(auto_finish=False, exit_status=3)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
@@ -130,7 +130,7 @@ async def test_launch_failure_ends_the_run_as_error_frees_the_slot_and_leaks_not
         monkeypatch.setattr(launcher_module.notify, "store_fd", lambda fds, name: False)
     engine = await make_engine(fake, max_concurrent=1)
     if where == "fd_store":
-        engine._launcher.use_fd_store = True
+        engine.runner._launcher.use_fd_store = True
     if where == "output_file":  # ENOSPC / EACCES opening the capture file: a directory in its way
         original = launcher_module.StreamCapture
 
@@ -151,7 +151,7 @@ async def test_launch_failure_ends_the_run_as_error_frees_the_slot_and_leaks_not
     monkeypatch.undo()
     if where == "output_file":
         assert launcher_module.StreamCapture is original
-    engine._launcher.use_fd_store = False
+    engine.runner._launcher.use_fd_store = False
     nxt = await engine.submit(submission())
     assert (await settled(engine, nxt.id)).state is RunState.SUCCEEDED
 

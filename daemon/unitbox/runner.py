@@ -1,0 +1,334 @@
+"""The runner drives every run's lifecycle (lifecycle.py) from admission to
+its final record: `pump` gives queued runs a slot and `_launch` starts their
+unit (launcher.py); the unit's typed events (systemd.py) move each run on;
+`_finish` collects output and outcome and makes the final record. Every
+change of phase goes through `advance`, which also keeps each waiting
+phase's deadline: if systemd's signals never come, the runner looks once and
+settles the run. A lost bus is reconnected and every unit looked at again.
+The engine (engine.py) is the service in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
+
+from unitbox import notify
+from unitbox.admission import Admission
+from unitbox.errors import SystemdError, UnitboxError
+from unitbox.launcher import Launcher
+from unitbox.lifecycle import STOP_GRACE_S, Phase, RunLife, conclude, deadline_s
+from unitbox.metrics import Metrics
+from unitbox.outcome import RunState
+from unitbox.profile import unit_name
+from unitbox.recovery import Action, Plan
+from unitbox.rundir import RunDir
+from unitbox.store import RunRecord, RunStore
+from unitbox.systemd import UnitActive, UnitEnd, UnitEvent, UnitManager
+
+log = logging.getLogger(__name__)
+
+PERSIST_RETRY_S = 2.0
+CANCEL_GRACE_S = 2.0  # SIGTERM first; SIGKILL (the unit's stop) if it is still going after this
+RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Runner:
+    def __init__(self, systemd: UnitManager, store: RunStore, launcher: Launcher, admission: Admission, *,
+                 metrics: Metrics, run_dir: Callable[[str], RunDir],
+                 stored_fds: Mapping[str, list[int]] | None = None) -> None:
+        self._systemd = systemd
+        self._store = store
+        self._launcher = launcher
+        self._admission = admission
+        self._metrics = metrics
+        self._run_dir = run_dir
+        self._stored_fds = dict(stored_fds or {})  # from systemd's fd store, by name
+        self.runs: dict[str, RunLife] = {}
+        self.unsaved: dict[str, RunRecord] = {}  # final, but the store could not take it yet
+        self.accepting = False  # launch queued runs (not while stopping)
+        self.bus_ok = False
+        self.closing = asyncio.Event()  # set at shutdown: held `wait` requests answer at once
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Give running runs `grace_s` to finish, then let go of everything
+        (the fd store keeps the pipes of runs still going for the next start)."""
+        going = [run.done for run in self.runs.values() if run.holds_slot]
+        if grace_s > 0 and going:
+            log.info("waiting up to %.1f s for %d running runs", grace_s, len(going))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(done.wait() for done in going)), grace_s)
+        for task in list(self._tasks):
+            task.cancel()
+        for run in self.runs.values():
+            if run.timer is not None:
+                run.timer.cancel()
+            for capture in run.captures.values():
+                capture.close()
+
+    async def cancel(self, run: RunLife) -> tuple[RunRecord, bool]:
+        """Cancel a run in flight: (the run, whether it was still going)."""
+        if run.phase is Phase.ENDING:  # over already: its true end, not a cancel
+            await run.done.wait()
+            return run.record, False
+        now = time.time()
+        if run.phase is Phase.QUEUED:
+            self._admission.withdraw(run.id)
+            run.cancel_at = now
+            run.record = run.record.evolve(state=RunState.CANCELLED, finished_at=now, cancel_requested=True)
+            await self.persist(run.record)
+            if run.phase is Phase.QUEUED:
+                self.advance(run, Phase.DONE)
+            return run.record, True
+        if run.cancel_at is None:
+            run.cancel_at = now
+            run.record = run.record.evolve(cancel_requested=True)
+            await self.persist(run.record)  # stored before the signal: a crash in between still ends cancelled
+            self.request_stop(run)
+        return run.live_view(), True
+
+    # -- the lifecycle ----------------------------------------------------------------
+    def advance(self, run: RunLife, to: Phase) -> None:
+        held = run.holds_slot
+        run.advance(to)
+        if run.timer is not None:
+            run.timer.cancel()
+            run.timer = None
+        if (limit := deadline_s(to, run.record.limits)) is not None:
+            run.timer = asyncio.get_running_loop().call_later(limit, self._deadline_passed, run, to)
+        if to is Phase.DONE:
+            self.runs.pop(run.id, None)
+            if held:
+                self._admission.release_slot()
+            self._count(run.record)
+            run.done.set()
+            self.pump()
+
+    def pump(self) -> None:
+        while self.accepting and self.bus_ok:
+            run_id = self._admission.next_to_launch()  # takes a slot
+            if run_id is None:
+                return
+            run = self.runs.get(run_id)
+            if run is None or run.phase is not Phase.QUEUED:
+                self._admission.release_slot()
+                continue
+            self.advance(run, Phase.LAUNCHING)
+            self._launch(run)
+
+    def _launch(self, run: RunLife) -> None:
+        name = unit_name(run.id)
+        try:
+            self._launcher.launch(run, self._watcher(run))
+        except Exception as exc:  # anything at all: the run ends as error, its slot is freed
+            run.error = _launch_problem(exc)
+            log.error("run %s could not be started: %s", run.id, run.error, extra={"run_id": run.id, "unit": name})
+            self._end(run)
+            return
+        log.info("run %s starting as %s", run.id, name, extra={"run_id": run.id, "unit": name})
+        self.advance(run, Phase.STARTED)
+        if run.end is not None:  # ended while the start call was answered
+            self._end(run)
+        elif run.cancel_at is not None:
+            self.request_stop(run)
+
+    def _watcher(self, run: RunLife) -> Callable[[UnitEvent], None]:
+        return functools.partial(self._on_unit_event, run)
+
+    def _on_unit_event(self, run: RunLife, event: UnitEvent) -> None:
+        if isinstance(event, UnitActive):
+            if run.phase is Phase.STARTED:
+                self.advance(run, Phase.RUNNING)
+                run.record = run.record.evolve(started_at=event.started_at or time.time())
+                self.spawn(self.persist(run.record))
+            return
+        run.end = run.end or event
+        if run.phase in (Phase.STARTED, Phase.RUNNING):
+            self._end(run)
+
+    def _end(self, run: RunLife) -> None:
+        self._systemd.unwatch(unit_name(run.id))
+        self.advance(run, Phase.ENDING)
+        self.spawn(self._finish(run))
+
+    async def _finish(self, run: RunLife) -> None:
+        """The unit is over (or never started): output, outcome, final record."""
+        try:
+            self._launcher.drain(run)
+            found, streams = await asyncio.to_thread(self._launcher.collect, run)
+            run.record = conclude(run, found, streams)
+        except Exception as exc:
+            log.exception("run %s: collecting its outcome failed", run.id)
+            run.record = run.record.evolve(state=RunState.ERROR, error=f"collecting the outcome failed: {exc}",
+                                           finished_at=time.time())
+        await self.persist(run.record)
+        self.advance(run, Phase.DONE)
+
+    def request_stop(self, run: RunLife) -> None:
+        """Cancel: SIGTERM to the program, its unit stopped (SIGKILL) after a grace."""
+        if run.phase is Phase.LAUNCHING:
+            return  # `_launch` stops it once systemd has taken it
+        name = unit_name(run.id)
+        try:
+            if run.phase is Phase.RUNNING:
+                self._systemd.kill_unit(name, signal.SIGTERM)
+                asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._stop_unit_if_going, run)
+            else:
+                self._stop_unit_if_going(run)
+        except SystemdError as exc:
+            log.warning("run %s: stopping its unit: %s", run.id, exc.message, extra={"run_id": run.id})
+
+    def _stop_unit_if_going(self, run: RunLife) -> None:
+        if run.phase in (Phase.STARTED, Phase.RUNNING):
+            with contextlib.suppress(SystemdError):
+                self._systemd.stop_unit(unit_name(run.id))
+
+    # -- deadlines: the engine looks for itself -----------------------------------------
+    def _deadline_passed(self, run: RunLife, phase: Phase) -> None:
+        run.timer = None
+        if run.phase is not phase:
+            return
+        log.warning("run %s: no end seen by its deadline (%s); looking at its unit", run.id, phase.value,
+                    extra={"run_id": run.id})
+        if phase is Phase.LAUNCHING:  # cannot happen while the start call blocks; guards an async one
+            run.error = "systemd did not answer the start of the run's unit in time"
+            self._end(run)
+        elif not self._look(run):
+            self._stop_unit_if_going(run)
+            run.timer = asyncio.get_running_loop().call_later(STOP_GRACE_S, self._give_up, run, phase)
+
+    def _look(self, run: RunLife) -> bool:
+        """Ask systemd once about a run's unit; end the run if it is over.
+        True if the run was ended."""
+        if run.phase not in (Phase.STARTED, Phase.RUNNING) or not self.bus_ok:
+            return False
+        try:
+            seen = self._systemd.probe(unit_name(run.id))
+        except SystemdError as exc:
+            log.warning("run %s: looking at its unit: %s", run.id, exc.message, extra={"run_id": run.id})
+            return False
+        if isinstance(seen, UnitEnd):
+            run.end = run.end or seen
+            self._end(run)
+            return True
+        return False
+
+    def _give_up(self, run: RunLife, phase: Phase) -> None:
+        run.timer = None
+        if run.phase is phase and not self._look(run):
+            log.error("run %s: its unit is still there after being stopped; recording the run as error",
+                      run.id, extra={"run_id": run.id, "unit": unit_name(run.id)})
+            run.error = "the run's unit did not end by its deadline, even when stopped (systemd overloaded?)"
+            self._end(run)
+
+    # -- the bus ----------------------------------------------------------------------------
+    def on_bus_lost(self, reason: str) -> None:
+        if not self.bus_ok:
+            return
+        self.bus_ok = False
+        self.healthy = False
+        self.spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self.closing.is_set():
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+            try:
+                self._systemd.open(self.on_bus_lost)
+            except SystemdError as exc:
+                log.warning("reconnecting to systemd (attempt %d): %s", attempt, exc.message)
+                continue
+            log.info("reconnected to systemd; looking at %d runs in flight", len(self.runs))
+            self.bus_ok = True
+            for run in list(self.runs.values()):
+                if run.phase in (Phase.STARTED, Phase.RUNNING):
+                    self._systemd.watch(unit_name(run.id), self._watcher(run))
+                    self._look(run)  # its end may have come while the bus was gone
+            self.pump()
+            return
+
+    # -- persistence ---------------------------------------------------------------------------
+    async def persist(self, record: RunRecord) -> None:
+        """Record a state change. A final state the store cannot take now (disk
+        full, store broken) is kept in memory, served from there, and retried."""
+        try:
+            await self._store.update(record)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, UnitboxError) else repr(exc)
+            log.error("run %s: cannot record state %s: %s", record.id, record.state, message)
+            if record.state.terminal:
+                self.unsaved[record.id] = record
+        else:
+            self.unsaved.pop(record.id, None)
+
+    async def save_unsaved(self) -> None:
+        for record in list(self.unsaved.values()):
+            await self.persist(record)
+
+    async def retry_unsaved(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_RETRY_S)
+            await self.save_unsaved()
+
+    def _count(self, record: RunRecord) -> None:
+        self._metrics.finished[str(record.state)] += 1
+        if record.duration_ms is not None:
+            self._metrics.run_duration.observe(record.duration_ms / 1000)
+        log.info("run %s %s (exit %s, signal %s)", record.id, record.state, record.exit_code, record.signal,
+                 extra={"run_id": record.id, "unit": unit_name(record.id), "state": str(record.state)})
+
+    # -- restart reconciliation ------------------------------------------------------------------
+    async def take_over(self, plan: Plan) -> None:
+        for record, action in plan.runs:
+            if action is Action.REQUEUE:
+                self.runs[record.id] = RunLife(record, self._run_dir(record.id))
+                self._admission.requeue(record.id)
+                continue
+            run = RunLife.adopted(record, self._run_dir(record.id))
+            self.runs[record.id] = run
+            self._admission.take_slot()
+            lost = self._launcher.adopt(run, self._stored_fds)
+            if lost and action is not Action.LOST:
+                self._launcher.mark_lost(run, lost)
+                run.notes.append("the daemon restarted without systemd's fd store: the program's output after "
+                                 "that was lost (its writes failed with EPIPE)")
+            if action is Action.ATTACH:
+                self._systemd.watch(unit_name(run.id), self._watcher(run))
+                self._arm(run)
+                self._look(run)  # it may have ended between list_units and watch
+            elif action is Action.FINISH:
+                self._end(run)
+            else:
+                run.error = "the run's unit disappeared while the daemon was down, without recording an outcome"
+                self._end(run)
+        for name, fds in self._stored_fds.items():  # pipes of runs that are no more
+            for fd in fds:
+                os.close(fd)
+            notify.forget_fd(name)
+        self._stored_fds.clear()
+        self.pump()
+
+    def _arm(self, run: RunLife) -> None:
+        if (limit := deadline_s(run.phase, run.record.limits)) is not None:
+            run.timer = asyncio.get_running_loop().call_later(limit, self._deadline_passed, run, run.phase)
+
+
+def _launch_problem(exc: Exception) -> str:
+    if isinstance(exc, UnitboxError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"the run could not be set up: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    return f"the run could not be started: {exc!r}"
