@@ -119,19 +119,17 @@ def test_memory_hog_ends_oom_killed(vm: VM) -> None:
 
 
 def test_cpu_quota_holds(vm: VM) -> None:
-    # 50 %, not lower: a run's privileged ExecStopPost= (which records its
-    # outcome) runs in the run's own cgroup, under its CPUQuota= and the 1 s
-    # TimeoutStopSec=; under TCG a 20 % quota makes it time out ("State
-    # 'stop-post' timed out") and the run ends as `error`. A daemon-side issue,
-    # reported; this step checks the quota itself.
+    # 20 %: the run's privileged ExecStopPost= (which records its outcome)
+    # runs under the same quota; it used to be cut short by a 1 s stop bound
+    # under TCG and the run ended as `error`. Its bound is now its own (30 s).
     code = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 3:\n    pass\n"
-    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"cpu_percent": 50, "timeout_s": 60}})
-    step("a 3 s busy loop with cpu_percent 50",
+    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"cpu_percent": 20, "timeout_s": 60}})
+    step("a 3 s busy loop with cpu_percent 20",
          f"{run['state']}, cpu_ms {run['cpu_ms']} in {run['duration_ms']} ms {run['error'] or ''}")
     assert run["state"] == "succeeded", (run, vm.out(f"journalctl -u unitbox-run-{run['id']} -o cat", check=False))
-    # Half the wall time, plus the stop-post script's share. Unthrottled, a
+    # A fifth of the wall time, plus the stop-post script's share. Unthrottled, a
     # busy loop would use about all of it.
-    assert run["cpu_ms"] is not None and run["cpu_ms"] <= 0.5 * run["duration_ms"] + 1000
+    assert run["cpu_ms"] is not None and run["cpu_ms"] <= 0.2 * run["duration_ms"] + 1000
 
 
 def test_timeout_holds(vm: VM) -> None:
