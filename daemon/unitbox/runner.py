@@ -210,9 +210,15 @@ class Runner:
             run.timer = asyncio.get_running_loop().call_later(STOP_GRACE_S, self._give_up, run, phase)
 
     def _look(self, run: RunLife) -> bool:
-        """Ask systemd once about a run's unit; end the run if it is over.
-        True if the run was ended."""
-        if run.phase not in (Phase.STARTED, Phase.RUNNING) or not self.bus_ok:
+        """Look once at a run's unit; end the run if it is over: its outcome
+        file is there (ExecStopPost runs after every process of the run is
+        dead), or systemd says so. True if the run was ended."""
+        if run.phase not in (Phase.STARTED, Phase.RUNNING):
+            return False
+        if run.dir.result.exists():
+            self._end(run)
+            return True
+        if not self.bus_ok:
             return False
         try:
             seen = self._systemd.probe(unit_name(run.id))

@@ -255,3 +255,16 @@ async def test_concurrent_submissions_never_overshoot_the_queue(make_engine: Mak
     for record in accepted:
         assert (await settled(engine, record.id)).state is RunState.SUCCEEDED
     assert engine.executing == 0 and engine.queue_depth == 0
+
+
+async def test_a_look_ends_a_run_whose_outcome_file_is_there_even_without_the_bus(
+        make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runner_module, "deadline_s", lambda phase, limits: 0.2 if phase.value != "queued" else None)
+    monkeypatch.setattr(runner_module, "RECONNECT_DELAYS_S", (60.0,))  # the bus stays away
+    fake = FakeSystemd(auto_finish=False)
+    engine = await make_engine(fake)
+    record = await engine.submit(submission())
+    fake.drop_bus()
+    fake.finish(unit_name(record.id))  # the outcome file is written; no signal arrives
+    final = await settled(engine, record.id)
+    assert final.state is RunState.SUCCEEDED and final.cpu_ms == 1.0
