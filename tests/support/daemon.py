@@ -164,6 +164,8 @@ class DaemonService(Daemon):
             "[Service]\nType=notify\nNotifyAccess=main\nFileDescriptorStoreMax=4096\n"
             "Restart=on-failure\nRestartSec=500ms\nTimeoutStopSec=30\nKillMode=mixed\n"
             f"ExecStart={VENV_UNITBOX} --config {self.config_path} serve\n"
+            # A checkout testing its own code with the shared venv (git worktrees) sets PYTHONPATH.
+            + (f"Environment=PYTHONPATH={os.environ['PYTHONPATH']}\n" if os.environ.get("PYTHONPATH") else "")
         )
         self.host.path(f"/etc/systemd/system/{self.unit}").write_text(unit_file)
         self.host.run("systemctl", "daemon-reload")
