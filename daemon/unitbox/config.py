@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from unitbox.errors import ConfigError
-from unitbox.limits import Limits, default_maxima
+from unitbox.limits import MIN_TASKS, Limits, default_maxima
 
 DEFAULT_CONFIG_PATH = Path("/etc/unitbox/unitbox.toml")
 ENV_PREFIX = "UNITBOX_"
@@ -30,7 +30,7 @@ class LimitsSection(_Section):
     timeout_s: float = Field(gt=0, allow_inf_nan=False)
     memory_mb: int = Field(gt=0)
     cpu_percent: int = Field(gt=0)
-    tasks: int = Field(gt=0)
+    tasks: int = Field(ge=MIN_TASKS)  # fewer: systemd cannot start the unit (limits.py)
     output_kb: int = Field(gt=0)
     disk_mb: int = Field(gt=0)
 

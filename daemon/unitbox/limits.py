@@ -24,6 +24,13 @@ class Limits:
         return asdict(self)
 
 
+# The fewest tasks a run can start with (measured on systemd 252): with
+# TasksMax=1 the unit fails with 217/USER before the program runs, since
+# setting up PrivateUsers= forks a helper inside the unit's cgroup; with 2,
+# a program, a thread or a child process works.
+MIN_TASKS = 2
+_MINIMA: dict[str, int] = {"tasks": MIN_TASKS}
+
 LIMIT_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Limits))
 _INTEGER_LIMITS = frozenset(n for n in LIMIT_NAMES if n != "timeout_s")
 
@@ -48,6 +55,9 @@ def _check_one(name: str, value: object, maximum: float) -> float | int:
         raise InvalidLimits(name, "must be a finite number")
     if value <= 0:
         raise InvalidLimits(name, f"must be greater than 0, got {value}")
+    if value < _MINIMA.get(name, 0):
+        raise InvalidLimits(name, f"must be at least {_MINIMA[name]} (systemd cannot start a run with fewer), "
+                                  f"got {value}")
     if value > maximum:
         raise InvalidLimits(name, f"must be at most {maximum:g} (the server's maximum), got {value}")
     if name in _INTEGER_LIMITS:
