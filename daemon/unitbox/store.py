@@ -53,6 +53,7 @@ class RunRecord:
     stderr_truncated: bool = False
     error: str | None = None
     cancel_requested: bool = False
+    owner: str | None = None  # the name of the token that submitted it; None without tokens
     seq: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
@@ -81,6 +82,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX runs_state ON runs(state, seq);
     CREATE INDEX runs_finished ON runs(finished_at);
+    """,
+    # 2: who submitted each run (a token's name); runs from before stay NULL: only admins see them
+    """
+    ALTER TABLE runs ADD COLUMN owner TEXT;
+    CREATE INDEX runs_owner ON runs(owner, seq);
     """,
 ]
 
@@ -210,11 +216,15 @@ class RunStore:
             return _from_row(row) if row else None
         return await self._run(get)
 
-    async def page(self, state: RunState | None, limit: int, before_seq: int | None) -> list[RunRecord]:
-        """Newest first: up to `limit` runs older than `before_seq`."""
+    async def page(self, state: RunState | None, limit: int, before_seq: int | None,
+                   owner: str | None = None) -> list[RunRecord]:
+        """Newest first: up to `limit` runs older than `before_seq` (only `owner`'s, if given)."""
         def page(db: sqlite3.Connection) -> list[RunRecord]:
             query = "SELECT * FROM runs WHERE seq < ?"
             params: list[Any] = [before_seq if before_seq is not None else 2**62]
+            if owner is not None:
+                query += " AND owner = ?"
+                params.append(owner)
             if state is not None:
                 query += " AND state = ?"
                 params.append(str(state))
