@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from unitbox.errors import ConfigError
 from unitbox.limits import MIN_TASKS, Limits, default_maxima
+from unitbox.tokens import TokenSection, check_tokens, tokens_from_list
 
 DEFAULT_CONFIG_PATH = Path("/etc/unitbox/unitbox.toml")
 ENV_PREFIX = "UNITBOX_"
@@ -58,7 +59,7 @@ class RuntimeSection(_Section):
 
 class Config(_Section):
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"])
-    tokens: list[str] = Field(default_factory=list)
+    tokens: dict[str, TokenSection] = Field(default_factory=dict)
     state_dir: Path = Path("/var/lib/unitbox")
     slice: str = "unitbox.slice"
     python: str = "/usr/bin/python3"
@@ -81,6 +82,14 @@ class Config(_Section):
     def _listen_addresses(cls, value: list[str]) -> list[str]:
         for address in value:
             parse_listen(address)
+        return value
+
+    _tokens_from_list = field_validator("tokens", mode="before")(tokens_from_list)
+
+    @field_validator("tokens")
+    @classmethod
+    def _token_names(cls, value: dict[str, TokenSection]) -> dict[str, TokenSection]:
+        check_tokens(value)
         return value
 
     @field_validator("log_level")
@@ -147,8 +156,10 @@ def parse_listen(address: str) -> tuple[str, int] | str:
 
 
 def _env_value(raw: str, key: str) -> Any:
-    if key in {"listen", "tokens"} and not raw.lstrip().startswith("["):
+    if key in {"listen", "tokens"} and not raw.lstrip().startswith(("[", "{")):
         return [part.strip() for part in raw.split(",") if part.strip()]
+    if key == "secret":  # a token's secret is text as given, even "123" or "true"
+        return raw
     try:
         return json.loads(raw)
     except ValueError:
@@ -168,6 +179,8 @@ def _is_known_key(path: list[str]) -> bool:
         return len(rest) == 1 and rest[0] in field.annotation.model_fields
     if head == "runtimes" and rest[0]:
         return len(rest) == 1 or (len(rest) == 2 and rest[1] in RuntimeSection.model_fields)
+    if head == "tokens" and rest[0]:  # UNITBOX_TOKENS__NAME__SECRET, …__ADMIN
+        return len(rest) == 2 and rest[1] in TokenSection.model_fields
     return False
 
 

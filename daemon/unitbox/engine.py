@@ -37,6 +37,7 @@ from unitbox.runner import Runner
 from unitbox.runtimes import RuntimeInfo, Runtimes
 from unitbox.store import RunRecord, RunStore
 from unitbox.systemd import UnitManager
+from unitbox.tokens import EVERYONE, Caller
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Submission:
     args: list[str]
     limits: Limits
     runtime: str
+    owner: str | None = None  # the submitting token's name
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,7 @@ class Engine:
         run_id = new_run_id()
         run_dir = RunDir(self.config.runs_dir / run_id)
         record = RunRecord(id=run_id, state=RunState.QUEUED, created_at=time.time(),
-                           limits=submission.limits, runtime=submission.runtime)
+                           limits=submission.limits, runtime=submission.runtime, owner=submission.owner)
         try:
             await asyncio.to_thread(run_dir.create, submission.code, submission.stdin, submission.args)
             record = await self._store.insert(record)
@@ -174,20 +176,26 @@ class Engine:
         self._runner.pump()
         return run.live_view()
 
-    async def get(self, run_id: str) -> RunRecord:
+    # Every look at a run goes through `get` with the caller (the HTTP side's
+    # RunService requires one; EVERYONE is for the daemon's own use): a run
+    # the caller may not see is answered exactly like an unknown id.
+    async def get(self, run_id: str, caller: Caller = EVERYONE) -> RunRecord:
         run = self._runner.runs.get(run_id)
         if run is not None:
-            return run.live_view()
-        if run_id in self._runner.unsaved:
-            return self._runner.unsaved[run_id]
-        record = await self._store.get(run_id)
-        if record is None:
+            record: RunRecord | None = run.live_view()
+        elif run_id in self._runner.unsaved:
+            record = self._runner.unsaved[run_id]
+        else:
+            record = await self._store.get(run_id)
+        if record is None or not caller.sees(record.owner):
             raise NotFound(f"no run with id {run_id!r}")
         return record
 
-    async def page(self, state: RunState | None, limit: int, before_seq: int | None) -> list[RunRecord]:
-        """Newest first; runs in flight as they are now, not as last stored."""
-        records = await self._store.page(state, limit, before_seq)
+    async def page(self, state: RunState | None, limit: int, before_seq: int | None,
+                   caller: Caller = EVERYONE) -> list[RunRecord]:
+        """Newest first; runs in flight as they are now, not as last stored.
+        Only the caller's own runs (filtered in SQL, so pages stay full)."""
+        records = await self._store.page(state, limit, before_seq, owner=caller.only_owner)
         runs, unsaved = self._runner.runs, self._runner.unsaved
         return [runs[r.id].live_view() if r.id in runs else unsaved.get(r.id, r) for r in records]
 
@@ -197,9 +205,10 @@ class Engine:
     async def runtimes(self) -> list[RuntimeInfo]:
         return await self._runtimes.describe()
 
-    async def wait(self, run_id: str, timeout_s: float) -> RunRecord:
+    async def wait(self, run_id: str, timeout_s: float, caller: Caller = EVERYONE) -> RunRecord:
         """The run once it has finished, or as it is when `timeout_s` runs out
         or the daemon begins to shut down."""
+        await self.get(run_id, caller)  # another's run: 404 at once, nothing held
         run, closing = self._runner.runs.get(run_id), self._runner.closing
         if run is not None and not closing.is_set():
             waiters = [asyncio.ensure_future(run.done.wait()), asyncio.ensure_future(closing.wait())]
@@ -208,14 +217,15 @@ class Engine:
             finally:
                 for waiter in waiters:
                     waiter.cancel()
-        return await self.get(run_id)
+        return await self.get(run_id, caller)
 
-    async def cancel(self, run_id: str) -> tuple[RunRecord, bool]:
+    async def cancel(self, run_id: str, caller: Caller = EVERYONE) -> tuple[RunRecord, bool]:
         """Cancel a run. Returns the run and whether it was still going (202)
         or had already finished (200, unchanged)."""
+        record = await self.get(run_id, caller)  # another's run: 404, untouched
         run = self._runner.runs.get(run_id)
         if run is None:
-            return await self.get(run_id), False
+            return record, False
         return await self._runner.cancel(run)
 
     async def health(self) -> Health:

@@ -3,20 +3,17 @@ error and auth middlewares, and the engine's startup/shutdown."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from unitbox.api import handlers, output
+from unitbox.api.auth import auth_middleware
 from unitbox.api.errors import Handler, error_middleware
 from unitbox.api.openapi import build_openapi
 from unitbox.api.state import ENGINE, OPENAPI
 from unitbox.engine import Engine
-from unitbox.errors import Unauthorized
-
-PUBLIC_PATHS = frozenset({"/healthz", "/healthz/"})
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/run-json", handlers.run_json),
@@ -33,28 +30,10 @@ ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
-def _auth_middleware(tokens: list[str]) -> Middleware:
-    expected = [t.encode() for t in tokens]
-
-    @web.middleware
-    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            token = given.strip().encode()
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, t) for t in expected):
-                raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required",
-                                   headers={"WWW-Authenticate": 'Bearer realm="unitbox"'})
-        return await handler(request)
-
-    return require_token
-
-
 def create_app(engine: Engine, *, manage_engine: bool = True, shutdown_grace_s: float = 0.0) -> web.Application:
     """`manage_engine`: start the engine with the app and stop it on cleanup."""
     config = engine.config
-    middlewares: list[Middleware] = [error_middleware]
-    if config.tokens:
-        middlewares.append(_auth_middleware(config.tokens))
+    middlewares: list[Middleware] = [error_middleware, auth_middleware(config.tokens)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_request_kb * 1024)
     app[ENGINE] = engine
     app[OPENAPI] = build_openapi()

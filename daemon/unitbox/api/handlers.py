@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
+from unitbox.api.auth import caller_of
 from unitbox.api.errors import validation_details
 from unitbox.api.models import (
     HealthOut,
@@ -24,7 +25,7 @@ from unitbox.api.models import (
     check_args,
     decode_source,
 )
-from unitbox.api.state import ENGINE, OPENAPI, RunService
+from unitbox.api.state import ENGINE, OPENAPI
 from unitbox.engine import Submission
 from unitbox.errors import (
     BadRequest,
@@ -63,12 +64,12 @@ def _flag(raw: str | None, name: str) -> bool:
                        details=[{"field": name, "message": "not a boolean"}])
 
 
-def _submission(engine: RunService, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
+def _submission(request: web.Request, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
                 runtime: str) -> Submission:
-    config = engine.config  # the runtime name is checked once, by Engine.submit
+    config = request.app[ENGINE].config  # the runtime name is checked once, by Engine.submit
     resolved = resolve_limits(limits.requested() if limits else None, config.default_limits, config.maximum_limits)
     return Submission(code=source, stdin=stdin.encode("utf-8", "surrogatepass"), args=args, limits=resolved,
-                      runtime=runtime)
+                      runtime=runtime, owner=caller_of(request).name)
 
 
 async def _accept(request: web.Request, submission: Submission, wait: bool) -> web.Response:
@@ -77,7 +78,7 @@ async def _accept(request: web.Request, submission: Submission, wait: bool) -> w
     record = await engine.submit(submission)
     engine.metrics.submission_latency.observe(time.perf_counter() - began)
     if wait:
-        record = await engine.wait(record.id, engine.config.wait_max_s)
+        record = await engine.wait(record.id, engine.config.wait_max_s, caller_of(request))
         if record.state.terminal:
             return _json(_run_out(record))
     location = f"/status/{record.id}"
@@ -106,8 +107,7 @@ async def run_json(request: web.Request) -> web.Response:
     run = RunRequest.model_validate(data)
     source = _source_or_422(run.source, "code" if run.code is not None else "code_b64")
     wait = run.wait or _flag(request.query.get("wait"), "wait")
-    engine = request.app[ENGINE]
-    submission = _submission(engine, source, run.stdin, run.args, limits=run.limits, runtime=run.runtime)
+    submission = _submission(request, source, run.stdin, run.args, limits=run.limits, runtime=run.runtime)
     return await _accept(request, submission, wait)
 
 
@@ -181,16 +181,16 @@ async def run_file(request: web.Request) -> web.Response:
     stdin = _text_part(parts, "stdin") or ""
     runtime = _text_part(parts, "runtime") or "default"
     wait = _flag(_text_part(parts, "wait"), "wait") or _flag(request.query.get("wait"), "wait")
-    return await _accept(request, _submission(engine, source, stdin, args, limits=limits, runtime=runtime), wait)
+    return await _accept(request, _submission(request, source, stdin, args, limits=limits, runtime=runtime), wait)
 
 
 async def status(request: web.Request) -> web.Response:
-    record = await request.app[ENGINE].get(request.match_info["id"])
+    record = await request.app[ENGINE].get(request.match_info["id"], caller_of(request))
     return _json(_run_out(record))
 
 
 async def cancel(request: web.Request) -> web.Response:
-    record, was_going = await request.app[ENGINE].cancel(request.match_info["id"])
+    record, was_going = await request.app[ENGINE].cancel(request.match_info["id"], caller_of(request))
     return _json(_run_out(record), status=202 if was_going else 200)
 
 
@@ -211,7 +211,7 @@ async def list_runs(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}",
                            details=[{"field": "limit", "message": "out of range"}])
-    records = await request.app[ENGINE].page(state, limit + 1, before)
+    records = await request.app[ENGINE].page(state, limit + 1, before, caller_of(request))
     more = len(records) > limit
     records = records[:limit]
     cursor = str(records[-1].seq) if more and records else None

@@ -125,6 +125,7 @@ class RunOut(BaseModel):
     stdout_truncated: bool
     stderr_truncated: bool
     error: str | None
+    owner: str | None = Field(description="Name of the token that submitted it; null on a server without tokens.")
 
     @classmethod
     def of(cls, record: RunRecord, unit: str) -> RunOut:
@@ -135,7 +136,7 @@ class RunOut(BaseModel):
             memory_peak_bytes=record.memory_peak_bytes, limits=LimitsOut.model_validate(record.limits.as_dict()),
             stdout_bytes=record.stdout_bytes, stderr_bytes=record.stderr_bytes,
             stdout_truncated=record.stdout_truncated, stderr_truncated=record.stderr_truncated,
-            error=record.error,
+            error=record.error, owner=record.owner,
         )
 
 

@@ -37,6 +37,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from unitbox.api.auth import caller_of
 from unitbox.api.state import ENGINE
 from unitbox.capture import stored_output
 from unitbox.errors import InvalidInput
@@ -108,7 +109,7 @@ def _compact(value: Mapping[str, object]) -> str:
 
 async def output(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    record = await engine.get(request.match_info["id"])
+    record = await engine.get(request.match_info["id"], caller_of(request))
     run_dir = engine.run_dir(record.id)
     stream = request.query.get("stream")
     if stream is None:
