@@ -2,6 +2,8 @@
 daemon drains it from the event loop into the run's output file, keeping at
 most `cap` bytes and discarding (but still draining) the rest, so the program
 is never blocked or killed for printing and the daemon's memory stays flat.
+What is kept is charged to the disk budget (budget.py); once that is used
+up, the rest is dropped the same way, and nothing is written after it.
 
 The capture is finished when the unit is: once systemd reports the unit
 inactive, every process that could write is dead, so reading until the pipe
@@ -16,6 +18,7 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +51,20 @@ def make_pipe() -> tuple[int, int]:
     return read_fd, write_fd
 
 
+class Allowance(Protocol):
+    """The disk budget as one run's capture sees it (budget.RunAccount)."""
+
+    def room(self) -> int: ...
+    def charge(self, size: int) -> None: ...
+
+
 class StreamCapture:
-    def __init__(self, read_fd: int, path: Path, cap: int) -> None:
+    def __init__(self, read_fd: int, path: Path, cap: int, allowance: Allowance | None = None) -> None:
         os.set_blocking(read_fd, False)
         self.fd = read_fd
         self.path = path
         self.cap = cap
+        self.allowance = allowance
         self._marker = truncation_marker(path)
         self._out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         self.kept = os.fstat(self._out).st_size  # non-zero when re-adopted after a restart
@@ -82,12 +93,22 @@ class StreamCapture:
 
     def _keep(self, data: bytes) -> None:
         room = self.cap - self.kept
+        if room > 0 and self.allowance is not None and (allowed := self.allowance.room()) < min(room, len(data)):
+            # The disk budget (or the free-space floor) is reached: keep what
+            # fits and nothing after it, so the stored output has no hole.
+            log.warning("disk budget reached: the rest of %s is dropped", self.path)
+            room = allowed
+            self.cap = self.kept + allowed
         if room > 0:
             try:
-                self.kept += os.write(self._out, data[:room])
+                written = os.write(self._out, data[:room])
             except OSError:
                 log.exception("writing output to %s failed; the rest is dropped", self.path)
                 self.cap = self.kept
+            else:
+                self.kept += written
+                if self.allowance is not None:
+                    self.allowance.charge(written)
         if len(data) > max(room, 0) and not self.truncated:
             self.truncated = True
             with contextlib.suppress(OSError):

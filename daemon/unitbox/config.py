@@ -48,6 +48,19 @@ class RetentionSection(_Section):
     max_runs: int = Field(default=10_000, gt=0)
     max_total_mb: int = Field(default=1024, gt=0)
     interval_s: float = Field(default=300.0, gt=0)
+    # The disk budget (budget.py): past high water retention sweeps at once,
+    # and every sweep deletes down to low water; below min_free_mb free on the
+    # state filesystem, submissions are refused and output is dropped.
+    high_water_percent: int = Field(default=90, gt=0, le=100)
+    low_water_percent: int = Field(default=75, gt=0, le=100)
+    min_free_mb: int = Field(default=512, ge=0)
+
+    @model_validator(mode="after")
+    def _low_below_high(self) -> RetentionSection:
+        if self.low_water_percent > self.high_water_percent:
+            raise ValueError(f"low_water_percent ({self.low_water_percent}) is above "
+                             f"high_water_percent ({self.high_water_percent})")
+        return self
 
 
 class RuntimeSection(_Section):

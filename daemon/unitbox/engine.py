@@ -23,6 +23,7 @@ from typing import Any
 
 from unitbox import notify
 from unitbox.admission import Admission
+from unitbox.budget import DiskBudget, submission_bytes
 from unitbox.config import Config
 from unitbox.errors import Busy, NotFound, SystemdError, Unavailable, UnitboxError
 from unitbox.launcher import Launcher
@@ -90,8 +91,9 @@ class Engine:
         source = config.source
         # A config given with --config outside /etc/unitbox may hold tokens: hide it from runs too.
         secret_paths = (str(source),) if source and not source.is_relative_to("/etc/unitbox") else ()
+        self.budget = DiskBudget(config.runs_dir, config.retention)
         self._launcher = Launcher(config, systemd, runtimes, use_fd_store=notify.fd_store_available(),
-                                  secret_paths=secret_paths)
+                                  secret_paths=secret_paths, budget=self.budget)
         self._admission = Admission(config.queue_size, config.max_concurrent)
         self._runner = Runner(systemd, store, self._launcher, self._admission, metrics=self.metrics,
                               run_dir=self.run_dir, stored_fds=stored_fds)
@@ -99,12 +101,15 @@ class Engine:
         self.healthy = False  # the last health check's verdict (the watchdog is pinged only while True)
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self.executing)
         self.metrics.gauge("unitbox_queue_depth", "Runs waiting for a free slot.", lambda: self.queue_depth)
+        self.metrics.gauge("unitbox_stored_bytes", "Bytes stored for runs, against retention.max_total_mb.",
+                           lambda: self.budget.total)
 
     # -- start and stop ------------------------------------------------------------
     async def start(self) -> None:
         self.config.runs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.config.state_dir.chmod(0o700)
         await self._store.open()
+        await self.budget.load()  # before runs are adopted: their captures charge only what comes next
         runner = self._runner
         self._systemd.open(runner.on_bus_lost)
         runner.bus_ok = True
@@ -115,7 +120,7 @@ class Engine:
         self.healthy = True
         await runner.take_over(await recover(self._store, self._systemd, self.config.runs_dir))
         runner.spawn(runner.retry_unsaved())
-        runner.spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention,
+        runner.spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention, self.budget,
                                     is_live=runner.runs.__contains__))
 
     def begin_shutdown(self) -> None:
@@ -154,8 +159,11 @@ class Engine:
         if not self._runner.accepting:
             raise Busy("the server is shutting down", retry_after_s=5)
         self._runtimes.get(submission.runtime)  # unknown → 422 before anything is written
+        stored = submission_bytes(submission.code, submission.stdin, submission.args)
+        self.budget.check_submission(stored)  # disk budget or free-space floor reached → 503
         self._admission.reserve()  # before the first await: concurrent submissions cannot overshoot
         run_id = new_run_id()
+        self.budget.charge(run_id, stored)  # also before the first await, for the same reason
         run_dir = RunDir(self.config.runs_dir / run_id)
         record = RunRecord(id=run_id, state=RunState.QUEUED, created_at=time.time(),
                            limits=submission.limits, runtime=submission.runtime, owner=submission.owner)
@@ -166,6 +174,7 @@ class Engine:
             self._admission.unreserve()
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(run_dir.remove)
+            self.budget.forget([run_id])
             if isinstance(exc, OSError):
                 raise Unavailable(f"the run cannot be recorded ({exc.strerror or exc}); nothing was started") from exc
             raise

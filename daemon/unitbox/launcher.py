@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import PurePosixPath
 
 from unitbox import notify
+from unitbox.budget import DiskBudget, RunAccount
 from unitbox.capture import StreamCapture, make_pipe, stored_output, truncation_marker
 from unitbox.config import Config
 from unitbox.lifecycle import STREAMS, RunLife, StoredStreams
@@ -36,8 +37,9 @@ def fd_name(run_id: str, stream: str) -> str:
 
 class Launcher:
     def __init__(self, config: Config, systemd: UnitManager, runtimes: Runtimes, *, use_fd_store: bool,
-                 secret_paths: tuple[str, ...] = ()) -> None:
+                 secret_paths: tuple[str, ...] = (), budget: DiskBudget | None = None) -> None:
         self.config = config
+        self.budget = budget  # captures charge what they keep to it
         self.systemd = systemd
         self.runtimes = runtimes
         self.use_fd_store = use_fd_store
@@ -65,7 +67,8 @@ class Launcher:
                 read_fd, write_fd = make_pipe()
                 ours.append(write_fd)
                 try:
-                    capture = StreamCapture(read_fd, run.dir.output(stream), record.limits.output_kb * 1024)
+                    capture = StreamCapture(read_fd, run.dir.output(stream), record.limits.output_kb * 1024,
+                                            self._allowance(record.id))
                 except BaseException:
                     os.close(read_fd)
                     raise
@@ -97,12 +100,15 @@ class Launcher:
         for stream in STREAMS:
             for fd in stored.pop(fd_name(run.id, stream), []):
                 if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY and stream not in run.captures:
-                    run.captures[stream] = StreamCapture(fd, run.dir.output(stream), cap)
+                    run.captures[stream] = StreamCapture(fd, run.dir.output(stream), cap, self._allowance(run.id))
                 else:
                     os.close(fd)  # our copy of the write end; the store keeps its own
             if stream not in run.captures:
                 missing.append(stream)
         return missing
+
+    def _allowance(self, run_id: str) -> RunAccount | None:
+        return self.budget.account(run_id) if self.budget is not None else None
 
     def drain(self, run: RunLife) -> None:
         """The unit is over: every writer is dead, so what is in the pipes is all

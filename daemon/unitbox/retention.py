@@ -1,12 +1,19 @@
 """Retention: finished runs (record and files) go once older than
-max_age_days, and beyond max_runs or max_total_mb of stored output, oldest
-first; so do run directories left without a record (a crash between writing
-a submission's files and recording it). Runs in flight are never touched.
-Runs in the background, and nothing stops it but cancellation."""
+max_age_days, and beyond max_runs, oldest first; and while everything stored
+(the disk budget, budget.py: inputs and output of every run, in flight or
+not) is over low_water_percent of max_total_mb, oldest first too. Run
+directories left without a record (a crash between writing a submission's
+files and recording it) go as well. Runs in flight are never touched.
+
+Runs in the background, and nothing stops it but cancellation: a full sweep
+every interval_s, and a sweep of expired runs at once whenever the budget
+passes its high-water mark (then again every BUDGET_RECHECK_S while it stays
+above, as runs in flight finish and become deletable)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -14,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from unitbox.budget import DiskBudget
 from unitbox.config import RetentionSection
 from unitbox.errors import Unavailable
 from unitbox.rundir import RunDir
@@ -27,6 +35,8 @@ RUN_ID = re.compile(r"[0-9a-f]{16}")  # engine.new_run_id: secrets.token_hex(8)
 # A submission writes its directory just before it records the run: a
 # directory this young may be one of those, not an orphan.
 ORPHAN_MIN_AGE_S = 3600.0
+BUDGET_RECHECK_S = 1.0
+SWEEP_MIN_GAP_S = 0.25
 
 
 def select_expired(finished: Sequence[tuple[str, int]], too_old: set[str], max_runs: int,
@@ -50,16 +60,19 @@ def _remove_dirs(runs_dir: Path, run_ids: Sequence[str]) -> None:
         RunDir(runs_dir / run_id).remove()
 
 
-async def sweep_expired(store: RunStore, runs_dir: Path, policy: RetentionSection) -> int:
+async def sweep_expired(store: RunStore, runs_dir: Path, policy: RetentionSection, budget: DiskBudget) -> int:
     cutoff = time.time() - policy.max_age_days * 86400
     too_old = set(await store.finished_before(cutoff))
-    finished = await store.finished_oldest_first()
-    doomed = select_expired(finished, too_old, policy.max_runs, policy.max_total_mb * 1024 * 1024)
+    finished = [(run_id, budget.size_of(run_id)) for run_id, _ in await store.finished_oldest_first()]
+    # Runs in flight count but cannot go: the finished ones make room for them.
+    in_flight = budget.total - sum(size for _, size in finished)
+    doomed = select_expired(finished, too_old, policy.max_runs, budget.low_water - in_flight)
     if not doomed:
         return 0
     # Files first: if the rows cannot go now, the next sweep finds them again;
     # rows first would strand files that no record points to.
     await asyncio.to_thread(_remove_dirs, runs_dir, doomed)
+    budget.forget(doomed)
     await store.delete(doomed)
     log.info("retention: deleted %d finished runs", len(doomed))
     return len(doomed)
@@ -79,7 +92,7 @@ def _old_run_dirs(runs_dir: Path, older_than: float) -> list[str]:
     return names
 
 
-async def sweep_orphans(store: RunStore, runs_dir: Path, *, is_live: IsLive) -> int:
+async def sweep_orphans(store: RunStore, runs_dir: Path, budget: DiskBudget, *, is_live: IsLive) -> int:
     """Remove run directories that no record points to and no run uses."""
     candidates = await asyncio.to_thread(_old_run_dirs, runs_dir, time.time() - ORPHAN_MIN_AGE_S)
     if not candidates:
@@ -89,23 +102,47 @@ async def sweep_orphans(store: RunStore, runs_dir: Path, *, is_live: IsLive) -> 
     if not orphans:
         return 0
     await asyncio.to_thread(_remove_dirs, runs_dir, orphans)
+    budget.forget(orphans)
     log.warning("retention: removed %d run directories that had no run record: %s",
                 len(orphans), ", ".join(orphans))
     return len(orphans)
 
 
-async def sweep(store: RunStore, runs_dir: Path, policy: RetentionSection, *, is_live: IsLive) -> int:
+async def sweep(store: RunStore, runs_dir: Path, policy: RetentionSection, budget: DiskBudget, *,
+                is_live: IsLive) -> int:
     """One pass; the number of run directories removed."""
-    return await sweep_expired(store, runs_dir, policy) + await sweep_orphans(store, runs_dir, is_live=is_live)
+    return (await sweep_expired(store, runs_dir, policy, budget)
+            + await sweep_orphans(store, runs_dir, budget, is_live=is_live))
 
 
-async def retention_loop(store: RunStore, runs_dir: Path, policy: RetentionSection, *, is_live: IsLive) -> None:
-    """Sweep every `policy.interval_s`. A failed sweep is logged, and the next one runs all the same."""
+async def retention_loop(store: RunStore, runs_dir: Path, policy: RetentionSection, budget: DiskBudget, *,
+                         is_live: IsLive) -> None:
+    """A full sweep every `policy.interval_s`; expired runs only, at once,
+    when the budget wakes it. A failed sweep is logged, and the next one runs
+    all the same."""
+    loop = asyncio.get_running_loop()
+    next_full = loop.time()
     while True:
+        began = loop.time()
+        budget.wake.clear()
+        full = began >= next_full
+        if full:
+            next_full = began + policy.interval_s
+        swept = False
         try:
-            await sweep(store, runs_dir, policy, is_live=is_live)
+            if full:
+                await sweep(store, runs_dir, policy, budget, is_live=is_live)
+            else:
+                await sweep_expired(store, runs_dir, policy, budget)
+            swept = True
         except Unavailable as exc:  # expected now and then (disk full, store closing): no traceback
             log.warning("retention: %s", exc.message)
         except Exception:
             log.exception("retention: the sweep failed; trying again in %.0f s", policy.interval_s)
-        await asyncio.sleep(policy.interval_s)
+        delay = next_full - loop.time()
+        if swept and budget.above_high_water:  # a failing sweep is not retried every second
+            delay = min(delay, BUDGET_RECHECK_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(budget.wake.wait(), max(delay, 0.0))
+        # Refused submissions wake it too: however fast they come, sweeps do not follow faster than this.
+        await asyncio.sleep(max(0.0, began + SWEEP_MIN_GAP_S - loop.time()))

@@ -25,6 +25,7 @@ from unitbox.errors import SystemdError, UnitboxError
 from unitbox.launcher import Launcher
 from unitbox.lifecycle import STOP_GRACE_S, Phase, RunLife, conclude, deadline_s
 from unitbox.metrics import Metrics
+from unitbox.oomwatch import OomWatch
 from unitbox.outcome import RunState
 from unitbox.profile import unit_name
 from unitbox.recovery import Action, Plan
@@ -56,6 +57,7 @@ class Runner:
         self.bus_ok = False
         self.closing = asyncio.Event()  # set at shutdown: held `wait` requests answer at once
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._oom = OomWatch(launcher.config.slice, self._stop_after_oom_kill)  # cgroup v1 ignores OOMPolicy=
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -72,6 +74,7 @@ class Runner:
                 await asyncio.wait_for(asyncio.gather(*(done.wait() for done in going)), grace_s)
         for task in list(self._tasks):
             task.cancel()
+        self._oom.close()
         for run in self.runs.values():
             if run.timer is not None:
                 run.timer.cancel()
@@ -108,6 +111,10 @@ class Runner:
             run.timer = None
         if (limit := deadline_s(to, run.record.limits)) is not None:
             run.timer = asyncio.get_running_loop().call_later(limit, self._deadline_passed, run, to)
+        if to in (Phase.STARTED, Phase.RUNNING):
+            self._oom.watch(run.id)
+        elif to is Phase.ENDING:
+            self._oom.forget(run.id)
         if to is Phase.DONE:
             self.runs.pop(run.id, None)
             if held:
@@ -189,6 +196,10 @@ class Runner:
                 self._stop_unit_if_going(run)
         except SystemdError as exc:
             log.warning("run %s: stopping its unit: %s", run.id, exc.message, extra={"run_id": run.id})
+
+    def _stop_after_oom_kill(self, run_id: str) -> None:
+        if (run := self.runs.get(run_id)) is not None:
+            self._stop_unit_if_going(run)
 
     def _stop_unit_if_going(self, run: RunLife) -> None:
         if run.phase in (Phase.STARTED, Phase.RUNNING):
@@ -313,6 +324,7 @@ class Runner:
                                  "that was lost (its writes failed with EPIPE)")
             if action is Action.ATTACH:
                 self._systemd.watch(unit_name(run.id), self._watcher(run))
+                self._oom.watch(run.id)
                 self._arm(run)
                 self._look(run)  # it may have ended between list_units and watch
             elif action is Action.FINISH:

@@ -134,7 +134,7 @@ async def test_launch_failure_ends_the_run_as_error_frees_the_slot_and_leaks_not
     if where == "output_file":  # ENOSPC / EACCES opening the capture file: a directory in its way
         original = launcher_module.StreamCapture
 
-        def failing(fd: int, path: Path, cap: int) -> Any:
+        def failing(fd: int, path: Path, cap: int, allowance: object = None) -> Any:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         monkeypatch.setattr(launcher_module, "StreamCapture", failing)
     before = open_fds()

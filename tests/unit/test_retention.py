@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from unitbox.budget import DiskBudget
 from unitbox.config import RetentionSection
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
@@ -43,6 +44,11 @@ def runs_dir(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def budget(runs_dir: Path) -> DiskBudget:
+    return DiskBudget(runs_dir, POLICY)
+
+
 def make_dir(runs_dir: Path, name: str, mtime: float) -> Path:
     RunDir(runs_dir / name).create(b"print(1)", b"", [])
     os.utime(runs_dir / name, (mtime, mtime))
@@ -53,7 +59,8 @@ def names(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-async def test_files_go_before_records(store: RunStore, runs_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_files_go_before_records(store: RunStore, runs_dir: Path, budget: DiskBudget,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     doomed = "a" * 16
     await store.insert(RunRecord(id=doomed, state=RunState.SUCCEEDED, created_at=1.0, finished_at=2.0,
                                  limits=Limits()))
@@ -63,17 +70,17 @@ async def test_files_go_before_records(store: RunStore, runs_dir: Path, monkeypa
         raise RuntimeError("the store failed mid-sweep")
     monkeypatch.setattr(store, "delete", failing_delete)
     with pytest.raises(RuntimeError):
-        await sweep(store, runs_dir, POLICY, is_live=never_live)
+        await sweep(store, runs_dir, POLICY, budget, is_live=never_live)
     # No directory is stranded; the record stays for the next sweep to finish.
     assert not (runs_dir / doomed).exists()
     assert await store.get(doomed) is not None
 
     monkeypatch.undo()
-    assert await sweep(store, runs_dir, POLICY, is_live=never_live) == 1
+    assert await sweep(store, runs_dir, POLICY, budget, is_live=never_live) == 1
     assert await store.get(doomed) is None
 
 
-async def test_orphaned_run_directories_go_and_nothing_else(store: RunStore, runs_dir: Path) -> None:
+async def test_orphaned_run_directories_go_and_nothing_else(store: RunStore, runs_dir: Path, budget: DiskBudget) -> None:
     orphan, fresh, live, recorded = "0123456789abcdef", "1" * 16, "2" * 16, "3" * 16
     await store.insert(RunRecord(id=recorded, state=RunState.QUEUED, created_at=1.0, limits=Limits()))
     for name in (orphan, live, recorded, "not-a-run", "0123456789ABCDEF", "0123456789abcdef0"):
@@ -82,13 +89,13 @@ async def test_orphaned_run_directories_go_and_nothing_else(store: RunStore, run
     (runs_dir / ("4" * 16)).write_bytes(b"not a directory")
     os.utime(runs_dir / ("4" * 16), (TWO_HOURS_AGO, TWO_HOURS_AGO))
 
-    assert await sweep(store, runs_dir, POLICY, is_live=lambda run_id: run_id == live) == 1
+    assert await sweep(store, runs_dir, POLICY, budget, is_live=lambda run_id: run_id == live) == 1
     assert names(runs_dir) == sorted(
         [fresh, live, recorded, "4" * 16, "not-a-run", "0123456789ABCDEF", "0123456789abcdef0"])
 
 
-async def test_the_loop_outlives_any_failure(store: RunStore, runs_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_loop_outlives_any_failure(store: RunStore, runs_dir: Path, budget: DiskBudget,
+                                             monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     sweeps = 0
     real_finished_before = store.finished_before
 
@@ -100,7 +107,7 @@ async def test_the_loop_outlives_any_failure(store: RunStore, runs_dir: Path, mo
         return await real_finished_before(cutoff)
     monkeypatch.setattr(store, "finished_before", finished_before)
 
-    loop = asyncio.create_task(retention_loop(store, runs_dir, POLICY, is_live=never_live))
+    loop = asyncio.create_task(retention_loop(store, runs_dir, POLICY, budget, is_live=never_live))
     try:
         for _ in range(500):
             if sweeps >= 3 or loop.done():
