@@ -121,7 +121,9 @@ def test_retention_deletes_exactly_the_expired_runs(testhost: TestHost, tmp_path
 
 
 def test_full_state_disk_refuses_new_runs_with_503_and_recovers(testhost: TestHost, tmp_path: Path) -> None:
-    server = DaemonService(testhost, tmp_path, name="fulldisk")
+    # The free-space floor (retention.min_free_mb) would refuse this tiny disk from the start: set
+    # it to 0 here to test what a really full disk does (the floor has its own catalogue test).
+    server = DaemonService(testhost, tmp_path, name="fulldisk", config="[retention]\nmin_free_mb = 0\n")
     state = server.state_dir
     testhost.sh(f"mkdir -p {state} && mount -t tmpfs -o size=6m,mode=0700 tmpfs {state}")
     try:

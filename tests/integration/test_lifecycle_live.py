@@ -115,7 +115,8 @@ QUIET_KINDS = [k for k in KINDS if k.name in ("trivial", "print", "exit3", "time
 
 
 def test_full_state_filesystem_mid_load(host: TestHost, tmp_path: Path) -> None:
-    service = DaemonService(host, tmp_path, name="full", config="max_concurrent = 8\n")
+    # min_free_mb = 0: this tests a really full disk (the free-space floor has its own catalogue test)
+    service = DaemonService(host, tmp_path, name="full", config="max_concurrent = 8\n[retention]\nmin_free_mb = 0\n")
     state = service.state_dir
     host.sh(f"mkdir -p {state} && mount -t tmpfs -o size=24m,mode=0700 tmpfs {state}")
     try:
@@ -186,11 +187,12 @@ def test_restart_without_fd_store_tells_the_true_sizes(testhost: TestHost, tmp_p
         code = ("import sys, time\nsys.stdout.write('a' * 3000)\nsys.stdout.flush()\ntime.sleep(2)\n"
                 "print('after')\n")
         run_id = server.client.submit(code)
-        assert wait_for(lambda: server.client.status(run_id)["stdout_bytes"] == 3000, 20)
+        stdout = testhost.path(f"{server.state_dir}/runs/{run_id}/stdout")
+        assert wait_for(lambda: stdout.exists() and stdout.stat().st_size == 3000, 20)
         server.stop(signal.SIGTERM)
         server.start()
         run = server.client.wait(run_id, timeout=30)
-        stored = testhost.path(f"{server.state_dir}/runs/{run_id}/stdout").stat().st_size
+        stored = stdout.stat().st_size
         assert run["stdout_bytes"] == stored == 3000, run
         assert run["stdout_truncated"] is True
         assert "fd store" in (run["error"] or ""), run
