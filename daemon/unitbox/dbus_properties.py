@@ -18,7 +18,8 @@ MS_REC = 16384
 _SIMPLE: dict[str, bytes] = {
     **dict.fromkeys(
         ["Description", "Slice", "Type", "KillMode", "OOMPolicy", "CollectMode", "WorkingDirectory",
-         "ProtectSystem", "ProtectHome", "ProtectProc", "ProcSubset", "KeyringMode", "DevicePolicy"], b"s"),
+         "ProtectSystem", "ProtectHome", "ProtectProc", "ProcSubset", "KeyringMode", "DevicePolicy",
+         "ProtectControlGroupsEx"], b"s"),
     **dict.fromkeys(
         ["DynamicUser", "PrivateUsers", "PrivateNetwork", "PrivateDevices", "PrivateIPC", "PrivateTmp",
          "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
@@ -74,8 +75,7 @@ _CONVERTED: dict[str, Callable[[Any], tuple[str, bytes, Any]]] = {
     "IPAddressDeny": lambda v: ("IPAddressDeny", b"a(iayu)", _ip_any(v)),
     "RestrictAddressFamilies": lambda fams: ("RestrictAddressFamilies", b"(bas)", (True, list(fams))),
     "TemporaryFileSystem": lambda specs: ("TemporaryFileSystem", b"a(ss)", [_split(s) for s in specs]),
-    "BindReadOnlyPaths": lambda specs: ("BindReadOnlyPaths", b"a(ssbt)",
-                                        [(*_split(s), False, MS_REC) for s in specs]),
+    "BindReadOnlyPaths": lambda specs: ("BindReadOnlyPaths", b"a(ssbt)", [_bind(s) for s in specs]),
     "BindPaths": lambda specs: ("BindPaths", b"a(ssbt)", [_bind(s) for s in specs]),
     "CapabilityBoundingSet": lambda caps: ("CapabilityBoundingSet", b"t", _capabilities(caps)),
     "AmbientCapabilities": lambda caps: ("AmbientCapabilities", b"t", _capabilities(caps)),

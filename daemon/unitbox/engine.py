@@ -43,6 +43,7 @@ from unitbox.tokens import EVERYONE, Caller
 log = logging.getLogger(__name__)
 
 NATIVE_PRIVATE_TMPFS_SINCE = 256  # TemporaryFileSystem=/tmp beats DynamicUser's PrivateTmp (systemd PR #32724)
+NATIVE_PRIVATE_CGROUPS_SINCE = 257  # ProtectControlGroups=private
 SLICE_PROPERTIES: Mapping[str, Any] = {
     "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
     "CPUAccounting": True, "MemoryAccounting": True, "TasksAccounting": True,
@@ -113,7 +114,9 @@ class Engine:
         runner = self._runner
         self._systemd.open(runner.on_bus_lost)
         runner.bus_ok = True
-        self._launcher.native_private_tmpfs = systemd_major(self._systemd.version()) >= NATIVE_PRIVATE_TMPFS_SINCE
+        major = systemd_major(self._systemd.version())
+        self._launcher.native_private_tmpfs = major >= NATIVE_PRIVATE_TMPFS_SINCE
+        self._launcher.native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE
         if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
             log.info("created transient %s (install units/unitbox.slice for the shipped caps)", self.config.slice)
         runner.accepting = True

@@ -43,7 +43,8 @@ class Launcher:
         self.systemd = systemd
         self.runtimes = runtimes
         self.use_fd_store = use_fd_store
-        self.native_private_tmpfs = False  # set once systemd's version is known
+        self.native_private_tmpfs = False  # these two are set once systemd's version is known
+        self.native_private_cgroups = False
         self.secret_paths = secret_paths
 
     def launch(self, run: RunLife, watcher: Watcher) -> None:
@@ -53,6 +54,7 @@ class Launcher:
         profile = build_profile(record.id, record.limits, run_dir=PurePosixPath(run.dir.path),
                                 state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
                                 runtime=runtime, native_private_tmpfs=self.native_private_tmpfs,
+                                native_private_cgroups=self.native_private_cgroups,
                                 secret_paths=self.secret_paths)
         ours: list[int] = []  # our copies, closed whatever happens: the unit has its own
         undo: list[Callable[[], object]] = []  # run in reverse if the launch fails

@@ -19,6 +19,13 @@ WORK_DIR = "/run/unitbox/work"
 TMP_DIR = "/run/unitbox/tmp"  # bound onto /tmp on systemd < 256 (see BindPaths below)
 VAR_TMP_DIR = "/run/unitbox/var-tmp"  # bound onto /var/tmp
 LEGACY_UNIT_ROOT = "/run/systemd/unit-root"  # where systemd 252 assembles a unit's mount namespace
+SYS_DIR = "/run/unitbox/sys"  # an empty tmpfs bound onto /sys on systemd < 256 (see BindReadOnlyPaths)
+EMPTY_DIR = "/run/unitbox/empty"  # bound onto /sys/fs/cgroup there
+SYS_KEPT = "/sys/devices/system/cpu"  # all of /sys a run sees: CPU counts (glibc's get_nprocs)
+STAGE_ROOT = "/run/unitbox-runs"
+"""On the host: each run's inputs are copied to STAGE_ROOT/<id> when its unit
+starts (ExecStartPre), and mounted from there, so that no mount a run can
+list in /proc/self/mountinfo names the state directory."""
 SCRIPT_PATH = f"{CODE_DIR}/main.py"
 ARGV_PATH = f"{CODE_DIR}/argv"
 
@@ -54,6 +61,18 @@ BOOTSTRAP = (
     "exec(compile(open(p,'rb').read(),p,'exec'),m.__dict__)\n"
 )
 
+# Privileged ExecStartPre (outside the run's namespaces): stages the run's
+# inputs and a fresh machine-id (a random v4 UUID, as systemd-machine-id-setup
+# makes one) on the host's /run, to be bound read-only into the run.
+START_PRE_SCRIPT = r"""set -e
+umask 077
+mkdir -p "$1"
+umask 022
+cp -R "$2/in" "$1/in"
+IFS=- read -r a b c d e < /proc/sys/kernel/random/uuid
+printf '%s%s%s%s%s\n' "$a" "$b" "$c" "$d" "$e" > "$1/machine-id"
+"""
+
 # Command lines carry the `:` prefix: systemd must not expand `$…` in them.
 # Privileged ExecStopPost (runs after the run's processes are gone, while its
 # cgroup still exists): records the outcome durably in the run's directory, so
@@ -77,10 +96,21 @@ while IFS=: read -r _ c p; do
   esac
 done < /proc/self/cgroup
 printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\nend=1\n' \
-  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom" > "$1/result"
+  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom" > "$2/result"
+rm -rf -- "$1"
 """
 
+# A privileged (`+`) command still gets the unit's bind mounts and tmpfs
+# (its empty /sys, the tmpfs over the state dir's parent): these scripts run
+# in PID 1's mount namespace instead, where the run dir and cgroupfs are.
+ON_HOST = ["+:/usr/bin/nsenter", "--mount=/proc/1/ns/mnt", "--", "/bin/sh", "-c"]
+
 DENIED_SYSCALLS = "~@privileged @resources @keyring @debug @mount @obsolete @cpu-emulation"
+# In @system-service but not needed by Python: io_uring creates sockets of any
+# family past RestrictAddressFamilies= (IORING_OP_SOCKET) and is a large,
+# CVE-prone surface; userfaultfd widens kernel race windows for exploits;
+# kcmp orders kernel pointers; process_vm_* are ptrace's memory access.
+DENIED_CALLS = "~io_uring_setup io_uring_enter io_uring_register userfaultfd kcmp process_vm_readv process_vm_writev"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "RAYON_NUM_THREADS")
 MiB = 1024 * 1024
@@ -130,26 +160,56 @@ def environment(limits: Limits) -> list[str]:
     ]
 
 
+def stage_dir(run_id: str) -> str:
+    return f"{STAGE_ROOT}/{run_id}"
+
+
+def hide_state_dir(state_dir: PurePosixPath) -> tuple[list[str], list[str]]:
+    """(TemporaryFileSystem=, InaccessiblePaths=) entries hiding the state dir
+    without naming it: an empty tmpfs over its parent (/var/lib by default),
+    since InaccessiblePaths= on the state dir itself shows its path in
+    /proc/self/mountinfo. Under /run it is hidden already; right under /,
+    /usr or /etc only InaccessiblePaths= can hide it (its name then shows)."""
+    parent = state_dir.parent
+    if parent.is_relative_to("/run"):
+        return [], []
+    if str(parent) in ("/", "/usr", "/etc"):
+        return [], [f"-{state_dir}"]
+    return [f"{parent}:mode=755"], []
+
+
 def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
                   slice_name: str, runtime: Runtime, native_private_tmpfs: bool = False,
-                  secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
+                  native_private_cgroups: bool = False, secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
-    directory on the host (its `in/` is mounted read-only at CODE_DIR).
-    `native_private_tmpfs`: systemd >= 256, where TemporaryFileSystem=/tmp
-    and /var/tmp alone replace DynamicUser's implied PrivateTmp=.
+    directory on the host (its `in/`, staged on /run, is mounted read-only at
+    CODE_DIR). `native_private_tmpfs`: systemd >= 256, where
+    TemporaryFileSystem=/tmp and /var/tmp alone replace DynamicUser's implied
+    PrivateTmp= (and the legacy unit root is gone: /sys stays the host's,
+    read-only). `native_private_cgroups`: systemd >= 257, whose
+    ProtectControlGroups=private shows a run its own cgroup only.
     `secret_paths`: more host paths runs must not see (e.g. a config file
     given with --config outside /etc/unitbox)."""
     disk = f"mode=1777,size={limits.disk_mb}M"
-    read_only = [f"{run_dir / 'in'}:{CODE_DIR}"]
+    legacy = not native_private_tmpfs
+    stage = stage_dir(run_id)
+    # `-`: ExecStartPre= (privileged, but given the unit's bind mounts) starts
+    # before the staged files exist; the run itself only starts if it made them.
+    read_only = [f"-{stage}/in:{CODE_DIR}", f"-{stage}/machine-id:/etc/machine-id"]
+    if legacy:  # /sys: an empty tmpfs holding only the CPU topology; an empty /sys/fs/cgroup
+        read_only += [f"{LEGACY_UNIT_ROOT}{SYS_DIR}:/sys", f"{LEGACY_UNIT_ROOT}{EMPTY_DIR}:/sys/fs/cgroup",
+                      f"{SYS_KEPT}:{SYS_KEPT}"]
     if runtime.path is not None:
         read_only.append(f"{runtime.path}:{runtime.target or runtime.path}")
+    state_tmpfs, state_inaccessible = hide_state_dir(state_dir)
     return {
         "Description": f"unitbox run {run_id}",
         "Slice": slice_name,
         # lifecycle
         "Type": "exec",
         "ExecStart": [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP],
-        "ExecStopPost": ["+:/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", str(run_dir)],
+        "ExecStartPre": [*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(run_dir)],
+        "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", stage, str(run_dir)],
         "KillMode": "control-group",
         "KillSignal": "SIGKILL",  # cancel sends SIGTERM itself first (engine.CANCEL_GRACE_S)
         "OOMPolicy": "kill",
@@ -175,7 +235,9 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
             f"/tmp:{disk}",
             f"/var/tmp:{disk}",
             f"/dev/shm:{disk}",  # PrivateDevices shares the host's /dev/shm otherwise
-            *([] if native_private_tmpfs else [f"{TMP_DIR}:{disk}", f"{VAR_TMP_DIR}:{disk}"]),
+            *([f"{TMP_DIR}:{disk}", f"{VAR_TMP_DIR}:{disk}", f"{SYS_DIR}:mode=555", f"{EMPTY_DIR}:mode=555"]
+              if legacy else []),
+            *state_tmpfs,
         ],
         # systemd < 256: DynamicUser= implies PrivateTmp=, whose /tmp and
         # /var/tmp (directories on the host's /tmp and /var/tmp: uncapped, on
@@ -186,12 +248,12 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         **({} if native_private_tmpfs else {"BindPaths": [
             f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]}),
         "BindReadOnlyPaths": read_only,
-        "InaccessiblePaths": [f"-{state_dir}", "-/etc/unitbox", *(f"-{p}" for p in secret_paths)],
+        "InaccessiblePaths": [*state_inaccessible, "-/etc/unitbox", *(f"-{p}" for p in secret_paths)],
         # kernel
         "ProtectKernelTunables": True,
         "ProtectKernelModules": True,
         "ProtectKernelLogs": True,
-        "ProtectControlGroups": True,
+        **({"ProtectControlGroupsEx": "private"} if native_private_cgroups else {"ProtectControlGroups": True}),
         "ProtectClock": True,
         "ProtectHostname": True,
         "ProtectProc": "invisible",
@@ -208,7 +270,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "UMask": 0o077,
         # syscalls
         "SystemCallArchitectures": ["native"],
-        "SystemCallFilter": ["@system-service", DENIED_SYSCALLS],
+        "SystemCallFilter": ["@system-service", DENIED_SYSCALLS, DENIED_CALLS],
         "SystemCallErrorNumber": "EPERM",
         # resources
         "CPUAccounting": True,

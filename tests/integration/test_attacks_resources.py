@@ -314,14 +314,13 @@ def test_moving_out_of_the_run_cgroup_is_refused(client: Client) -> None:
         "tried = {}\n"
         "for target in ('/sys/fs/cgroup/cgroup.procs', '/sys/fs/cgroup/pids/cgroup.procs',\n"
         "               '/sys/fs/cgroup/memory/cgroup.procs', '/sys/fs/cgroup/unified/cgroup.procs'):\n"
-        "    if os.path.exists(target):\n"
-        "        tried[target] = attempt(lambda: open(target, 'w').write(str(os.getpid())))\n"
+        "    tried[target] = attempt(lambda: open(target, 'w').write(str(os.getpid())))\n"
         "report(tried=tried, moved=open('/proc/self/cgroup').read().splitlines() != mine)\n"
     )
     run = run_hostile(client, code)
     seen = report_of(run)
-    assert seen["tried"], seen
-    assert set(seen["tried"].values()) <= {"EROFS", "EACCES"}, seen
+    # ENOENT: /sys/fs/cgroup is an empty read-only tmpfs in a run (test_attacks_visibility)
+    assert set(seen["tried"].values()) <= {"EROFS", "EACCES", "ENOENT"}, seen
     assert seen["moved"] is False
 
 

@@ -6,7 +6,18 @@ from pathlib import PurePosixPath
 
 from unitbox.dbus_properties import encode_properties
 from unitbox.limits import Limits
-from unitbox.profile import BOOTSTRAP, STOP_POST_SCRIPT, Runtime, build_profile, run_id_of, thread_cap, unit_name
+from unitbox.profile import (
+    BOOTSTRAP,
+    ON_HOST,
+    START_PRE_SCRIPT,
+    STOP_POST_SCRIPT,
+    Runtime,
+    build_profile,
+    hide_state_dir,
+    run_id_of,
+    thread_cap,
+    unit_name,
+)
 from unitbox.systemd import unit_path
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)
@@ -24,7 +35,10 @@ def test_profile_exact_output() -> None:
         "Slice": "unitbox.slice",
         "Type": "exec",
         "ExecStart": [":/usr/bin/python3", "-I", "-u", "-c", BOOTSTRAP],
-        "ExecStopPost": ["+:/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", "/var/lib/unitbox/runs/abc123"],
+        "ExecStartPre": ["+:/usr/bin/nsenter", "--mount=/proc/1/ns/mnt", "--", "/bin/sh", "-c", START_PRE_SCRIPT,
+                         "unitbox-start-pre", "/run/unitbox-runs/abc123", "/var/lib/unitbox/runs/abc123"],
+        "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", "/run/unitbox-runs/abc123",
+                         "/var/lib/unitbox/runs/abc123"],
         "KillMode": "control-group",
         "KillSignal": "SIGKILL",
         "OOMPolicy": "kill",
@@ -54,11 +68,18 @@ def test_profile_exact_output() -> None:
             "/dev/shm:mode=1777,size=16M",
             "/run/unitbox/tmp:mode=1777,size=16M",
             "/run/unitbox/var-tmp:mode=1777,size=16M",
+            "/run/unitbox/sys:mode=555",
+            "/run/unitbox/empty:mode=555",
+            "/var/lib:mode=755",
         ],
         "BindPaths": ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
                       "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"],
-        "BindReadOnlyPaths": ["/var/lib/unitbox/runs/abc123/in:/run/unitbox/code"],
-        "InaccessiblePaths": ["-/var/lib/unitbox", "-/etc/unitbox"],
+        "BindReadOnlyPaths": ["-/run/unitbox-runs/abc123/in:/run/unitbox/code",
+                              "-/run/unitbox-runs/abc123/machine-id:/etc/machine-id",
+                              "/run/systemd/unit-root/run/unitbox/sys:/sys",
+                              "/run/systemd/unit-root/run/unitbox/empty:/sys/fs/cgroup",
+                              "/sys/devices/system/cpu:/sys/devices/system/cpu"],
+        "InaccessiblePaths": ["-/etc/unitbox"],
         "ProtectKernelTunables": True,
         "ProtectKernelModules": True,
         "ProtectKernelLogs": True,
@@ -78,7 +99,9 @@ def test_profile_exact_output() -> None:
         "UMask": 0o077,
         "SystemCallArchitectures": ["native"],
         "SystemCallFilter": ["@system-service",
-                             "~@privileged @resources @keyring @debug @mount @obsolete @cpu-emulation"],
+                             "~@privileged @resources @keyring @debug @mount @obsolete @cpu-emulation",
+                             "~io_uring_setup io_uring_enter io_uring_register userfaultfd kcmp process_vm_readv "
+                             "process_vm_writev"],
         "SystemCallErrorNumber": "EPERM",
         "CPUAccounting": True,
         "MemoryAccounting": True,
@@ -121,14 +144,17 @@ def test_tmp_and_var_tmp_are_capped_tmpfs_on_every_systemd() -> None:
     assert "BindPaths" not in native
     assert native["TemporaryFileSystem"] == ["/run:mode=755", "/run/unitbox/work:mode=1777,size=16M",
                                              "/tmp:mode=1777,size=16M", "/var/tmp:mode=1777,size=16M",
-                                             "/dev/shm:mode=1777,size=16M"]
+                                             "/dev/shm:mode=1777,size=16M", "/var/lib:mode=755"]
+    # no legacy unit root on systemd >= 256: /sys stays the host's (read-only), only the staged inputs are bound
+    assert native["BindReadOnlyPaths"] == ["-/run/unitbox-runs/abc123/in:/run/unitbox/code",
+                                           "-/run/unitbox-runs/abc123/machine-id:/etc/machine-id"]
 
 
 def test_secret_paths_are_made_inaccessible() -> None:
     props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                           runtime=Runtime("default", "/usr/bin/python3"), secret_paths=("/srv/unitbox.toml",))
-    assert props["InaccessiblePaths"] == ["-/var/lib/unitbox", "-/etc/unitbox", "-/srv/unitbox.toml"]
+    assert props["InaccessiblePaths"] == ["-/etc/unitbox", "-/srv/unitbox.toml"]
 
 
 def test_bind_paths_keep_the_ignore_missing_prefix_as_a_flag() -> None:
@@ -158,7 +184,7 @@ def test_every_profile_property_has_a_dbus_signature() -> None:
     args = encode_properties(profile())
     names = [value for kind, value in args if kind == ord("s") and isinstance(value, bytes)]
     assert {b"CPUQuotaPerSecUSec", b"RuntimeMaxUSec", b"ExecStopPostEx", b"ExecStartEx"} <= set(names)
-    assert names.count(b"SystemCallFilter") == 2
+    assert names.count(b"SystemCallFilter") == 3
 
 
 def test_runs_die_by_sigkill_and_the_outcome_recorder_is_not_cut_short() -> None:
@@ -170,3 +196,27 @@ def test_runs_die_by_sigkill_and_the_outcome_recorder_is_not_cut_short() -> None
     assert props["KillSignal"] == "SIGKILL"
     assert props["TimeoutStopSec"] >= 30
     assert props["TimeoutStartSec"] >= 30
+
+
+def test_the_state_dir_is_hidden_without_a_mount_that_names_it() -> None:
+    """Finding 4: InaccessiblePaths= on the state dir showed its path in
+    /proc/self/mountinfo; an empty tmpfs over its parent leaves no trace."""
+    assert hide_state_dir(PurePosixPath("/var/lib/unitbox")) == (["/var/lib:mode=755"], [])
+    assert hide_state_dir(PurePosixPath("/srv/unitbox/state")) == (["/srv/unitbox:mode=755"], [])
+    assert hide_state_dir(PurePosixPath("/run/unitbox-state")) == ([], [])  # under the run's empty /run already
+    assert hide_state_dir(PurePosixPath("/unitbox")) == ([], ["-/unitbox"])  # only / above it: named, but hidden
+    assert hide_state_dir(PurePosixPath("/etc/unitbox-state")) == ([], ["-/etc/unitbox-state"])
+
+
+def test_native_cgroup_privacy_on_new_systemd() -> None:
+    props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                          state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
+                          runtime=Runtime("default", "/usr/bin/python3"), native_private_tmpfs=True,
+                          native_private_cgroups=True)
+    assert props["ProtectControlGroupsEx"] == "private" and "ProtectControlGroups" not in props
+    assert encode_properties(props)  # it has a D-Bus signature
+
+
+def test_staged_inputs_are_removed_by_the_outcome_recorder() -> None:
+    assert STOP_POST_SCRIPT.rstrip().endswith('rm -rf -- "$1"')
+    assert 'cp -R "$2/in" "$1/in"' in START_PRE_SCRIPT and "machine-id" in START_PRE_SCRIPT

@@ -105,7 +105,7 @@ def test_built_runtimes_are_discovered_and_mounted_at_the_runtime_dir(tmp_path: 
     unit = props(sci)
     assert unit["ExecStart"][:3] == [":/run/unitbox/runtime/bin/python", "-I", "-u"]  # site-packages on: no -S
     assert f"{root / 'sci'}:/run/unitbox/runtime" in unit["BindReadOnlyPaths"]
-    assert "-/var/lib/unitbox" in unit["InaccessiblePaths"]
+    assert "/var/lib:mode=755" in unit["TemporaryFileSystem"]  # the state dir stays hidden (profile.hide_state_dir)
 
 
 def test_a_configured_runtime_shadows_a_built_one_of_the_same_name(tmp_path: Path) -> None:
