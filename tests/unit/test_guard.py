@@ -149,3 +149,26 @@ def test_clients_are_counted_by_address_ipv6_prefix_and_unix_uid() -> None:
     left, right = socket.socketpair()
     with left, right:
         assert client_key(Transport("", left)) == "uid:0" or client_key(Transport("", left)).startswith("uid:")
+
+
+def test_serve_binds_every_configured_address_and_passed_sockets_as_they_are(tmp_path: Path) -> None:
+    from unitbox.config import load_config
+    from unitbox.notify import InheritedFds
+    from unitbox.serve import _listening_sockets
+
+    path = tmp_path / "api.sock"
+    path.write_text("stale")  # a leftover socket file is replaced
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    config = load_config(Path("/dev/null"), environ={}, cli={"listen": [f"localhost:{port}", f"unix:{path}"]})
+    sockets = _listening_sockets(config, InheritedFds(sockets=[], stored={}))
+    try:
+        families = sorted(sock.family.name for sock in sockets)
+        assert "AF_UNIX" in families and ("AF_INET" in families or "AF_INET6" in families)
+        assert any(sock.getsockname() == str(path) for sock in sockets if sock.family == socket.AF_UNIX)
+        passed = _listening_sockets(config, InheritedFds(sockets=[sockets[0].fileno()], stored={}))
+        assert [sock.fileno() for sock in passed] == [sockets[0].fileno()]
+        passed[0].detach()
+    finally:
+        for sock in sockets:
+            sock.close()
