@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in config.ignored_env:
         log.warning("ignoring the environment variable %s: it names no setting", name)
     if args.command == "serve":
+        from unitbox.fdbudget import ensure_fd_budget
         from unitbox.serve import serve
+        try:
+            ensure_fd_budget(config)
+        except ConfigError as exc:
+            print(f"unitbox: {exc}", file=sys.stderr)
+            return 2
         asyncio.run(serve(config))
         return 0
     if args.command == "check-config":

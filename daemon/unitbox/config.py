@@ -80,6 +80,12 @@ class Config(_Section):
     queue_size: int = Field(default=1000, ge=0)
     max_request_kb: int = Field(default=1024, gt=0)
     wait_max_s: float = Field(default=300.0, gt=0)
+    # The HTTP side under hostile clients (api/guard.py, fdbudget.py): every
+    # connection costs a file descriptor, so their number and life are bounded.
+    max_connections: int = Field(default=2048, gt=0)
+    max_connections_per_client: int = Field(default=1024, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0, le=3600, allow_inf_nan=False)
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=15)  # + HTTP's 3 s, inside TimeoutStopSec=30
     log_level: str = "info"
     log_target: Literal["auto", "journal", "stderr"] = "auto"
@@ -126,6 +132,13 @@ class Config(_Section):
                 raise ValueError(f"limits.{name} ({value}) is above max_limits.{name}")
         if "default" in self.runtimes:
             raise ValueError("runtimes.default is built in and cannot be redefined")
+        return self
+
+    @model_validator(mode="after")
+    def _per_client_within_total(self) -> Config:
+        if self.max_connections_per_client > self.max_connections:
+            raise ValueError(f"max_connections_per_client ({self.max_connections_per_client}) is above "
+                             f"max_connections ({self.max_connections})")
         return self
 
     @property

@@ -35,6 +35,13 @@ class NotFound(UnitboxError):
     code = "not_found"
 
 
+class RequestTimeout(UnitboxError):
+    """The client did not send its request body in time (body_timeout_s)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(UnitboxError):
     status = 413
     code = "payload_too_large"

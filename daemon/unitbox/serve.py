@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from unitbox.api.app import create_app
+from unitbox.api.guard import ConnectionGuard, GuardedSite
 from unitbox.config import Config, parse_listen
 from unitbox.engine import Engine
 from unitbox.metrics import Metrics, watch_loop_lag
@@ -37,19 +38,60 @@ def build_engine(config: Config, inherited: InheritedFds | None = None) -> Engin
                   stored_fds=stored)
 
 
-def _sites(runner: web.AppRunner, config: Config, inherited: InheritedFds) -> list[web.BaseSite]:
+def _listening_sockets(config: Config, inherited: InheritedFds) -> list[socket.socket]:
+    """The sockets systemd passed (socket activation), else those of `listen`."""
     if inherited.sockets:
-        return [web.SockSite(runner, socket.socket(fileno=fd)) for fd in inherited.sockets]
-    sites: list[web.BaseSite] = []
+        return [socket.socket(fileno=fd) for fd in inherited.sockets]
+    sockets: list[socket.socket] = []
     for address in config.listen:
         target = parse_listen(address)
         if isinstance(target, str):
             with contextlib.suppress(FileNotFoundError):
                 Path(target).unlink()
-            sites.append(web.UnixSite(runner, target))
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(target)
+            sockets.append(sock)
         else:
-            sites.append(web.TCPSite(runner, target[0], target[1], reuse_address=True))
-    return sites
+            sockets.extend(_tcp_sockets(*target))
+    return sockets
+
+
+def _tcp_sockets(host: str, port: int) -> list[socket.socket]:
+    """One socket per address the host name resolves to (as loop.create_server would bind)."""
+    sockets = []
+    seen = set()
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE):
+        if (family, address) in seen:
+            continue
+        seen.add((family, address))
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sockets.append(sock)
+    return sockets
+
+
+def _sites(runner: web.AppRunner, config: Config, inherited: InheritedFds,
+           guard: ConnectionGuard) -> list[web.BaseSite]:
+    # A deep accept backlog: a burst of clients waits in the kernel (costing
+    # no descriptor) rather than being turned away by SYN drops.
+    backlog = min(config.max_connections, 4096)
+    return [GuardedSite(runner, sock, guard, backlog=backlog) for sock in _listening_sockets(config, inherited)]
+
+
+def _connection_guard(config: Config, metrics: Metrics) -> ConnectionGuard:
+    guard = ConnectionGuard(max_connections=config.max_connections,
+                            max_per_client=config.max_connections_per_client,
+                            header_timeout_s=config.header_timeout_s)
+    metrics.gauge("unitbox_http_connections_open", "Open HTTP connections.", lambda: guard.open)
+    metrics.gauge("unitbox_http_connections_refused", "Connections refused over a cap, since start.",
+                  lambda: guard.refused_total)
+    metrics.gauge("unitbox_http_head_timeouts", "Connections closed for sending no request head in time, "
+                  "since start.", lambda: guard.head_timeouts_total)
+    return guard
 
 
 async def _status_loop(engine: Engine) -> None:
@@ -68,14 +110,18 @@ async def serve(config: Config) -> None:
     inherited = inherited_fds()
     engine = build_engine(config, inherited)
     app = create_app(engine, shutdown_grace_s=config.shutdown_grace_s)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S)
+    # keepalive_timeout: an idle kept-alive connection, or one sending its
+    # next request head, is closed after header_timeout_s (guard.py bounds the first head).
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S,
+                           keepalive_timeout=config.header_timeout_s)
+    guard = _connection_guard(config, engine.metrics)
     await runner.setup()  # starts the engine (cleanup_ctx)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        for site in _sites(runner, config, inherited):
+        for site in _sites(runner, config, inherited, guard):
             await site.start()
             log.info("listening on %s", site.name)
         notify("READY=1", f"STATUS=Serving on {', '.join(config.listen)}", f"MAINPID={os.getpid()}")
@@ -89,3 +135,4 @@ async def serve(config: Config) -> None:
         lag.cancel()
     finally:
         await runner.cleanup()
+        guard.close()

@@ -12,13 +12,14 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from unitbox.errors import UnitboxError
+from unitbox.exhaustion import is_exhaustion, unavailable
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
     413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_input",
 }
 
@@ -65,7 +66,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         message = exc.text if exc.text and exc.text != exc.reason and not exc.text.startswith(str(exc.status)) \
             else _default_message(exc.status, request)
         return error_response(exc.status, _HTTP_CODES.get(exc.status, "http_error"), message, headers=headers)
-    except Exception:
+    except Exception as exc:
+        if is_exhaustion(exc):  # EMFILE, ENOMEM, ENOSPC… anywhere: the server's state, not a bug
+            busy = unavailable(exc)
+            log.warning("%s %s: %s", request.method, request.path, busy.message)
+            return error_response(busy.status, busy.code, busy.message, headers=busy.headers)
         # A bug, never bad input: log it, answer without a traceback, keep serving.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal_error", "internal error; see the daemon's log")

@@ -3,8 +3,11 @@ speak to the engine in dataclasses; errors are raised, never formatted here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +35,7 @@ from unitbox.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from unitbox.limits import resolve_limits
@@ -41,6 +45,19 @@ from unitbox.store import RunRecord
 
 MULTIPART_FIELDS = frozenset({"file", "stdin", "args", "limits", "runtime", "wait"})
 MAX_PAGE = 1000
+MAX_CURSOR = 2**63 - 1  # SQLite's largest integer: a cursor is a row's seq
+
+
+@asynccontextmanager
+async def _body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """A body that stalls (or trickles) past body_timeout_s is a 408: a
+    client must not hold a connection, and a worker's attention, forever."""
+    seconds = request.app[ENGINE].config.body_timeout_s
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {seconds:g} s") from None
 
 
 def _json(model: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -97,7 +114,8 @@ def _source_or_422(read: Any, field: str) -> bytes:
 async def run_json(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"send the run as application/json, not {request.content_type or 'nothing'}")
-    raw = await request.read()  # over client_max_size → 413
+    async with _body_deadline(request):
+        raw = await request.read()  # over client_max_size → 413
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -160,7 +178,8 @@ async def run_file(request: web.Request) -> web.Response:
     if request.content_type != "multipart/form-data":
         raise UnsupportedMediaType(f"upload the file as multipart/form-data, not {request.content_type or 'nothing'}")
     engine = request.app[ENGINE]
-    parts = await _read_parts(request, engine.config.max_request_kb * 1024)
+    async with _body_deadline(request):
+        parts = await _read_parts(request, engine.config.max_request_kb * 1024)
     if "file" not in parts:
         raise InvalidInput("the form has no 'file' part holding the Python source",
                            details=[{"field": "file", "message": "missing"}])
@@ -203,19 +222,25 @@ async def list_runs(request: web.Request) -> web.Response:
         except ValueError:
             raise InvalidInput(f"state must be one of {', '.join(s.value for s in RunState)}",
                                details=[{"field": "state", "message": "unknown state"}]) from None
-    try:
-        limit = int(query.get("limit", "50"))
-        before = int(query["cursor"]) if query.get("cursor") else None
-    except ValueError:
-        raise InvalidInput("limit and cursor must be integers") from None
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_PAGE}",
-                           details=[{"field": "limit", "message": "out of range"}])
+    limit = _query_int(query.get("limit", "50"), "limit", MAX_PAGE)
+    before = _query_int(query["cursor"], "cursor", MAX_CURSOR) if query.get("cursor") else None
     records = await request.app[ENGINE].page(state, limit + 1, before, caller_of(request))
     more = len(records) > limit
     records = records[:limit]
     cursor = str(records[-1].seq) if more and records else None
     return _json(RunsPage(runs=[_run_out(r) for r in records], next_cursor=cursor))
+
+
+def _query_int(raw: str, name: str, maximum: int) -> int:
+    """A positive integer query parameter, ≤ maximum, or a 422 naming it."""
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidInput(f"{name} must be a positive integer, got {raw[:40]!r}",
+                           details=[{"field": name, "message": "not a positive integer"}])
+    value = int(raw) if len(raw) <= 20 else maximum + 1  # never parse a huge string
+    if not 1 <= value <= maximum:
+        raise InvalidInput(f"{name} must be between 1 and {maximum}",
+                           details=[{"field": name, "message": "out of range"}])
+    return value
 
 
 async def runtimes(request: web.Request) -> web.Response:

@@ -22,7 +22,8 @@ from unitbox.api.models import (
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
     "400": "Malformed JSON or multipart body", "401": "Missing or wrong bearer token",
-    "404": "Unknown id or path", "405": "Wrong method", "413": "Body over the configured size",
+    "404": "Unknown id or path", "405": "Wrong method", "408": "Body not received within body_timeout_s",
+    "413": "Body over the configured size",
     "415": "Wrong content type", "422": "Well-formed but invalid", "503": "Queue full or service unavailable",
 }
 
@@ -56,7 +57,7 @@ def build_openapi() -> dict[str, Any]:
         "200": _json_body(RunOut, "The finished run (when waiting)"),
         "202": {**_json_body(SubmitOut, "Accepted; poll status_url"),
                 "headers": {"Location": {"schema": {"type": "string"}}}},
-        **_errors("400", "401", "405", "413", "415", "422", "503"),
+        **_errors("400", "401", "405", "408", "413", "415", "422", "503"),
     }
     multipart = {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"}, "stdin": {"type": "string"},
