@@ -4,6 +4,7 @@ remove, purge. The steps run in this order and build on each other."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -141,6 +142,40 @@ def test_timeout_holds(vm: VM) -> None:
 
 def _records(vm: VM) -> dict[str, str]:
     return {run["id"]: run["state"] for run in vm.curl("GET", "/runs?limit=100")["runs"]}
+
+
+def test_oom_flood_ends_at_the_first_kill_on_cgroup_v2(vm: VM) -> None:
+    """Issue 12 finding 6 on pure cgroup v2: children overrunning memory_mb in
+    a loop end the run at the first OOM kill (OOMPolicy=kill, and the OOM
+    watch), not at timeout_s."""
+    code = ("import os\nwhile True:\n    pid = os.fork()\n    if pid == 0:\n"
+            "        hog = bytearray(256 << 20)\n        os._exit(0)\n    os.waitpid(pid, 0)\n")
+    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"memory_mb": 64, "timeout_s": 30}})
+    step("children allocating 256 MiB in a loop, memory_mb 64, timeout_s 30",
+         f"{run['state']} after {run['duration_ms']} ms, signal {run['signal']}")
+    assert run["state"] == "oom_killed", run
+    assert run["duration_ms"] < 10_000, run  # at the first kill, not at the 30 s deadline
+
+
+def test_a_run_sees_no_other_run_nor_the_hosts_services_on_cgroup_v2(vm: VM) -> None:
+    """Issue 12 finding 4 on pure cgroup v2: the cgroup tree a run can list
+    names no other run and no host service; io_uring is refused (finding 3)."""
+    other = vm.curl("POST", "/run-json", {"code": "import time\ntime.sleep(60)"})
+    code = ("import os, ctypes, json\n"
+            "names = [d for top, dirs, files in os.walk('/sys/fs/cgroup') for d in dirs]\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "r = libc.syscall(425, 8, ctypes.create_string_buffer(120))\n"  # io_uring_setup
+            "print(json.dumps({'names': names, 'uring': [r, ctypes.get_errno()]}))\n")
+    try:
+        run = vm.curl("POST", "/run-json?wait=true", {"code": code})
+        seen = json.loads(vm.curl("GET", f"/output/{run['id']}")["stdout"])
+    finally:
+        vm.curl("POST", f"/runs/{other['id']}/cancel")
+    step("a run lists /sys/fs/cgroup while another run is live, and calls io_uring_setup",
+         f"{len(seen['names'])} cgroup dirs seen; io_uring_setup -> {seen['uring']}")
+    assert not any(other["id"] in name for name in seen["names"]), seen
+    assert "system.slice" not in seen["names"] and "unitbox.service" not in seen["names"], seen
+    assert seen["uring"] == [-1, 1], seen  # EPERM
 
 
 def test_restart_loses_no_record(vm: VM) -> None:
