@@ -22,7 +22,7 @@ from unitbox.limits import Limits
 from unitbox.profile import build_profile
 from unitbox.rundir import RunDir
 from unitbox.runtimes import Runtimes
-from unitbox.systemd import Systemd, UnitSnapshot
+from unitbox.systemd import Systemd, UnitEnd, UnitEvent
 
 BENCH_STATE = Path("/var/lib/unitbox-baseline")
 SLICE = "unitbox.slice"
@@ -66,22 +66,21 @@ class Ceiling:
         """One unit, start to finish. Raises if it did not succeed."""
         run_id, run_dir = new_run("c", code)
         name = f"ubench-dbus-{run_id}.service"
-        done: asyncio.Future[UnitSnapshot] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[UnitEnd] = asyncio.get_running_loop().create_future()
 
-        def changed(snapshot: UnitSnapshot) -> None:
-            if snapshot.finished and not done.done():
-                done.set_result(snapshot)
+        def changed(event: UnitEvent) -> None:
+            if isinstance(event, UnitEnd) and not done.done():
+                done.set_result(event)
         self.systemd.watch(name, changed)
         try:
             fd = self._devnull
             self.systemd.start_transient_service(name, profile_for(run_id, run_dir),
                                                  {"input": fd, "output": fd, "error": fd})
-            snapshot = await asyncio.wait_for(done, 60)
+            end = await asyncio.wait_for(done, 60)
         finally:
             self.systemd.unwatch(name)
-        result = snapshot.service.get("Result", "success")
-        if snapshot.active_state == "failed" or result != "success":
-            raise RuntimeError(f"{name}: {snapshot.active_state} ({result})")
+        if end.result not in ("success", ""):
+            raise RuntimeError(f"{name}: {end.result} ({end.exit_code} {end.exit_status})")
 
 
 async def _main(args: argparse.Namespace) -> None:

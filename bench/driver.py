@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-
 from ceiling import BENCH_STATE, Ceiling, interpreter_command, new_run, profile_for
 from sdrun_flags import flags
 

@@ -44,10 +44,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from ceiling import BENCH_STATE, profile_for  # noqa: E402
-from sdrun_flags import STOP_POST_FILE, stop_post_script  # noqa: E402
+from sdrun_flags import script_files  # noqa: E402
+from unitbox.rundir import RunDir  # noqa: E402
+
 from tests.support.daemon import Daemon  # noqa: E402
 from tests.support.testhost import TestHost, booted, collect_stale_hosts  # noqa: E402
-from unitbox.rundir import RunDir  # noqa: E402
 
 MODES = ["floor", "systemd-run", "dbus", "http-wait", "http-poll"]
 UNITBOX_MODES = ["http-wait", "http-poll"]
@@ -180,12 +181,14 @@ class DriverProcess:
 
 # -- the run ----------------------------------------------------------------------
 def prepare_host(host: TestHost) -> None:
-    """unitbox.slice as an operator installs it, and the baseline's stop-post script."""
+    """unitbox.slice as an operator installs it, and the baseline's privileged scripts."""
     host.path("/etc/systemd/system/unitbox.slice").write_text((REPO / "units" / "unitbox.slice").read_text())
     host.run("systemctl", "daemon-reload")
     host.sh(f"mkdir -p {BENCH_STATE}/runs")
     profile = profile_for("x", RunDir(Path("/nonexistent")))
-    host.path(STOP_POST_FILE).write_text(stop_post_script(profile))
+    for path, script in script_files(profile).items():
+        host.path(path).parent.mkdir(parents=True, exist_ok=True)
+        host.path(path).write_text(script)
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noqa: PLR0915

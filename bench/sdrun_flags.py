@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-# ExecStopPost's shell script cannot travel inside a `-p` value (systemd-run
-# parses it as a unit-file command line); the operator's version keeps it in
-# a file and runs it the same way: privileged, after the run, same argument.
-STOP_POST_FILE = "/var/lib/unitbox-baseline/stop-post.sh"
+# The privileged shell scripts (ExecStartPre stages the run's inputs,
+# ExecStopPost records its outcome) cannot travel inside a `-p` value
+# (systemd-run parses it as a unit-file command line); the operator's version
+# keeps each in a file and runs it the same way: same prefix, same arguments.
+SCRIPT_FILES = {"ExecStartPre": "/var/lib/unitbox-baseline/start-pre.sh",
+                "ExecStopPost": "/var/lib/unitbox-baseline/stop-post.sh"}
 
 
 def _value(value: Any) -> str:
@@ -27,9 +29,9 @@ def flags(profile: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     for name, value in profile.items():
         if name == "ExecStart":
             command = [value[0].lstrip("+:-"), *value[1:]]
-        elif name == "ExecStopPost":
-            *_, run_dir = value
-            out.append(f"ExecStopPost=+/bin/sh {STOP_POST_FILE} {run_dir}")
+        elif name in SCRIPT_FILES:  # [prefix…, "/bin/sh", "-c", SCRIPT, $0, args…]
+            split = value.index("-c")
+            out.append(f"{name}={' '.join([*value[:split], SCRIPT_FILES[name], *value[split + 3:]])}")
         elif name == "CPUQuota":
             out.append(f"CPUQuota={value}%")
         elif name == "UMask":
@@ -42,7 +44,7 @@ def flags(profile: Mapping[str, Any]) -> tuple[list[str], list[str]]:
             out.append(f"{name}=")  # the empty assignment: no capabilities at all
         elif name in ("IPAddressDeny", "RestrictAddressFamilies", "SystemCallArchitectures"):
             out.append(f"{name}={' '.join(value)}")
-        elif name in {"RuntimeMaxSec", "TimeoutStopSec"}:
+        elif name in {"RuntimeMaxSec", "TimeoutStopSec", "TimeoutStartSec"}:
             out.append(f"{name}={value}s")
         elif isinstance(value, list):
             out += [f"{name}={_value(item)}" for item in value]
@@ -55,7 +57,7 @@ def flags(profile: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return [arg for item in out for arg in ("-p", item)], command
 
 
-def stop_post_script(profile: Mapping[str, Any]) -> str:
-    """The ExecStopPost shell script, to write to STOP_POST_FILE."""
-    _sh, _c, script, *_ = profile["ExecStopPost"]
-    return str(script)
+def script_files(profile: Mapping[str, Any]) -> dict[str, str]:
+    """{path: shell script} for every command spelled through SCRIPT_FILES."""
+    return {path: str(profile[name][profile[name].index("-c") + 1])
+            for name, path in SCRIPT_FILES.items() if name in profile}
