@@ -231,21 +231,27 @@ class Systemd:
         if self._disconnected:
             self._lost("the bus said Disconnected (dbus restarted?)")
 
-    def _call(self, method: bytes, args: list[tuple[int, Any]], path: bytes = MANAGER_PATH,
-              interface: bytes = MANAGER) -> Any:
+    def _blocking(self, what: str, call: Callable[[DBus], Any]) -> Any:
+        """One blocking round trip to PID 1. A broken connection is reported
+        (`_lost`); any D-Bus error becomes a SystemdError saying `what` failed."""
         if self._bus is None:
-            raise SystemdError("not connected to systemd")
+            raise SystemdError(f"{what}: not connected to the system bus")
         try:
-            return self._bus.call_method(DEST, path, interface, method, args).body
+            return call(self._bus)
         except DBusBaseError as exc:
             message = _dbus_message(exc)
             if any(mark in message for mark in _CONNECTION_GONE):
                 self._lost(message)
-            raise SystemdError(f"systemd {method.decode()}: {message}") from exc
+            raise SystemdError(f"{what}: {message}") from exc
         finally:
             # A blocking call can leave signals queued without the fd turning readable.
             if self._loop is not None:
                 self._loop.call_soon(self._drain)
+
+    def _call(self, method: bytes, args: list[tuple[int, Any]], path: bytes = MANAGER_PATH,
+              interface: bytes = MANAGER) -> Any:
+        return self._blocking(f"systemd {method.decode()}",
+                              lambda bus: bus.call_method(DEST, path, interface, method, args).body)
 
     # -- signals -------------------------------------------------------------
     @staticmethod
@@ -327,27 +333,19 @@ class Systemd:
         return end_from_service({key: self._property(path, key, sig) for key, sig in _END_PROPERTIES.items()})
 
     def _property(self, path: bytes, name: str, signature: bytes) -> Any:
-        if self._bus is None:
-            raise SystemdError("not connected to systemd")
         try:
-            return _text(self._bus.get_property(DEST, path, SERVICE_IFACE.encode(), name.encode(), signature))
-        except DBusBaseError:
+            return _text(self._blocking(f"reading {name}", lambda bus: bus.get_property(
+                DEST, path, SERVICE_IFACE.encode(), name.encode(), signature)))
+        except SystemdError:
             return None  # unloaded in the meantime: what is known is what the result file says
-        finally:
-            if self._loop is not None:
-                self._loop.call_soon(self._drain)
 
     def ensure_slice(self, name: str, properties: Mapping[str, Any]) -> bool:
         """Start `name` as a transient slice unless the host already has it
         (e.g. from units/unitbox.slice). Returns True if it was created."""
-        if self._bus is None:
-            raise SystemdError("not connected to systemd")
-        try:
-            body = self._call(b"LoadUnit", apply_signature(b"s", [name.encode()]))
-            path = body if isinstance(body, bytes) else body[0]
-            load_state = _text(self._bus.get_property(DEST, path, UNIT_IFACE.encode(), b"LoadState", b"s"))
-        except (SystemdError, DBusBaseError) as exc:
-            raise SystemdError(f"systemd LoadUnit {name}: {exc}") from exc
+        body = self._call(b"LoadUnit", apply_signature(b"s", [name.encode()]))
+        path = body if isinstance(body, bytes) else body[0]
+        load_state = _text(self._blocking(f"systemd LoadUnit {name}", lambda bus: bus.get_property(
+            DEST, path, UNIT_IFACE.encode(), b"LoadState", b"s")))
         if load_state == "loaded":
             return False
         args = apply_signature(b"ss", [name.encode(), b"fail"])
@@ -358,18 +356,8 @@ class Systemd:
 
     def version(self) -> str:
         """systemd's version; doubles as a liveness check of the bus and PID 1."""
-        if self._bus is None:
-            raise SystemdError("systemd does not answer: not connected to the system bus")
-        try:
-            return str(_text(self._bus.get_property(DEST, MANAGER_PATH, MANAGER, b"Version", b"s")))
-        except DBusBaseError as exc:
-            message = _dbus_message(exc)
-            if any(mark in message for mark in _CONNECTION_GONE):
-                self._lost(message)
-            raise SystemdError(f"systemd does not answer: {message}") from exc
-        finally:
-            if self._loop is not None:
-                self._loop.call_soon(self._drain)
+        return str(_text(self._blocking("systemd does not answer", lambda bus: bus.get_property(
+            DEST, MANAGER_PATH, MANAGER, b"Version", b"s"))))
 
 
 def _dbus_message(exc: DBusBaseError) -> str:
