@@ -11,13 +11,13 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.daemon import Client, Daemon, DaemonService
-from tests.support.load import KINDS, Load, wait_for, wrong_facts
+from tests.support.load import KINDS, Kind, Load, Outcome, wait_for, wrong_facts
 from tests.support.testhost import TestHost, booted
 
 SOAK_RUNS = int(os.environ.get("UBX_SOAK_RUNS", "2000"))
@@ -49,9 +49,10 @@ def settled(service: Daemon) -> None:
     assert wait_for(lambda: not service.host.units(), 30), service.host.units()
 
 
-def none_twice(client: Client, outcomes: list[object]) -> None:
+def none_lost_or_twice(client: Client, outcomes: list[Outcome]) -> None:
     listed = [r["id"] for r in client.get("/runs?limit=1000").json()["runs"]]
     assert len(listed) == len(set(listed)), "a run is listed twice"
+    assert {o.run["id"] for o in outcomes} <= set(listed), "an accepted run is not listed"
 
 
 def test_soak_mixed_runs_at_16_way_every_run_ends_true(host: TestHost, tmp_path: Path) -> None:
@@ -76,18 +77,27 @@ def test_soak_mixed_runs_at_16_way_every_run_ends_true(host: TestHost, tmp_path:
         service.stop()
 
 
+def survives(service: DaemonService, fault: Callable[[], None], *, after: float, seed: int,
+             kinds: list[Kind] | None = None, sizes_known: bool = True) -> None:
+    """A mixed load with `fault()` injected once `after` of it is done: every
+    run still ends in its true state, none twice, and all is well after."""
+    def inject(load: Load) -> None:
+        assert wait_for(lambda: load.done >= FAULT_RUNS * after, 120)
+        fault()
+    outcomes = Load(service.client, FAULT_RUNS, parallel=12, seed=seed, kinds=kinds).run(during=inject)
+    # Where output could not be stored (a full disk), sizes tell the truth of
+    # what is stored: then only states and exit codes are compared.
+    problems = [p for p in wrong_facts(outcomes) if sizes_known or "stdout_bytes" not in p]
+    assert not problems, f"{len(problems)} wrong facts, e.g. {problems[:5]}\n{service.journal(100)}"
+    none_lost_or_twice(service.client, outcomes)
+    settled(service)
+
+
 def test_dbus_restart_mid_load(host: TestHost, tmp_path: Path) -> None:
     service = DaemonService(host, tmp_path, name="bus", config="max_concurrent = 8\n")
     service.start()
     try:
-        def restart_dbus(load: Load) -> None:
-            assert wait_for(lambda: load.done >= FAULT_RUNS // 4, 120)
-            host.run("systemctl", "restart", "dbus")
-        outcomes = Load(service.client, FAULT_RUNS, parallel=12, seed=3).run(during=restart_dbus)
-        problems = wrong_facts(outcomes)
-        assert not problems, f"{len(problems)} wrong facts, e.g. {problems[:5]}\n{service.journal(100)}"
-        none_twice(service.client, outcomes)
-        settled(service)
+        survives(service, lambda: host.run("systemctl", "restart", "dbus"), after=0.25, seed=3)
         assert "lost the system bus connection" in service.journal()
         assert "reconnected to systemd" in service.journal()
     finally:
@@ -98,14 +108,7 @@ def test_kill_9_of_the_daemon_mid_load(host: TestHost, tmp_path: Path) -> None:
     service = DaemonService(host, tmp_path, name="kill", config="max_concurrent = 8\n")
     service.start()
     try:
-        def crash(load: Load) -> None:
-            assert wait_for(lambda: load.done >= FAULT_RUNS // 3, 120)
-            service.crash()
-        outcomes = Load(service.client, FAULT_RUNS, parallel=12, seed=4).run(during=crash)
-        problems = wrong_facts(outcomes)
-        assert not problems, f"{len(problems)} wrong facts, e.g. {problems[:5]}\n{service.journal(100)}"
-        none_twice(service.client, outcomes)
-        settled(service)
+        survives(service, service.crash, after=1 / 3, seed=4)
         assert "recovering run" in service.journal()
     finally:
         service.stop()
@@ -122,20 +125,11 @@ def test_full_state_filesystem_mid_load(host: TestHost, tmp_path: Path) -> None:
     try:
         service.start()
 
-        def fill_then_free(load: Load) -> None:
-            assert wait_for(lambda: load.done >= FAULT_RUNS // 4, 120)
+        def fill_then_free() -> None:
             host.sh(f"dd if=/dev/zero of={state}/filler bs=64k 2>/dev/null || true")
-            assert wait_for(lambda: load.refusals > 0 or load.done >= FAULT_RUNS, 60)
-            time.sleep(2)  # runs end while nothing can be written
+            time.sleep(3)  # submissions are refused and runs end while nothing can be written
             host.sh(f"rm -f {state}/filler")
-        outcomes = Load(service.client, FAULT_RUNS, parallel=12, seed=5, kinds=QUIET_KINDS).run(
-            during=fill_then_free)
-        # Output written while the disk was full is lost: sizes tell the truth
-        # of what is stored, so only the states and exit codes are compared.
-        problems = [p for p in wrong_facts(outcomes) if "stdout_bytes" not in p]
-        assert not problems, f"{len(problems)} wrong facts, e.g. {problems[:5]}\n{service.journal(100)}"
-        none_twice(service.client, outcomes)
-        settled(service)
+        survives(service, fill_then_free, after=0.25, seed=5, kinds=QUIET_KINDS, sizes_known=False)
     finally:
         service.stop()
         host.sh(f"umount {state} || umount -l {state}", check=False)
