@@ -99,7 +99,6 @@ class Engine:
         self._runner = Runner(systemd, store, self._launcher, self._admission, metrics=self.metrics,
                               run_dir=self.run_dir, stored_fds=stored_fds)
         self._stopped = False
-        self.healthy = False  # the last health check's verdict (the watchdog is pinged only while True)
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self.executing)
         self.metrics.gauge("unitbox_queue_depth", "Runs waiting for a free slot.", lambda: self.queue_depth)
         self.metrics.gauge("unitbox_stored_bytes", "Bytes stored for runs, against retention.max_total_mb.",
@@ -120,7 +119,6 @@ class Engine:
         if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
             log.info("created transient %s (install units/unitbox.slice for the shipped caps)", self.config.slice)
         runner.accepting = True
-        self.healthy = True
         await runner.take_over(await recover(self._store, self._systemd, self.config.runs_dir))
         runner.spawn(runner.retry_unsaved())
         runner.spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention, self.budget,
@@ -241,15 +239,13 @@ class Engine:
         return await self._runner.cancel(run)
 
     async def health(self) -> Health:
-        """systemd answering and the store answering; remembered for the watchdog."""
+        """systemd answering and the store answering (the watchdog is pinged only while ok)."""
         try:
             if not self._runner.bus_ok:
                 raise SystemdError("systemd does not answer: the bus connection is being re-made")
             version = self._systemd.version()
             await self._store.ping()
         except UnitboxError as exc:
-            self.healthy = False
             reason = exc.message if isinstance(exc, SystemdError) else f"run store: {exc.message}"
             return Health(False, reason)
-        self.healthy = True
         return Health(True, systemd_version=version)

@@ -109,8 +109,7 @@ class Runner:
         if run.timer is not None:
             run.timer.cancel()
             run.timer = None
-        if (limit := deadline_s(to, run.record.limits)) is not None:
-            run.timer = asyncio.get_running_loop().call_later(limit, self._deadline_passed, run, to)
+        self._arm(run)
         if to in (Phase.STARTED, Phase.RUNNING):
             self._oom.watch(run.id)
         elif to is Phase.ENDING:
@@ -255,7 +254,6 @@ class Runner:
         if not self.bus_ok:
             return
         self.bus_ok = False
-        self.healthy = False
         self.spawn(self._reconnect())
 
     async def _reconnect(self) -> None:

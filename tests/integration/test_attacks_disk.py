@@ -149,7 +149,7 @@ def test_state_filesystem_below_its_free_floor_refuses_new_runs(testhost: TestHo
     (retention.min_free_mb = 512) on a 520 MB state filesystem."""
     server = Daemon(testhost, tmp_path, name="floor")
     state = server.state_dir
-    testhost.sh(f"mkdir -p {state} && mount -t tmpfs -o size=520m,mode=0700 tmpfs {state}")
+    testhost.mount_tmpfs(state, "520m")
     try:
         server.start()
         client = server.client
@@ -169,7 +169,7 @@ def test_state_filesystem_below_its_free_floor_refuses_new_runs(testhost: TestHo
         assert wait_until(lambda: client.post_json("/run-json?wait=true", {"code": "print(2)"}).status == 200, 5)
     finally:
         server.stop()
-        testhost.sh(f"umount {state} || umount -l {state}", check=False)
+        testhost.unmount(state)
 
 
 OOM_FLOOD = (

@@ -125,7 +125,7 @@ def test_full_state_disk_refuses_new_runs_with_503_and_recovers(testhost: TestHo
     # it to 0 here to test what a really full disk does (the floor has its own catalogue test).
     server = DaemonService(testhost, tmp_path, name="fulldisk", config="[retention]\nmin_free_mb = 0\n")
     state = server.state_dir
-    testhost.sh(f"mkdir -p {state} && mount -t tmpfs -o size=6m,mode=0700 tmpfs {state}")
+    testhost.mount_tmpfs(state, "6m")
     try:
         server.start()
         client = server.client
@@ -143,7 +143,7 @@ def test_full_state_disk_refuses_new_runs_with_503_and_recovers(testhost: TestHo
         assert client.status(done["id"])["state"] in TERMINAL
     finally:
         server.stop()
-        testhost.sh(f"umount {state} || umount -l {state}", check=False)
+        testhost.unmount(state)
 
 
 def test_orphan_unit_with_a_missing_record_is_stopped(service: DaemonService, testhost: TestHost) -> None:

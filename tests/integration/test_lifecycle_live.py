@@ -121,7 +121,7 @@ def test_full_state_filesystem_mid_load(host: TestHost, tmp_path: Path) -> None:
     # min_free_mb = 0: this tests a really full disk (the free-space floor has its own catalogue test)
     service = DaemonService(host, tmp_path, name="full", config="max_concurrent = 8\n[retention]\nmin_free_mb = 0\n")
     state = service.state_dir
-    host.sh(f"mkdir -p {state} && mount -t tmpfs -o size=24m,mode=0700 tmpfs {state}")
+    host.mount_tmpfs(state, "24m")
     try:
         service.start()
 
@@ -132,7 +132,7 @@ def test_full_state_filesystem_mid_load(host: TestHost, tmp_path: Path) -> None:
         survives(service, fill_then_free, after=0.25, seed=5, kinds=QUIET_KINDS, sizes_known=False)
     finally:
         service.stop()
-        host.sh(f"umount {state} || umount -l {state}", check=False)
+        host.unmount(state)
 
 
 def test_shutdown_answers_held_waits_and_ends_well_inside_the_stop_timeout(host: TestHost,

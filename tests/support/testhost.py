@@ -66,6 +66,13 @@ class TestHost:
             return subprocess.Popen(self.command(*argv), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
 
+    def mount_tmpfs(self, inside: str, size: str) -> None:
+        """A small private filesystem at `inside` (e.g. a state dir that can fill up); `unmount` it after."""
+        self.sh(f"mkdir -p {inside} && mount -t tmpfs -o size={size},mode=0700 tmpfs {inside}")
+
+    def unmount(self, inside: str) -> None:
+        self.sh(f"umount {inside} || umount -l {inside}", check=False)
+
     def path(self, inside: str) -> Path:
         """A path inside the host, seen from outside (through its PID 1's root)."""
         return Path(f"/proc/{self.pid}/root") / inside.lstrip("/")

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +116,6 @@ async def test_capture_stops_at_the_budget_without_a_hole_and_flags_truncation(r
     assert budget.total == 10 * MiB and budget.size_of("r1") == 100_000
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
-    opened = RunStore(tmp_path / "unitbox.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 def listing(directory: Path) -> list[str]:

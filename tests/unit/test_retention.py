@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,12 +28,6 @@ def never_live(_: str) -> bool:
     return False
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
-    opened = RunStore(tmp_path / "unitbox.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ close(), is Unavailable (a 503), never an exception that becomes a 500."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ def record(run_id: str) -> RunRecord:
     return RunRecord(id=run_id, state=RunState.QUEUED, created_at=1.0, limits=Limits())
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
-    opened = RunStore(tmp_path / "unitbox.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 async def test_a_file_that_is_no_database_cannot_be_opened(tmp_path: Path) -> None:

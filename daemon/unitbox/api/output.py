@@ -41,11 +41,11 @@ from unitbox.api.auth import caller_of
 from unitbox.api.state import ENGINE
 from unitbox.capture import stored_output
 from unitbox.errors import InvalidInput
+from unitbox.lifecycle import STREAMS
 from unitbox.store import RunRecord
 
 log = logging.getLogger(__name__)
 
-STREAMS = ("stdout", "stderr")
 READ_CHUNK = 1 << 16  # per read: bounds what a request holds at a time (its bytes, text, escaped text)
 
 
