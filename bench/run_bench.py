@@ -83,11 +83,26 @@ def plan(quick: bool, rounds: int) -> list[dict[str, Any]]:
 
 
 # -- measuring from outside ---------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
+def cpu_seconds(pid: int, reaped_children: bool = False) -> float:
+    """utime + stime of a process (all its threads), in seconds; with
+    `reaped_children`, plus that of its children that have exited."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
+    return sum(int(f) for f in fields[11:15 if reaped_children else 13]) / CLOCK_TICK
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def broker_cpu_seconds(daemon_pid: int) -> float:
+    """The broker's CPU: the daemon's children, alive (now) and reaped (a
+    broker that was replaced). Runs are systemd's children, not the daemon's."""
+    live = sum(cpu_seconds(child) for child in children(daemon_pid))
+    return live + cpu_seconds(daemon_pid, reaped_children=True) - cpu_seconds(daemon_pid)
 
 
 def lag_histogram(daemon: Daemon) -> dict[float, int]:
@@ -216,10 +231,11 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noqa:
                 nonlocal done_before
                 assert driver is not None
                 lag0 = lag_histogram(daemon) if mode in UNITBOX_MODES else {}
-                cpu0, pid1_cpu0 = cpu_seconds(pid), cpu_seconds(pid1)
+                cpu0, broker0, pid1_cpu0 = cpu_seconds(pid), broker_cpu_seconds(pid), cpu_seconds(pid1)
                 result = driver.batch(mode, program, concurrency, runs,
                                       lambda n: progress.show(done_before + n, label))
                 result["daemon_cpu_s"] = cpu_seconds(pid) - cpu0
+                result["broker_cpu_s"] = broker_cpu_seconds(pid) - broker0
                 result["pid1_cpu_s"] = cpu_seconds(pid1) - pid1_cpu0
                 if mode in UNITBOX_MODES:
                     result["lag_hist"] = hist_delta(lag0, lag_histogram(daemon))
@@ -244,7 +260,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noqa:
             results["soak"] = {**soak, "runs": soak_runs, "concurrency": 16, "program": "pass", "mode": "http-wait"}
             results["rss_kib_after_soak"] = daemon.rss_kib()
             if profile_runs:
-                results["profile"] = profile_daemon(pid, lambda: run_batch(
+                results["profile"] = profile_unitbox(pid, lambda: run_batch(
                     "http-wait", "pass", 16, profile_runs, f"py-spy: {profile_runs} runs x16"), args.out)
             progress.finish()
             results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -263,27 +279,38 @@ def machine_info() -> dict[str, Any]:
 
 
 # -- py-spy -------------------------------------------------------------------------
-def profile_daemon(pid: int, load: Any, out_dir: Path) -> dict[str, Any]:
+def profile_unitbox(pid: int, load: Any, out_dir: Path) -> dict[str, Any]:
+    """py-spy in CPU mode (on-CPU samples only: no --gil, no --idle) on the
+    daemon and on its broker at once, under `load`."""
     py_spy = shutil.which("py-spy", path=str(REPO / ".venv" / "bin")) or shutil.which("py-spy")
     if py_spy is None:
         return {"error": "py-spy is not installed (pip install py-spy)"}
-    raw = out_dir / "profile.collapsed.txt"
-    spy = subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
-                            "--output", str(raw), "--gil", "--threads"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    targets = {"daemon": pid}
+    if broker := children(pid):
+        targets["broker"] = broker[0]
+    raws = {name: out_dir / f"profile-{name}.collapsed.txt" for name in targets}
+    spies = [subprocess.Popen([py_spy, "record", "--pid", str(target), "--rate", "200", "--format", "raw",
+                               "--output", str(raws[name]), "--threads"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for name, target in targets.items()]
     time.sleep(1.0)
     try:
         batch = load()
     finally:
-        spy.send_signal(signal.SIGINT)
-        spy.wait(30)
-    summary = summarize_profile(raw) if raw.exists() else {"error": "py-spy wrote nothing"}
-    if raw.exists():  # keep it for a flame graph (speedscope reads it), compressed
-        with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
-    summary["batch"] = {k: batch[k] for k in ("wall_s", "errors", "daemon_cpu_s")}
-    summary["runs"] = len(batch["latencies"])
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in spies:
+            spy.wait(30)
+    runs = len(batch["latencies"])
+    summary: dict[str, Any] = {"runs": runs, "batch": {k: batch[k] for k in ("wall_s", "errors", "daemon_cpu_s",
+                                                                            "broker_cpu_s")}}
+    for name, raw in raws.items():
+        summary[name] = summarize_profile(raw) if raw.exists() else {"error": "py-spy wrote nothing"}
+        summary[name]["cpu_ms_per_run"] = 1000 * batch[f"{name}_cpu_s"] / max(1, runs)
+        if raw.exists():  # keep it for a flame graph (speedscope reads it), compressed
+            with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            raw.unlink()
     return summary
 
 
@@ -333,13 +360,14 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
     cells: dict[tuple[str, str, int], dict[str, Any]] = {}
     for b in results["batches"]:
         cell = cells.setdefault((b["program"], b["mode"], b["concurrency"]), {
-            "latencies": [], "wall_s": 0.0, "errors": 0, "daemon_cpu_s": 0.0, "pid1_cpu_s": 0.0,
+            "latencies": [], "wall_s": 0.0, "errors": 0, "daemon_cpu_s": 0.0, "broker_cpu_s": 0.0, "pid1_cpu_s": 0.0,
             "lag_hist": defaultdict(int), "error_samples": []})
         cell["latencies"] += b["latencies"]
         cell["wall_s"] += b["wall_s"]
         cell["errors"] += b["errors"]
         cell["error_samples"] += b["error_samples"]
         cell["daemon_cpu_s"] += b["daemon_cpu_s"]
+        cell["broker_cpu_s"] += b.get("broker_cpu_s", 0.0)
         cell["pid1_cpu_s"] += b["pid1_cpu_s"]
         for le, n in b.get("lag_hist", {}).items():
             cell["lag_hist"][float(le)] += n
@@ -353,6 +381,8 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
             "p50_ms": _ms(percentile(cell["latencies"], 0.5)), "p90_ms": _ms(percentile(cell["latencies"], 0.9)),
             "p99_ms": _ms(percentile(cell["latencies"], 0.99)),
             "daemon_cpu_ms_per_run": 1000 * cell["daemon_cpu_s"] / runs if runs else None,
+            "broker_cpu_ms_per_run": 1000 * cell["broker_cpu_s"] / runs if runs else None,
+            "unitbox_cpu_ms_per_run": 1000 * (cell["daemon_cpu_s"] + cell["broker_cpu_s"]) / runs if runs else None,
             "pid1_cpu_ms_per_run": 1000 * cell["pid1_cpu_s"] / runs if runs else None,
             "lag_hist": dict(cell["lag_hist"]),
         })
@@ -380,6 +410,7 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
         "soak_runs": soak["runs"], "soak_errors": soak["errors"],
         "soak_throughput": len(soak["latencies"]) / soak["wall_s"] if soak["wall_s"] else 0.0,
         "soak_daemon_cpu_ms_per_run": 1000 * soak["daemon_cpu_s"] / max(1, len(soak["latencies"])),
+        "soak_broker_cpu_ms_per_run": 1000 * soak.get("broker_cpu_s", 0.0) / max(1, len(soak["latencies"])),
         "rss_growth_mib_soak": (results["rss_kib_after_soak"] - results["rss_kib_before_soak"]) / 1024,
         "rss_growth_mib_total": (results["rss_kib_after_soak"] - results["rss_kib_start"]) / 1024,
         "lag16_samples": lag16.get(math.inf, 0),
@@ -387,6 +418,8 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
         "lag16_hist": dict(lag16),
         "daemon_cpu_ms_per_run_wait": {f"{r['program']} x{r['concurrency']}": r["daemon_cpu_ms_per_run"]
                                        for r in wait_rows},
+        "unitbox_cpu_ms_per_run_wait": {f"{r['program']} x{r['concurrency']}": r["unitbox_cpu_ms_per_run"]
+                                        for r in wait_rows},
     }
     return {"table": table, "summary": summary, "targets": targets(table, summary)}
 
@@ -412,18 +445,22 @@ def targets(table: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
               "value": f"worst {w['x_systemd_run']:.2f}× ({w['program']} x{w['concurrency']})",
               "met": all(r["x_systemd_run"] >= 1.0 for r in wait if r["x_systemd_run"] is not None)})
     w = worst(wait, "x_ceiling")
-    t.append({"target": "throughput ≥ 0.8 × the D-Bus ceiling (unitbox wait=true)",
+    t.append({"target": "throughput ≥ 0.9 × the D-Bus ceiling (unitbox wait=true)",
               "value": f"worst {w['x_ceiling']:.2f}× ({w['program']} x{w['concurrency']})",
-              "met": all(r["x_ceiling"] >= 0.8 for r in wait if r["x_ceiling"] is not None)})
+              "met": all(r["x_ceiling"] >= 0.9 for r in wait if r["x_ceiling"] is not None)})
     c1 = [r for r in wait if r["concurrency"] == 1]
     w = worst(c1, "p50_x_systemd_run", low=False)
     t.append({"target": "p50 latency ≤ systemd-run at concurrency 1 (unitbox wait=true)",
               "value": f"worst {w['p50_x_systemd_run']:.2f}× ({w['program']}: {w['p50_ms']:.1f} ms)",
               "met": all(r["p50_x_systemd_run"] <= 1.0 for r in c1 if r["p50_x_systemd_run"] is not None)})
-    trivial = [r for r in wait if r["program"] == "pass"]
-    cpu = max(r["daemon_cpu_ms_per_run"] for r in trivial)
-    t.append({"target": "daemon CPU ≤ 2 ms per run (pass, wait=true, worst concurrency)",
-              "value": f"{cpu:.2f} ms", "met": cpu <= 2.0})
+    for program, most in (("pass", 2.0), ("print_1mb", 5.0)):
+        rows = [r for r in wait if r["program"] == program]
+        w = worst(rows, "unitbox_cpu_ms_per_run", low=False)
+        t.append({"target": f"unitbox CPU (daemon + broker) ≤ {most:g} ms per run ({program}, wait=true, "
+                            "worst concurrency)",
+                  "value": f"{w['unitbox_cpu_ms_per_run']:.2f} ms (daemon {w['daemon_cpu_ms_per_run']:.2f} + "
+                           f"broker {w['broker_cpu_ms_per_run']:.2f}, x{w['concurrency']})",
+                  "met": w["unitbox_cpu_ms_per_run"] <= most})
     before, after = summary["rss_kib_before_soak"] / 1024, summary["rss_kib_after_soak"] / 1024
     t.append({"target": f"RSS growth < 20 MB over {summary['soak_runs']} runs",
               "value": f"{summary['rss_growth_mib_soak']:+.1f} MiB ({before:.0f} → {after:.0f} MiB)",
@@ -449,12 +486,13 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
     for program in PROGRAMS:
         lines += [f"**{program}**", "",
                   "| conc | mode | runs/s | p50 | p90 | p99 | ×sd-run | ×ceiling | p50 ×sd-run "
-                  "| daemon CPU ms/run | PID 1 CPU ms/run | errors |",
+                  "| unitbox CPU ms/run (daemon + broker) | PID 1 CPU ms/run | errors |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in report["table"]:
             if r["program"] != program:
                 continue
-            daemon_cpu = _f(r["daemon_cpu_ms_per_run"], ".2f") if r["mode"] in UNITBOX_MODES else ""
+            daemon_cpu = (f"{_f(r['unitbox_cpu_ms_per_run'], '.2f')} ({_f(r['daemon_cpu_ms_per_run'], '.2f')} + "
+                          f"{_f(r['broker_cpu_ms_per_run'], '.2f')})") if r["mode"] in UNITBOX_MODES else ""
             lines.append(
                 f"| {r['concurrency']} | {LABELS[r['mode']]} | {_f(r['throughput'])} | {_f(r['p50_ms'])} | "
                 f"{_f(r['p90_ms'])} | {_f(r['p99_ms'])} | {_f(r['x_systemd_run'], '.2f')} | "
@@ -463,8 +501,9 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
         lines.append("")
     s = report["summary"]
     lines += [f"Soak: {s['soak_runs']} `pass` runs at 16-way over HTTP (wait=true): "
-              f"{s['soak_throughput']:.1f} runs/s, {s['soak_errors']} errors, daemon CPU "
-              f"{s['soak_daemon_cpu_ms_per_run']:.2f} ms/run, RSS {s['rss_kib_start'] / 1024:.1f} MiB after warm-up → "
+              f"{s['soak_throughput']:.1f} runs/s, {s['soak_errors']} errors, CPU per run: daemon "
+              f"{s['soak_daemon_cpu_ms_per_run']:.2f} ms + broker {s['soak_broker_cpu_ms_per_run']:.2f} ms, "
+              f"RSS {s['rss_kib_start'] / 1024:.1f} MiB after warm-up → "
               f"{s['rss_kib_before_soak'] / 1024:.1f} MiB before the soak → {s['rss_kib_after_soak'] / 1024:.1f} MiB "
               f"after. Event-loop lag at 16-way ({s['lag16_samples']} samples of a 50 ms sleep): p50 ≤ "
               f"{_f(s['lag16_p50_le_s'] and s['lag16_p50_le_s'] * 1000, 'g')} ms, p99 ≤ "
@@ -576,11 +615,16 @@ def main() -> int:
 def profile_text(profile: dict[str, Any]) -> str:
     if "error" in profile:
         return f"py-spy: {profile['error']}"
-    lines = [f"py-spy: {profile['samples']} samples over {profile['runs']} runs at 16-way "
-             f"(daemon CPU {profile['batch']['daemon_cpu_s']:.1f} s in {profile['batch']['wall_s']:.1f} s)",
-             "threads: " + ", ".join(f"{n} {p}%" for n, p in profile["threads"][:6]), "top self time:"]
-    lines += [f"  {p:5.1f}%  {n}" for n, p in profile["self_pct"][:15]]
-    lines += ["top inclusive:"] + [f"  {p:5.1f}%  {n}" for n, p in profile["inclusive_pct"][:25]]
+    lines = [f"py-spy (CPU mode) over {profile['runs']} runs at 16-way in {profile['batch']['wall_s']:.1f} s"]
+    for name in ("daemon", "broker"):
+        part = profile.get(name)
+        if part is None or "error" in part:
+            lines.append(f"{name}: {part['error'] if part else 'not found'}")
+            continue
+        lines += [f"{name}: {part['samples']} samples, {part['cpu_ms_per_run']:.2f} ms CPU per run; threads: "
+                  + ", ".join(f"{n} {p}%" for n, p in part["threads"][:4]), "  top self time:"]
+        lines += [f"    {p:5.1f}%  {n}" for n, p in part["self_pct"][:12]]
+        lines += ["  top inclusive:"] + [f"    {p:5.1f}%  {n}" for n, p in part["inclusive_pct"][:20]]
     return "\n".join(lines)
 
 

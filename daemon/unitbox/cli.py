@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--slice", help="slice the run units go into (default unitbox.slice)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
+    broker = commands.add_parser("broker", help="the process that talks to systemd (started by `serve`)")
+    broker.add_argument("--fd", type=int, required=True, help="the socket to the daemon (inherited)")
+    broker.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
+    broker.add_argument("--slice", help=argparse.SUPPRESS)
+    broker.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help=argparse.SUPPRESS)
+
     check = commands.add_parser("check-config", help="validate the configuration and print it")
     check.add_argument("--json", action="store_true", help="print as JSON")
 
@@ -59,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unitbox: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, config.log_target)
-    for name in config.ignored_env:
+    for name in config.ignored_env if args.command != "broker" else ():  # the daemon says it once
         log.warning("ignoring the environment variable %s: it names no setting", name)
     if args.command == "serve":
         from unitbox.fdbudget import ensure_fd_budget
@@ -70,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unitbox: {exc}", file=sys.stderr)
             return 2
         asyncio.run(serve(config))
+        return 0
+    if args.command == "broker":
+        from unitbox.broker.server import run_broker
+        asyncio.run(run_broker(config, args.fd))
         return 0
     if args.command == "check-config":
         print(config.model_dump_json(indent=2) if args.json else "configuration is valid")

@@ -3,8 +3,9 @@ wait for, cancel runs; health), and its start and stop.
 
 A run's whole path: `submit` records it and queues it (admission.py); the
 runner (runner.py) gives it a slot, starts its unit (launcher.py), follows
-the unit's typed events (systemd.py) through the lifecycle (lifecycle.py)
-and makes its final record.
+the unit's typed events through the lifecycle (lifecycle.py) and makes its
+final record. Every call to systemd goes through the broker process
+(broker/), so nothing here blocks on PID 1.
 
 Durability: a run is recorded before it is acknowledged; its outcome is
 written by the unit's own ExecStopPost; its output pipes are parked in
@@ -19,13 +20,13 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from unitbox import notify
 from unitbox.admission import Admission
+from unitbox.broker.client import Broker
 from unitbox.budget import DiskBudget, submission_bytes
 from unitbox.config import Config
-from unitbox.errors import Busy, NotFound, SystemdError, Unavailable, UnitboxError
+from unitbox.errors import Busy, NotFound, Unavailable, UnitboxError
 from unitbox.launcher import Launcher
 from unitbox.lifecycle import RunLife
 from unitbox.limits import Limits
@@ -37,17 +38,9 @@ from unitbox.rundir import RunDir
 from unitbox.runner import Runner
 from unitbox.runtimes import RuntimeInfo, Runtimes
 from unitbox.store import RunRecord, RunStore
-from unitbox.systemd import UnitManager
 from unitbox.tokens import EVERYONE, Caller
 
 log = logging.getLogger(__name__)
-
-NATIVE_PRIVATE_TMPFS_SINCE = 256  # TemporaryFileSystem=/tmp beats DynamicUser's PrivateTmp (systemd PR #32724)
-NATIVE_PRIVATE_CGROUPS_SINCE = 257  # ProtectControlGroups=private
-SLICE_PROPERTIES: Mapping[str, Any] = {
-    "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
-    "CPUAccounting": True, "MemoryAccounting": True, "TasksAccounting": True,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,36 +60,22 @@ class Health:
     systemd_version: str = ""
 
 
-def systemd_major(version: str) -> int:
-    """"252.39-1~deb12u2" → 252 (0 if unreadable)."""
-    digits = ""
-    for char in version.strip():
-        if not char.isdigit():
-            break
-        digits += char
-    return int(digits or 0)
-
-
 def new_run_id() -> str:
     return secrets.token_hex(8)
 
 
 class Engine:
-    def __init__(self, config: Config, systemd: UnitManager, store: RunStore, runtimes: Runtimes, *,
+    def __init__(self, config: Config, broker: Broker, store: RunStore, runtimes: Runtimes, *,
                  metrics: Metrics | None = None, stored_fds: Mapping[str, list[int]] | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self._systemd = systemd
+        self._broker = broker
         self._store = store
         self._runtimes = runtimes
-        source = config.source
-        # A config given with --config outside /etc/unitbox may hold tokens: hide it from runs too.
-        secret_paths = (str(source),) if source and not source.is_relative_to("/etc/unitbox") else ()
         self.budget = DiskBudget(config.runs_dir, config.retention)
-        self._launcher = Launcher(config, systemd, runtimes, use_fd_store=notify.fd_store_available(),
-                                  secret_paths=secret_paths, budget=self.budget)
+        self._launcher = Launcher(config, broker, use_fd_store=notify.fd_store_available(), budget=self.budget)
         self._admission = Admission(config.queue_size, config.max_concurrent)
-        self._runner = Runner(systemd, store, self._launcher, self._admission, metrics=self.metrics,
+        self._runner = Runner(broker, store, self._launcher, self._admission, metrics=self.metrics,
                               run_dir=self.run_dir, stored_fds=stored_fds)
         self._stopped = False
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self.executing)
@@ -111,15 +90,10 @@ class Engine:
         await self._store.open()
         await self.budget.load()  # before runs are adopted: their captures charge only what comes next
         runner = self._runner
-        self._systemd.open(runner.on_bus_lost)
-        runner.bus_ok = True
-        major = systemd_major(self._systemd.version())
-        self._launcher.native_private_tmpfs = major >= NATIVE_PRIVATE_TMPFS_SINCE
-        self._launcher.native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE
-        if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
-            log.info("created transient %s (install units/unitbox.slice for the shipped caps)", self.config.slice)
+        await self._broker.start(runner.on_broker_down, runner.on_broker_up)  # SystemdError if it cannot
+        runner.broker_ok = True
         runner.accepting = True
-        await runner.take_over(await recover(self._store, self._systemd, self.config.runs_dir))
+        await runner.take_over(await recover(self._store, self._broker, self.config.runs_dir))
         runner.spawn(runner.retry_unsaved())
         runner.spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention, self.budget,
                                     is_live=runner.runs.__contains__))
@@ -138,7 +112,7 @@ class Engine:
         self._stopped = True
         self.begin_shutdown()
         await self._runner.shutdown(grace_s)
-        self._systemd.close()
+        await self._broker.close()
         await self._runner.save_unsaved()
         await self._store.close()
 
@@ -239,13 +213,12 @@ class Engine:
         return await self._runner.cancel(run)
 
     async def health(self) -> Health:
-        """systemd answering and the store answering (the watchdog is pinged only while ok)."""
+        """systemd answering (the broker's heartbeat, cached: no call to PID 1
+        here) and the store answering. The watchdog is pinged only while ok."""
+        if (problem := self._broker.liveness()) is not None:
+            return Health(False, problem)
         try:
-            if not self._runner.bus_ok:
-                raise SystemdError("systemd does not answer: the bus connection is being re-made")
-            version = self._systemd.version()
             await self._store.ping()
         except UnitboxError as exc:
-            reason = exc.message if isinstance(exc, SystemdError) else f"run store: {exc.message}"
-            return Health(False, reason)
-        return Health(True, systemd_version=version)
+            return Health(False, f"run store: {exc.message}")
+        return Health(True, systemd_version=self._broker.version)

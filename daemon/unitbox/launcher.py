@@ -5,28 +5,28 @@ over, the rest of its output and the outcome its ExecStopPost recorded.
 
 `launch` either starts the unit or raises having undone everything it made
 (fds closed, fd store entries forgotten, watch removed): whatever fails —
-a full disk, EMFILE, the fd store, systemd — the engine only has to end the
-run as `error`."""
+a full disk, EMFILE, the fd store, the broker's checks, systemd — the engine
+only has to end the run as `error`. The one exception is a start that went
+unanswered (NoAnswer): the unit may exist, so everything is kept for the
+runner to look and, if there is no unit, to launch again with the same pipes.
+
+The unit's profile is not built here: the broker builds it (broker/)."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import logging
 import os
-from collections.abc import Callable
-from pathlib import PurePosixPath
 
 from unitbox import notify
+from unitbox.broker.client import Broker, Watcher
 from unitbox.budget import DiskBudget, RunAccount
 from unitbox.capture import StreamCapture, make_pipe, stored_output, truncation_marker
 from unitbox.config import Config
 from unitbox.lifecycle import STREAMS, RunLife, StoredStreams
 from unitbox.outcome import Outcome
-from unitbox.profile import build_profile, unit_name
-from unitbox.runtimes import Runtimes
-from unitbox.systemd import UnitManager, Watcher
+from unitbox.systemd import NoAnswer
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +36,45 @@ def fd_name(run_id: str, stream: str) -> str:
 
 
 class Launcher:
-    def __init__(self, config: Config, systemd: UnitManager, runtimes: Runtimes, *, use_fd_store: bool,
-                 secret_paths: tuple[str, ...] = (), budget: DiskBudget | None = None) -> None:
+    def __init__(self, config: Config, broker: Broker, *, use_fd_store: bool,
+                 budget: DiskBudget | None = None) -> None:
         self.config = config
         self.budget = budget  # captures charge what they keep to it
-        self.systemd = systemd
-        self.runtimes = runtimes
+        self.broker = broker
         self.use_fd_store = use_fd_store
-        self.native_private_tmpfs = False  # these two are set once systemd's version is known
-        self.native_private_cgroups = False
-        self.secret_paths = secret_paths
 
-    def launch(self, run: RunLife, watcher: Watcher) -> None:
+    async def launch(self, run: RunLife, watcher: Watcher) -> None:
+        """Ask the broker to start the run's unit. Raises NoAnswer (the unit
+        may or may not exist: pipes, captures and watch are kept, and a
+        repeated launch sends the same pipes) or any other error, having
+        undone everything."""
         record = run.record
-        name = unit_name(record.id)
-        runtime = self.runtimes.get(record.runtime)  # it may have been removed while the run was queued
-        profile = build_profile(record.id, record.limits, run_dir=PurePosixPath(run.dir.path),
-                                state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                runtime=runtime, native_private_tmpfs=self.native_private_tmpfs,
-                                native_private_cgroups=self.native_private_cgroups,
-                                secret_paths=self.secret_paths)
-        ours: list[int] = []  # our copies, closed whatever happens: the unit has its own
-        undo: list[Callable[[], object]] = []  # run in reverse if the launch fails
+        run.launches += 1
+        try:
+            if not run.stdio:
+                run.stdio = self._prepare(run)
+            self.broker.watch(record.id, watcher)
+            await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.path, run.stdio)
+        except NoAnswer:
+            raise
+        except BaseException:
+            self.discard(run)
+            raise
+        self.release(run)
+
+    def _prepare(self, run: RunLife) -> list[int]:
+        """The unit's stdin, stdout and stderr: the input file, and the write
+        ends of two pipes whose read ends the captures drain."""
+        record = run.record
+        stdio: list[int] = []
         try:
             try:
-                stdin_fd = os.open(run.dir.stdin, os.O_RDONLY | os.O_CLOEXEC)
+                stdio.append(os.open(run.dir.stdin, os.O_RDONLY | os.O_CLOEXEC))
             except FileNotFoundError as exc:
                 raise OSError(exc.errno, f"the run's input is gone ({exc.filename})") from exc
-            ours.append(stdin_fd)
-            stdio = {"input": stdin_fd}
-            for stream, unit_side in (("stdout", "output"), ("stderr", "error")):
+            for stream in STREAMS:
                 read_fd, write_fd = make_pipe()
-                ours.append(write_fd)
+                stdio.append(write_fd)
                 try:
                     capture = StreamCapture(read_fd, run.dir.output(stream), record.limits.output_kb * 1024,
                                             self._allowance(record.id))
@@ -75,24 +82,32 @@ class Launcher:
                     os.close(read_fd)
                     raise
                 run.captures[stream] = capture
-                undo.append(capture.close)
-                stdio[unit_side] = write_fd
-                if self.use_fd_store:  # both ends: a stored pipe never hangs up, so systemd keeps it
-                    undo.append(functools.partial(notify.forget_fd, fd_name(record.id, stream)))
-                    if not notify.store_fd([read_fd, write_fd], fd_name(record.id, stream)):
-                        raise OSError(f"systemd's fd store refused the {stream} pipe")
-            self.systemd.watch(name, watcher)
-            undo.append(lambda: self.systemd.unwatch(name))
-            self.systemd.start_transient_service(name, profile, stdio)
+                # Both ends into the fd store: a stored pipe never hangs up, so systemd keeps it.
+                if self.use_fd_store and not notify.store_fd([read_fd, write_fd], fd_name(record.id, stream)):
+                    raise OSError(f"systemd's fd store refused the {stream} pipe")
         except BaseException:
-            for step in reversed(undo):
-                with contextlib.suppress(Exception):
-                    step()
-            run.captures.clear()
+            run.stdio = stdio
             raise
-        finally:
-            for fd in ours:
-                os.close(fd)
+        return stdio
+
+    @staticmethod
+    def release(run: RunLife) -> None:
+        """systemd has the unit's fds (or never will): close our copies."""
+        for fd in run.stdio:
+            os.close(fd)
+        run.stdio = []
+        run.start_unanswered = False
+
+    def discard(self, run: RunLife) -> None:
+        """Undo a launch whose unit does not exist: captures, fd store, watch."""
+        self.broker.unwatch(run.id)
+        for stream, capture in run.captures.items():
+            with contextlib.suppress(Exception):
+                capture.close()
+            if self.use_fd_store:
+                notify.forget_fd(fd_name(run.id, stream))
+        run.captures.clear()
+        self.release(run)
 
     def adopt(self, run: RunLife, stored: dict[str, list[int]]) -> list[str]:
         """Take back a running run's pipes from the fd store after a restart.
@@ -115,6 +130,7 @@ class Launcher:
     def drain(self, run: RunLife) -> None:
         """The unit is over: every writer is dead, so what is in the pipes is all
         there is. Take it, close, and drop the pipes from the fd store."""
+        self.release(run)
         for stream, capture in run.captures.items():
             try:
                 capture.finish()

@@ -89,6 +89,9 @@ class RunLife:
     cancel_at: float | None = None  # wall clock of the cancel request
     notes: list[str] = field(default_factory=list)  # facts for the record's `error` field
     timer: asyncio.TimerHandle | None = None
+    stdio: list[int] = field(default_factory=list)  # our copies of the fds for its unit, until systemd has them
+    start_unanswered: bool = False  # the start request went unanswered: whether the unit exists is unknown
+    launches: int = 0  # start requests made (one, unless an unanswered one had to be repeated)
 
     @classmethod
     def adopted(cls, record: RunRecord, run_dir: RunDir) -> RunLife:

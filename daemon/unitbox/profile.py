@@ -95,9 +95,11 @@ while IFS=: read -r _ c p; do
         while read -r k v; do [ "$k" = oom_kill ] && oom=$v; done < "$b/memory.oom_control" ;;
   esac
 done < /proc/self/cgroup
-printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\nend=1\n' \
-  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom" > "$2/result"
+out=$(printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\nend=1' \
+  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom")
 rm -rf -- "$1"
+# The state disk full: the outcome goes to /run instead, where the broker finds it (fallback_result).
+printf '%s\n' "$out" > "$2/result" 2>/dev/null || printf '%s\n' "$out" > "$1.result"
 """
 
 # A privileged (`+`) command still gets the unit's bind mounts and tmpfs
@@ -162,6 +164,11 @@ def environment(limits: Limits) -> list[str]:
 
 def stage_dir(run_id: str) -> str:
     return f"{STAGE_ROOT}/{run_id}"
+
+
+def fallback_result(run_id: str) -> str:
+    """Where ExecStopPost records the outcome when the run's directory cannot take it (a full disk)."""
+    return f"{stage_dir(run_id)}.result"
 
 
 def hide_state_dir(state_dir: PurePosixPath) -> tuple[list[str], list[str]]:

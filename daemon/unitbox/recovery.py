@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from unitbox.broker.client import Broker
 from unitbox.errors import SystemdError
 from unitbox.outcome import RunState
-from unitbox.profile import UNIT_PREFIX, run_id_of
+from unitbox.profile import run_id_of
 from unitbox.store import RunRecord, RunStore
-from unitbox.systemd import UnitInfo, UnitManager
+from unitbox.systemd import UnitInfo
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ def plan_recovery(unfinished: Iterable[RunRecord], units: Iterable[UnitInfo],
     return Plan(planned, orphans)
 
 
-async def recover(store: RunStore, systemd: UnitManager, runs_dir: Path) -> Plan:
+async def recover(store: RunStore, broker: Broker, runs_dir: Path) -> Plan:
     """Gather the facts, plan, stop our orphaned units; the engine takes over
     `plan.runs` (attaching, finishing or requeueing each)."""
     unfinished = await store.unfinished()
-    units = systemd.list_units([f"{UNIT_PREFIX}*.service"])
+    units = await broker.list_units()  # ours: unitbox-run-*.service
 
     def scan() -> tuple[set[str], set[str]]:
         dirs = {p.name for p in runs_dir.iterdir() if p.is_dir()}
@@ -79,6 +80,7 @@ async def recover(store: RunStore, systemd: UnitManager, runs_dir: Path) -> Plan
         log.info("recovering run %s: %s", record.id, action.value, extra={"run_id": record.id})
     for name in plan.orphans:
         log.warning("stopping %s: it has no run record", name, extra={"unit": name})
-        with contextlib.suppress(SystemdError):
-            systemd.stop_unit(name)
+        if (run_id := run_id_of(name)) is not None:
+            with contextlib.suppress(SystemdError):
+                await broker.stop_run(run_id)
     return plan

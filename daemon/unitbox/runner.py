@@ -1,10 +1,12 @@
 """The runner drives every run's lifecycle (lifecycle.py) from admission to
 its final record: `pump` gives queued runs a slot and `_launch` starts their
-unit (launcher.py); the unit's typed events (systemd.py) move each run on;
-`_finish` collects output and outcome and makes the final record. Every
-change of phase goes through `advance`, which also keeps each waiting
-phase's deadline: if systemd's signals never come, the runner looks once and
-settles the run. A lost bus is reconnected and every unit looked at again.
+unit (launcher.py, through the broker); the unit's typed events move each
+run on; `_finish` collects output and outcome and makes the final record.
+Every change of phase goes through `advance`, which also keeps each waiting
+phase's deadline: if the events never come, the runner looks once and
+settles the run. When the broker dies (or loses the bus) a new one is
+started (broker/client.py) and every run in flight is looked at again; a
+start that went unanswered is settled by a look, never blindly repeated.
 The engine (engine.py) is the service in front of it."""
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from unitbox import notify
 from unitbox.admission import Admission
+from unitbox.broker.client import Broker, UnitExists
 from unitbox.errors import SystemdError, UnitboxError
 from unitbox.launcher import Launcher
 from unitbox.lifecycle import STOP_GRACE_S, Phase, RunLife, conclude, deadline_s
@@ -31,20 +34,20 @@ from unitbox.profile import unit_name
 from unitbox.recovery import Action, Plan
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
-from unitbox.systemd import UnitActive, UnitEnd, UnitEvent, UnitManager
+from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitEvent, UnitInfo
 
 log = logging.getLogger(__name__)
 
 PERSIST_RETRY_S = 2.0
 CANCEL_GRACE_S = 2.0  # SIGTERM first; SIGKILL (the unit's stop) if it is still going after this
-RECONNECT_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+MAX_LAUNCHES = 3  # start requests per run when they go unanswered and no unit appears
 
 
 class Runner:
-    def __init__(self, systemd: UnitManager, store: RunStore, launcher: Launcher, admission: Admission, *,
+    def __init__(self, broker: Broker, store: RunStore, launcher: Launcher, admission: Admission, *,
                  metrics: Metrics, run_dir: Callable[[str], RunDir],
                  stored_fds: Mapping[str, list[int]] | None = None) -> None:
-        self._systemd = systemd
+        self._broker = broker
         self._store = store
         self._launcher = launcher
         self._admission = admission
@@ -54,7 +57,7 @@ class Runner:
         self.runs: dict[str, RunLife] = {}
         self.unsaved: dict[str, RunRecord] = {}  # final, but the store could not take it yet
         self.accepting = False  # launch queued runs (not while stopping)
-        self.bus_ok = False
+        self.broker_ok = False  # the broker is up: runs can be launched and looked at
         self.closing = asyncio.Event()  # set at shutdown: held `wait` requests answer at once
         self._tasks: set[asyncio.Task[Any]] = set()
         self._oom = OomWatch(launcher.config.slice, self._stop_after_oom_kill)  # cgroup v1 ignores OOMPolicy=
@@ -123,7 +126,7 @@ class Runner:
             self.pump()
 
     def pump(self) -> None:
-        while self.accepting and self.bus_ok:
+        while self.accepting and self.broker_ok:
             run_id = self._admission.next_to_launch()  # takes a slot
             if run_id is None:
                 return
@@ -132,40 +135,88 @@ class Runner:
                 self._admission.release_slot()
                 continue
             self.advance(run, Phase.LAUNCHING)
-            self._launch(run)
+            self.spawn(self._launch(run))
 
-    def _launch(self, run: RunLife) -> None:
+    async def _launch(self, run: RunLife) -> None:
         name = unit_name(run.id)
         try:
-            self._launcher.launch(run, self._watcher(run))
-        except Exception as exc:  # anything at all: the run ends as error, its slot is freed
-            run.error = _launch_problem(exc)
-            log.error("run %s could not be started: %s", run.id, run.error, extra={"run_id": run.id, "unit": name})
-            self._end(run)
+            await self._launcher.launch(run, self._watcher(run))
+        except UnitExists:
+            self._launcher.release(run)  # an earlier, unanswered start went through after all
+        except NoAnswer as exc:
+            log.warning("run %s: its start went unanswered (%s); looking for its unit", run.id, exc.message,
+                        extra={"run_id": run.id, "unit": name})
+            run.start_unanswered = True
+            if self.broker_ok:  # else the broker's return settles it
+                self.spawn(self._settle_launch(run))
             return
-        log.info("run %s starting as %s", run.id, name, extra={"run_id": run.id, "unit": name})
+        except Exception as exc:  # anything at all: the run ends as error, its slot is freed
+            if run.phase is Phase.LAUNCHING:
+                run.error = _launch_problem(exc)
+                log.error("run %s could not be started: %s", run.id, run.error,
+                          extra={"run_id": run.id, "unit": name})
+                self._end(run)
+            return
+        self._started(run)
+
+    def _started(self, run: RunLife, info: UnitInfo | None = None) -> None:
+        """systemd has the run's unit (it answered the start, sent an event, or was seen)."""
+        if run.phase is not Phase.LAUNCHING:
+            return  # an event or the deadline moved it on already
+        log.debug("run %s starting as %s", run.id, unit_name(run.id), extra={"run_id": run.id})
         self.advance(run, Phase.STARTED)
-        if run.end is not None:  # ended while the start call was answered
-            self._end(run)
-        elif run.cancel_at is not None:
+        if info is not None and info.active_state == "active":
+            self._running(run, None)
+        if run.cancel_at is not None:
             self.request_stop(run)
+
+    async def _settle_launch(self, run: RunLife) -> None:
+        """A start went unanswered: find out whether its unit exists, and
+        launch again (same pipes) only if there is no unit and no outcome."""
+        if run.phase is not Phase.LAUNCHING or not run.start_unanswered:
+            return
+        try:
+            seen = await self._broker.probe(run.id)
+        except SystemdError as exc:
+            log.warning("run %s: looking for its unit: %s", run.id, exc.message, extra={"run_id": run.id})
+            return  # the broker's return (or the deadline) tries again
+        if run.phase is not Phase.LAUNCHING or not run.start_unanswered:
+            return
+        if isinstance(seen, UnitInfo):
+            self._launcher.release(run)
+            self._started(run, seen)
+        elif await asyncio.to_thread(run.dir.result.exists):  # it ran, and is over already
+            run.end = seen
+            self._end(run)
+        elif run.launches >= MAX_LAUNCHES:
+            run.error = f"systemd did not answer {run.launches} starts of the run's unit"
+            self._end(run)
+        else:
+            run.start_unanswered = False
+            self.spawn(self._launch(run))
 
     def _watcher(self, run: RunLife) -> Callable[[UnitEvent], None]:
         return functools.partial(self._on_unit_event, run)
 
     def _on_unit_event(self, run: RunLife, event: UnitEvent) -> None:
+        if run.phase is Phase.LAUNCHING:  # it came before the start's answer was taken: the unit exists
+            self._launcher.release(run)
+            self._started(run)
         if isinstance(event, UnitActive):
-            if run.phase is Phase.STARTED:
-                self.advance(run, Phase.RUNNING)
-                run.record = run.record.evolve(started_at=event.started_at or time.time())
-                self.spawn(self.persist(run.record))
+            self._running(run, event.started_at)
             return
         run.end = run.end or event
         if run.phase in (Phase.STARTED, Phase.RUNNING):
             self._end(run)
 
+    def _running(self, run: RunLife, started_at: float | None) -> None:
+        if run.phase is Phase.STARTED:
+            self.advance(run, Phase.RUNNING)
+            run.record = run.record.evolve(started_at=started_at or time.time())
+            self.spawn(self.persist(run.record))
+
     def _end(self, run: RunLife) -> None:
-        self._systemd.unwatch(unit_name(run.id))
+        self._broker.unwatch(run.id)
         self.advance(run, Phase.ENDING)
         self.spawn(self._finish(run))
 
@@ -185,95 +236,100 @@ class Runner:
     def request_stop(self, run: RunLife) -> None:
         """Cancel: SIGTERM to the program, its unit stopped (SIGKILL) after a grace."""
         if run.phase is Phase.LAUNCHING:
-            return  # `_launch` stops it once systemd has taken it
-        name = unit_name(run.id)
+            return  # `_started` stops it once systemd has taken it
+        self.spawn(self._terminate(run) if run.phase is Phase.RUNNING else self._stop_unit_if_going(run))
+
+    async def _terminate(self, run: RunLife) -> None:
         try:
-            if run.phase is Phase.RUNNING:
-                self._systemd.kill_unit(name, signal.SIGTERM)
-                asyncio.get_running_loop().call_later(CANCEL_GRACE_S, self._stop_unit_if_going, run)
-            else:
-                self._stop_unit_if_going(run)
+            await self._broker.kill_run(run.id, signal.SIGTERM)
         except SystemdError as exc:
-            log.warning("run %s: stopping its unit: %s", run.id, exc.message, extra={"run_id": run.id})
+            log.warning("run %s: signalling its unit: %s", run.id, exc.message, extra={"run_id": run.id})
+        await asyncio.sleep(CANCEL_GRACE_S)
+        await self._stop_unit_if_going(run)
 
     def _stop_after_oom_kill(self, run_id: str) -> None:
         if (run := self.runs.get(run_id)) is not None:
-            self._stop_unit_if_going(run)
+            self.spawn(self._stop_unit_if_going(run))
 
-    def _stop_unit_if_going(self, run: RunLife) -> None:
+    async def _stop_unit_if_going(self, run: RunLife) -> None:
         if run.phase in (Phase.STARTED, Phase.RUNNING):
-            with contextlib.suppress(SystemdError):
-                self._systemd.stop_unit(unit_name(run.id))
+            try:
+                await self._broker.stop_run(run.id)
+            except SystemdError as exc:
+                log.warning("run %s: stopping its unit: %s", run.id, exc.message, extra={"run_id": run.id})
 
     # -- deadlines: the engine looks for itself -----------------------------------------
     def _deadline_passed(self, run: RunLife, phase: Phase) -> None:
         run.timer = None
-        if run.phase is not phase:
-            return
+        if run.phase is phase:
+            self.spawn(self._overdue(run, phase))
+
+    async def _overdue(self, run: RunLife, phase: Phase) -> None:
         log.warning("run %s: no end seen by its deadline (%s); looking at its unit", run.id, phase.value,
                     extra={"run_id": run.id})
-        if phase is Phase.LAUNCHING:  # cannot happen while the start call blocks; guards an async one
+        if phase is Phase.LAUNCHING:  # no answer to its start at all, not even "unanswered"
             run.error = "systemd did not answer the start of the run's unit in time"
             self._end(run)
-        elif not self._look(run):
-            self._stop_unit_if_going(run)
+            with contextlib.suppress(SystemdError):  # in case that start still goes through
+                await self._broker.stop_run(run.id)
+        elif not await self._look(run) and run.phase is phase:
+            await self._stop_unit_if_going(run)
             run.timer = asyncio.get_running_loop().call_later(STOP_GRACE_S, self._give_up, run, phase)
 
-    def _look(self, run: RunLife) -> bool:
+    async def _look(self, run: RunLife) -> bool:
         """Look once at a run's unit; end the run if it is over: its outcome
         file is there (ExecStopPost runs after every process of the run is
         dead), or systemd says so. True if the run was ended."""
         if run.phase not in (Phase.STARTED, Phase.RUNNING):
             return False
-        if run.dir.result.exists():
-            self._end(run)
+        if await asyncio.to_thread(run.dir.result.exists):
+            if run.phase in (Phase.STARTED, Phase.RUNNING):
+                self._end(run)
             return True
-        if not self.bus_ok:
+        if not self.broker_ok:
             return False
         try:
-            seen = self._systemd.probe(unit_name(run.id))
+            seen = await self._broker.probe(run.id)
         except SystemdError as exc:
             log.warning("run %s: looking at its unit: %s", run.id, exc.message, extra={"run_id": run.id})
             return False
+        if run.phase not in (Phase.STARTED, Phase.RUNNING):
+            return True  # its end came while we looked
         if isinstance(seen, UnitEnd):
             run.end = run.end or seen
             self._end(run)
             return True
+        if seen.active_state == "active":
+            self._running(run, None)
         return False
 
     def _give_up(self, run: RunLife, phase: Phase) -> None:
         run.timer = None
-        if run.phase is phase and not self._look(run):
+        if run.phase is phase:
+            self.spawn(self._last_look(run, phase))
+
+    async def _last_look(self, run: RunLife, phase: Phase) -> None:
+        if not await self._look(run) and run.phase is phase:
             log.error("run %s: its unit is still there after being stopped; recording the run as error",
                       run.id, extra={"run_id": run.id, "unit": unit_name(run.id)})
             run.error = "the run's unit did not end by its deadline, even when stopped (systemd overloaded?)"
             self._end(run)
 
-    # -- the bus ----------------------------------------------------------------------------
-    def on_bus_lost(self, reason: str) -> None:
-        if not self.bus_ok:
-            return
-        self.bus_ok = False
-        self.spawn(self._reconnect())
+    # -- the broker ------------------------------------------------------------------------
+    def on_broker_down(self, reason: str) -> None:
+        self.broker_ok = False
 
-    async def _reconnect(self) -> None:
-        attempt = 0
-        while not self.closing.is_set():
-            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
-            attempt += 1
-            try:
-                self._systemd.open(self.on_bus_lost)
-            except SystemdError as exc:
-                log.warning("reconnecting to systemd (attempt %d): %s", attempt, exc.message)
-                continue
-            log.info("reconnected to systemd; looking at %d runs in flight", len(self.runs))
-            self.bus_ok = True
-            for run in list(self.runs.values()):
-                if run.phase in (Phase.STARTED, Phase.RUNNING):
-                    self._systemd.watch(unit_name(run.id), self._watcher(run))
-                    self._look(run)  # its end may have come while the bus was gone
-            self.pump()
-            return
+    def on_broker_up(self) -> None:
+        """A new broker: every run in flight is looked at (its end may have
+        come meanwhile), every unanswered start settled, the queue pumped."""
+        self.broker_ok = True
+        log.info("the broker is back; looking at %d runs in flight", len(self.runs))
+        for run in list(self.runs.values()):
+            if run.phase is Phase.LAUNCHING and run.start_unanswered:
+                self.spawn(self._settle_launch(run))
+            elif run.phase in (Phase.STARTED, Phase.RUNNING):
+                self.spawn(self._look(run))
+        self.pump()
 
     # -- persistence ---------------------------------------------------------------------------
     async def persist(self, record: RunRecord) -> None:
@@ -321,10 +377,10 @@ class Runner:
                 run.notes.append("the daemon restarted without systemd's fd store: the program's output after "
                                  "that was lost (its writes failed with EPIPE)")
             if action is Action.ATTACH:
-                self._systemd.watch(unit_name(run.id), self._watcher(run))
+                self._broker.watch(run.id, self._watcher(run))
                 self._oom.watch(run.id)
                 self._arm(run)
-                self._look(run)  # it may have ended between list_units and watch
+                self.spawn(self._look(run))  # it may have ended between list_units and watch
             elif action is Action.FINISH:
                 self._end(run)
             else:

@@ -16,13 +16,13 @@ from aiohttp import web
 
 from unitbox.api.app import create_app
 from unitbox.api.guard import ConnectionGuard, GuardedSite
+from unitbox.broker.client import Broker, process_spawner
 from unitbox.config import Config, parse_listen
 from unitbox.engine import Engine
 from unitbox.metrics import Metrics, watch_loop_lag
 from unitbox.notify import InheritedFds, inherited_fds, notify, watchdog_interval_s
 from unitbox.runtimes import Runtimes
 from unitbox.store import RunStore
-from unitbox.systemd import Systemd
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ HTTP_SHUTDOWN_S = 3.0
 
 def build_engine(config: Config, inherited: InheritedFds | None = None) -> Engine:
     stored = inherited.stored if inherited else {}
-    return Engine(config, Systemd(), RunStore(config.database_path), Runtimes(config), metrics=Metrics(),
-                  stored_fds=stored)
+    return Engine(config, Broker(process_spawner(config)), RunStore(config.database_path), Runtimes(config),
+                  metrics=Metrics(), stored_fds=stored)
 
 
 def _listening_sockets(config: Config, inherited: InheritedFds) -> list[socket.socket]:

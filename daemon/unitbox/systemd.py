@@ -1,21 +1,28 @@
 """The systemd adapter: the only module that talks to PID 1 (through pystemd).
+It lives in the broker process (broker/server.py), never in the HTTP daemon:
+pystemd's calls block and hold the GIL for the round trip to PID 1.
 
-One system-bus connection, driven from the asyncio loop (the bus fd under
-`loop.add_reader`, no polling). `Subscribe()`, one wildcard
-PropertiesChanged match and the Manager's UnitRemoved are set up when the bus
-opens, i.e. before any StartTransientUnit, so no change of a unit is missed.
-What comes out is typed: a watcher gets `UnitActive` once and `UnitEnd` once;
-D-Bus names, signatures and timestamp formats never leave this module.
+One system-bus connection, driven from the broker's asyncio loop (the bus fd
+under `loop.add_reader`). `Subscribe()` and two Manager signals are set up
+when the bus opens, before any StartTransientUnit, so no change is missed:
 
-When is a unit over? As `systemd-run --wait` decides it: ActiveState is
-`inactive` or `failed` *with no job pending*, or the unit was unloaded. It
-never needs to have been seen active: systemd merges queued signals when its
-bus queue is long, and a short run can arrive as one final `inactive`.
+- `JobRemoved` of a unit's start job (its path is the StartTransientUnit
+  reply) with result `done`: the program was executed (Type=exec) →
+  `UnitActive`. Any other result: the start failed, and the unit ends.
+- `UnitRemoved`: the unit is over and unloaded (our units have
+  CollectMode=inactive-or-failed, so every one of them is) → `UnitEnd`.
+  ExecStopPost has written the outcome file by then; that file, not the
+  signal, is the record of how the run ended. Only when that file is
+  missing are a unit's properties read (`probe`, while it is still loaded).
+
+Both are Manager signals sent once per unit, filtered by our unit prefix
+before their bodies are decoded; PropertiesChanged (≈27 per run, half of
+them for other units) is not listened to at all.
 
 A lost bus (dbus restarted, the connection dropped) is detected from sd-bus's
 local `Disconnected` message or from a call failing with ENOTCONN; the reader
 is removed at once (sd-bus closes the fd, and its number may be reused) and
-`on_lost` is called: the owner reconnects and looks at every unit again."""
+`on_lost` is called: the broker exits and the daemon starts a new one."""
 
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import asyncio
 import logging
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pystemd.dbusexc import DBusBaseError
@@ -39,12 +46,13 @@ MANAGER_PATH = b"/org/freedesktop/systemd1"
 MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
-PROPERTIES = b"org.freedesktop.DBus.Properties"
 LOCAL_PATH = b"/org/freedesktop/DBus/Local"
 LOCAL_IFACE = b"org.freedesktop.DBus.Local"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 OVER = ("inactive", "failed")
 _CONNECTION_GONE = ("ENOTCONN", "ECONNRESET", "EPIPE", "err -107", "err -104", "err -32")
+# A call whose answer never came (sd-bus's method-call timeout): PID 1 may have acted on it.
+_NO_ANSWER = ("ETIMEDOUT", "err -110", "timed out")
 _END_PROPERTIES = {"Result": b"s", "ExecMainCode": b"i", "ExecMainStatus": b"i",
                    "ExecMainStartTimestamp": b"t", "ExecMainExitTimestamp": b"t"}
 _EXEC_CODES = {1: "exited", 2: "killed", 3: "dumped"}  # CLD_EXITED, CLD_KILLED, CLD_DUMPED
@@ -70,7 +78,8 @@ class UnitEnd:
 
 
 UnitEvent = UnitActive | UnitEnd
-Watcher = Callable[[UnitEvent], None]
+UNKNOWN_END = UnitEnd("", "", "", None, None)
+EventSink = Callable[[str, UnitEvent], None]  # (unit name, event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,44 +94,13 @@ class UnitInfo:
         return self.active_state in OVER and not self.has_job
 
 
+class NoAnswer(SystemdError):
+    """PID 1 did not answer a call in time (or the bus broke during it): the
+    call may or may not have taken effect; only a look can tell."""
+
+
 def _seconds(usec: Any) -> float | None:
     return usec / 1e6 if isinstance(usec, int) and usec > 0 else None
-
-
-@dataclass(slots=True)
-class UnitTracker:
-    """What the signals said about one unit so far; turns them into events
-    (pure: fed decoded signal bodies, testable without a bus)."""
-
-    active_state: str = ""
-    has_job: bool = True  # a unit is watched before its start job exists
-    service: dict[str, Any] = field(default_factory=dict)
-    announced: bool = False
-    ended: bool = False
-
-    def apply(self, interface: str, values: Mapping[str, Any]) -> list[UnitEvent]:
-        if interface == SERVICE_IFACE:
-            self.service.update(values)  # systemd sends these just before the Unit's own
-            return []
-        if interface != UNIT_IFACE:
-            return []
-        self.active_state = values.get("ActiveState", self.active_state)
-        if isinstance(job := values.get("Job"), tuple | list) and job:
-            self.has_job = job[0] != 0
-        events: list[UnitEvent] = []
-        if self.active_state == "active" and not self.announced:
-            self.announced = True
-            events.append(UnitActive(_seconds(self.service.get("ExecMainStartTimestamp"))))
-        if self.active_state in OVER and not self.has_job:
-            events += self.end()
-        return events
-
-    def end(self) -> list[UnitEvent]:
-        """The unit is over (or unloaded): its one UnitEnd, if not given yet."""
-        if self.ended:
-            return []
-        self.ended = True
-        return [end_from_service(self.service)]
 
 
 def end_from_service(service: Mapping[str, Any]) -> UnitEnd:
@@ -136,12 +114,12 @@ def end_from_service(service: Mapping[str, Any]) -> UnitEnd:
 
 
 class UnitManager(Protocol):
-    """What the engine needs of systemd: `Systemd` below, or a fake in the fast tests."""
+    """What the broker needs of systemd: `Systemd` below, or a fake in the fast tests.
+    `open` reports, for every unit whose name starts with `prefix`, one
+    UnitActive (if its start job succeeded) and one UnitEnd."""
 
-    def open(self, on_lost: Callable[[str], None] | None = None) -> None: ...
+    def open(self, on_event: EventSink, on_lost: Callable[[str], None], prefix: str) -> None: ...
     def close(self) -> None: ...
-    def watch(self, name: str, watcher: Watcher) -> None: ...
-    def unwatch(self, name: str) -> None: ...
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
                                 stdio: Mapping[str, int] | None = None) -> None: ...
     def stop_unit(self, name: str) -> None: ...
@@ -171,28 +149,29 @@ class Systemd:
         self._bus: DBus | None = None
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watched: dict[str, tuple[str, Watcher, UnitTracker]] = {}  # path → (name, watcher, tracker)
+        self._prefix = b""
+        self._start_jobs: dict[bytes, bytes] = {}  # start job path → unit name, until its JobRemoved
+        self._on_event: EventSink = lambda name, event: None
         self._on_lost: Callable[[str], None] = lambda reason: None
         self._disconnected = False
         # pystemd keeps only a borrowed pointer to each callback: hold them here.
-        self._callbacks = (self._guarded(self._on_properties), self._guarded(self._on_unit_removed),
+        self._callbacks = (self._guarded(self._on_job_removed), self._guarded(self._on_unit_removed),
                            self._guarded(self._on_disconnected))
 
     # -- connection ---------------------------------------------------------
-    def open(self, on_lost: Callable[[str], None] | None = None) -> None:
+    def open(self, on_event: EventSink, on_lost: Callable[[str], None], prefix: str) -> None:
         """Connect and subscribe. `on_lost(reason)` is called once if the
-        connection later breaks; `open()` again to reconnect."""
+        connection later breaks."""
         self.close()
-        if on_lost is not None:
-            self._on_lost = on_lost
+        self._on_event, self._on_lost, self._prefix = on_event, on_lost, prefix.encode()
         loop = asyncio.get_running_loop()
         bus = DBus()
-        properties, removed, disconnected = self._callbacks
+        job_removed, unit_removed, disconnected = self._callbacks
         try:
             bus.open()
             bus.match_signal(None, LOCAL_PATH, LOCAL_IFACE, b"Disconnected", disconnected)
-            bus.match_signal(DEST, None, PROPERTIES, b"PropertiesChanged", properties)
-            bus.match_signal(DEST, MANAGER_PATH, MANAGER, b"UnitRemoved", removed)
+            bus.match_signal(DEST, MANAGER_PATH, MANAGER, b"JobRemoved", job_removed)
+            bus.match_signal(DEST, MANAGER_PATH, MANAGER, b"UnitRemoved", unit_removed)
             bus.call_method(DEST, MANAGER_PATH, MANAGER, b"Subscribe", [])
         except DBusBaseError as exc:
             bus.close()
@@ -232,8 +211,10 @@ class Systemd:
             self._lost("the bus said Disconnected (dbus restarted?)")
 
     def _blocking(self, what: str, call: Callable[[DBus], Any]) -> Any:
-        """One blocking round trip to PID 1. A broken connection is reported
-        (`_lost`); any D-Bus error becomes a SystemdError saying `what` failed."""
+        """One blocking round trip to PID 1 (bounded by $SYSTEMD_BUS_TIMEOUT,
+        which the broker's supervisor sets short). A broken connection is
+        reported (`_lost`); an unanswered call raises NoAnswer; any other
+        D-Bus error a SystemdError saying `what` failed."""
         if self._bus is None:
             raise SystemdError(f"{what}: not connected to the system bus")
         try:
@@ -242,6 +223,9 @@ class Systemd:
             message = _dbus_message(exc)
             if any(mark in message for mark in _CONNECTION_GONE):
                 self._lost(message)
+                raise NoAnswer(f"{what}: {message}") from exc
+            if any(mark in message for mark in _NO_ANSWER):
+                raise NoAnswer(f"{what}: systemd did not answer in time ({message})") from exc
             raise SystemdError(f"{what}: {message}") from exc
         finally:
             # A blocking call can leave signals queued without the fd turning readable.
@@ -266,36 +250,18 @@ class Systemd:
     def _on_disconnected(self, msg: Any) -> None:
         self._disconnected = True  # acted on once process() returns (not from inside it)
 
-    def _on_properties(self, msg: Any) -> None:
-        entry = self._watched.get(_text(msg.get_path()))
-        if entry is None:
-            return
+    def _on_job_removed(self, msg: Any) -> None:
         msg.process_reply(False)
-        interface, changed, _invalidated = msg.body
-        values = {_text(k): _text(v) for k, v in changed.items()}
-        self._deliver(entry, entry[2].apply(_text(interface), values))
+        _id, job, _unit, result = msg.body  # (u job id, o job path, s unit, s result)
+        name = self._start_jobs.pop(job, None)
+        if name is not None and result == b"done":  # not ours, a stop job, or a failed start: nothing to say
+            self._on_event(name.decode(), UnitActive(None))
 
     def _on_unit_removed(self, msg: Any) -> None:
         msg.process_reply(False)
-        _name, path = msg.body
-        entry = self._watched.get(_text(path))
-        if entry is not None:
-            self._deliver(entry, entry[2].end())
-
-    def _deliver(self, entry: tuple[str, Watcher, UnitTracker], events: list[UnitEvent]) -> None:
-        name, watcher, _tracker = entry
-        for event in events:
-            if isinstance(event, UnitEnd):
-                self._watched.pop(unit_path(name), None)
-            watcher(event)
-
-    def watch(self, name: str, watcher: Watcher) -> None:
-        """Call `watcher` with UnitActive (at most once), then UnitEnd (once).
-        Set it up before starting the unit."""
-        self._watched[unit_path(name)] = (name, watcher, UnitTracker())
-
-    def unwatch(self, name: str) -> None:
-        self._watched.pop(unit_path(name), None)
+        name, _path = msg.body
+        if name.startswith(self._prefix):
+            self._on_event(name.decode(), UNKNOWN_END)
 
     # -- units ---------------------------------------------------------------
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
@@ -306,7 +272,9 @@ class Systemd:
         args = apply_signature(b"ss", [name.encode(), b"fail"])
         args += encode_properties(props)
         args += [(ord("a"), b"(sa(sv))"), (-1, None)]  # no auxiliary units
-        self._call(b"StartTransientUnit", args)
+        job = self._call(b"StartTransientUnit", args)
+        # The reply precedes the job's JobRemoved on the bus: the map is ready for it.
+        self._start_jobs[job if isinstance(job, bytes) else job[0]] = name.encode()
 
     def stop_unit(self, name: str) -> None:
         self._call(b"StopUnit", apply_signature(b"ss", [name.encode(), b"replace"]))
@@ -328,8 +296,10 @@ class Systemd:
         if infos and not infos[0].over:
             return infos[0]
         if not infos:
-            return UnitEnd("", "", "", None, None)
-        path = unit_path(name).encode()
+            return UNKNOWN_END
+        return self._read_end(unit_path(name).encode())
+
+    def _read_end(self, path: bytes) -> UnitEnd:
         return end_from_service({key: self._property(path, key, sig) for key, sig in _END_PROPERTIES.items()})
 
     def _property(self, path: bytes, name: str, signature: bytes) -> Any:

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tests.support.fake_systemd import FakeSystemd
+from tests.support.fake_systemd import FakeSystemd, fake_broker
 from unitbox.api.app import create_app
 from unitbox.config import load_config
 from unitbox.engine import Engine
@@ -25,7 +25,7 @@ def make_client(tmp_path: Path, aiohttp_client: Any) -> MakeClient:
     async def make(fake: FakeSystemd | None = None, **config: Any) -> TestClient[Any, web.Application]:
         settings = {"state_dir": str(tmp_path / "state"), **config}
         cfg = load_config(Path("/dev/null"), environ={}, cli=settings)
-        engine = Engine(cfg, fake or FakeSystemd(), RunStore(cfg.database_path), Runtimes(cfg))
+        engine = Engine(cfg, fake_broker(cfg, fake or FakeSystemd()), RunStore(cfg.database_path), Runtimes(cfg))
         client: TestClient[Any, web.Application] = await aiohttp_client(create_app(engine))
         return client
     return make

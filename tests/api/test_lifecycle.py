@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.fake_systemd import FakeSystemd
+from tests.support.fake_systemd import FakeSystemd, fake_broker, until
 from unitbox import launcher as launcher_module
 from unitbox import runner as runner_module
+from unitbox.broker import client as client_module
 from unitbox.config import load_config
 from unitbox.engine import Engine, Submission
 from unitbox.errors import Busy
+from unitbox.lifecycle import Phase
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
 from unitbox.profile import unit_name
@@ -36,7 +38,7 @@ async def make_engine(tmp_path: Path) -> AsyncIterator[MakeEngine]:
     async def make(fake: FakeSystemd, **settings: Any) -> Engine:
         cfg = load_config(Path("/dev/null"), environ={},
                           cli={"state_dir": str(tmp_path / "state"), **settings})
-        engine = Engine(cfg, fake, RunStore(cfg.database_path), Runtimes(cfg))
+        engine = Engine(cfg, fake_broker(cfg, fake), RunStore(cfg.database_path), Runtimes(cfg))
         await engine.start()
         engines.append(engine)
         return engine
@@ -96,13 +98,15 @@ async def test_a_unit_that_never_ends_is_stopped_then_settled_as_error(make_engi
 # -- 2. bus loss -------------------------------------------------------------------------
 async def test_bus_loss_reconnects_and_finds_the_runs_that_ended_meanwhile(make_engine: MakeEngine,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runner_module, "RECONNECT_DELAYS_S", (0.05,))
+    monkeypatch.setattr(client_module, "RESPAWN_DELAYS_S", (0.05,))
     fake = FakeSystemd(auto_finish=False, exit_status=3)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
+    await until(lambda: unit_name(record.id) in fake.units)
     fake.activate(unit_name(record.id))
     fake.drop_bus()
     fake.finish(unit_name(record.id))  # ends while nobody hears it
+    await until(lambda: not engine.runner.broker_ok)
     assert not (await engine.health()).ok  # no watchdog ping meanwhile (serve.py pings only while ok)
     queued = await engine.submit(submission())  # accepted, waits for the bus
     assert (await engine.get(queued.id)).state is RunState.QUEUED
@@ -110,6 +114,7 @@ async def test_bus_loss_reconnects_and_finds_the_runs_that_ended_meanwhile(make_
     final = await settled(engine, record.id)
     assert (final.state, final.exit_code) == (RunState.FAILED, 3)
     assert fake.opened == 2
+    await until(lambda: engine.runner.broker_ok)
     assert (await engine.health()).ok
     fake.finish(unit_name(queued.id), exit_status="0")
     assert (await settled(engine, queued.id)).state is RunState.SUCCEEDED
@@ -145,7 +150,7 @@ async def test_launch_failure_ends_the_run_as_error_frees_the_slot_and_leaks_not
                             or "No space" in final.error)
     assert engine.executing == 0
     assert open_fds() == before
-    assert unit_name(record.id) not in fake._watchers
+    assert not engine.runner._broker.watching(record.id)
     # the queue keeps moving
     fake.start_error = None
     monkeypatch.undo()
@@ -170,7 +175,9 @@ async def test_cancel_arriving_while_the_end_is_collected_answers_200_with_the_t
     fake = FakeSystemd(auto_finish=False)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
+    await until(lambda: unit_name(record.id) in fake.units)
     fake.finish(unit_name(record.id))  # the end is seen; its outcome not yet collected
+    await until(lambda: record.id not in engine.runner.runs or engine.runner.runs[record.id].phase is Phase.ENDING)
     final, was_going = await engine.cancel(record.id)
     assert (final.state, was_going) == (RunState.SUCCEEDED, False)
     assert fake.stopped == [] and fake.killed == []
@@ -181,6 +188,7 @@ async def test_cancel_that_loses_the_race_with_a_natural_end_keeps_the_natural_s
     fake = FakeSystemd(auto_finish=False, natural_end_on_stop=True)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
+    await until(lambda: unit_name(record.id) in fake.units)
     fake.activate(unit_name(record.id))
     _, was_going = await engine.cancel(record.id)
     assert was_going
@@ -192,6 +200,7 @@ async def test_cancel_of_a_running_run_sends_sigterm_first_and_ends_cancelled(ma
     fake = FakeSystemd(auto_finish=False)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
+    await until(lambda: unit_name(record.id) in fake.units)
     fake.activate(unit_name(record.id))
     _, was_going = await engine.cancel(record.id)
     final = await settled(engine, record.id)
@@ -260,11 +269,55 @@ async def test_concurrent_submissions_never_overshoot_the_queue(make_engine: Mak
 async def test_a_look_ends_a_run_whose_outcome_file_is_there_even_without_the_bus(
         make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner_module, "deadline_s", lambda phase, limits: 0.2 if phase.value != "queued" else None)
-    monkeypatch.setattr(runner_module, "RECONNECT_DELAYS_S", (60.0,))  # the bus stays away
+    monkeypatch.setattr(client_module, "RESPAWN_DELAYS_S", (60.0,))  # the bus stays away
     fake = FakeSystemd(auto_finish=False)
     engine = await make_engine(fake)
     record = await engine.submit(submission())
+    await until(lambda: unit_name(record.id) in fake.units)
     fake.drop_bus()
     fake.finish(unit_name(record.id))  # the outcome file is written; no signal arrives
     final = await settled(engine, record.id)
     assert final.state is RunState.SUCCEEDED and final.cpu_ms == 1.0
+
+
+# -- the broker (issue "systemd off the event loop") -----------------------------------------
+@pytest.mark.parametrize("went_through", [True, False])
+async def test_an_unanswered_start_is_settled_by_a_look_never_blindly_repeated(make_engine: MakeEngine,
+                                                                              went_through: bool) -> None:
+    fake = FakeSystemd(unanswered_starts=1, unanswered_goes_through=went_through)
+    engine = await make_engine(fake)
+    record = await engine.submit(submission())
+    final = await settled(engine, record.id)
+    assert final.state is RunState.SUCCEEDED and final.stdout_bytes == len(fake.stdout)  # the same pipes
+    assert fake.started == [unit_name(record.id)]  # one unit, whether the start went through or was made again
+    assert len(fake.start_requests) == (1 if went_through else 2)
+    assert engine.executing == 0
+
+
+async def test_a_dead_broker_is_replaced_and_no_run_is_lost_or_started_twice(make_engine: MakeEngine,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "RESPAWN_DELAYS_S", (0.2,))
+    fake = FakeSystemd(auto_finish=False)
+    engine = await make_engine(fake, max_concurrent=4)
+    first = [await engine.submit(submission()) for _ in range(4)]
+    await until(lambda: len(fake.started) == 4)
+    fake.activate(unit_name(first[0].id))
+    broker = engine.runner._broker
+    await broker._link.stop()  # type: ignore[union-attr]  # as kill -9: its end of the wire closes
+    await until(lambda: not engine.runner.broker_ok)
+    health = await engine.health()
+    assert not health.ok and "broker" in health.reason
+    for record in first[:2]:  # these end while no broker listens
+        fake.finish(unit_name(record.id))
+    later = [await engine.submit(submission()) for _ in range(3)]  # accepted, queued meanwhile
+    await until(lambda: engine.runner.broker_ok)
+    assert (await engine.health()).ok and broker.restarts == 1
+    for record in first[:2]:
+        assert (await settled(engine, record.id)).state is RunState.SUCCEEDED
+    for _ in range(20):
+        for name in list(fake.units):
+            fake.finish(name)
+        await asyncio.sleep(0.02)
+    for record in first + later:
+        assert (await settled(engine, record.id)).state is RunState.SUCCEEDED
+    assert sorted(fake.started) == sorted(unit_name(r.id) for r in first + later)  # each exactly once

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tests.api.conftest import MakeClient
-from tests.support.fake_systemd import FakeSystemd
+from tests.support.fake_systemd import FakeSystemd, until
 from unitbox.profile import unit_name
 
 TOKENS = {"alice": {"secret": "alice-secret"}, "bob": {"secret": "bob-secret"},
@@ -53,6 +53,7 @@ async def test_another_tokens_run_is_404_on_every_endpoint_and_its_owner_and_adm
     client = await make_client(fake, tokens=TOKENS)
     run_id = await submit(client, "alice", wait=finished)
     if not finished:
+        await until(lambda: unit_name(run_id) in fake.units)
         fake.activate(unit_name(run_id))
     for method, path in READS + CANCELS:
         await looks_unknown(client, method, path, run_id, "bob")
@@ -70,6 +71,7 @@ async def test_a_cancel_by_another_token_is_404_and_the_run_keeps_running(make_c
     fake = FakeSystemd(auto_finish=False)
     client = await make_client(fake, tokens=TOKENS)
     run_id = await submit(client, "alice")
+    await until(lambda: unit_name(run_id) in fake.units)
     fake.activate(unit_name(run_id))
     for method, path in CANCELS:
         assert (await client.request(method, path.format(run_id), headers=as_("bob"))).status == 404
@@ -78,13 +80,14 @@ async def test_a_cancel_by_another_token_is_404_and_the_run_keeps_running(make_c
     assert fake.killed == [] and fake.stopped == []
     reply = await client.post(f"/runs/{run_id}/cancel", headers=as_("alice"))
     assert reply.status == 202
-    assert fake.killed == [(unit_name(run_id), 15)]
+    await until(lambda: fake.killed == [(unit_name(run_id), 15)])
 
 
 async def test_an_admin_cancels_anyones_run(make_client: MakeClient) -> None:
     fake = FakeSystemd(auto_finish=False)
     client = await make_client(fake, tokens=TOKENS)
     run_id = await submit(client, "alice")
+    await until(lambda: unit_name(run_id) in fake.units)
     fake.activate(unit_name(run_id))
     assert (await client.delete(f"/runs/{run_id}", headers=as_("ops"))).status == 202
 

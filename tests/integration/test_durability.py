@@ -61,7 +61,7 @@ def test_run_that_ends_while_the_daemon_is_down_keeps_its_exit_code(service: Dae
     # It prints only before the stop: a full stop (unlike a restart or a crash)
     # releases the fd store, so output written after it has no reader.
     run_id = client.submit("import time\nprint('before', flush=True)\ntime.sleep(1)\nraise SystemExit(7)")
-    assert wait_until(lambda: client.status(run_id)["state"] == "running", 10)
+    assert wait_until(lambda: client.get(f"/output/{run_id}").json()["stdout"] == "before\n", 10)
     service.systemctl("stop")  # a full stop: no fd store survives it; the outcome file does
     unit = f"unitbox-run-{run_id}.service"
     assert wait_until(lambda: unit not in testhost.units(), 15), "the run should end while the daemon is down"

@@ -189,6 +189,13 @@ class DaemonService(Daemon):
                              text=True, check=False)
         return int(out.stdout.split()[0])
 
+    @property
+    def broker_pid(self) -> int:
+        """The broker process the daemon started (outside the test host's pid namespace)."""
+        out = subprocess.run(["pgrep", "-f", "--", f"--config {self.config_path} broker"], capture_output=True,
+                             text=True, check=False)
+        return int(out.stdout.split()[0])
+
     def main_pid(self) -> int:
         return int(self.host.run("systemctl", "show", "-P", "MainPID", self.unit).stdout.strip() or 0)
 

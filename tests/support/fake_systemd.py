@@ -1,5 +1,6 @@
 """A fake of the systemd adapter for the fast tiers: no D-Bus, no sandbox. It
-plays a unit's life (active → output → ExecStopPost's result file → over)
+sits behind a real broker server (in the test's own loop, over a real
+socketpair: `fake_broker`) and plays a unit's life (active → output → ExecStopPost's result file → over)
 through the same typed events as the real adapter, and can misbehave the
 ways PID 1 and the bus do: merged signals (only the end arrives), signals
 lost, a dropped bus, a start that fails half-way, a unit that ends by itself
@@ -9,6 +10,7 @@ against the real systemd in tests/integration/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -16,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from unitbox.broker.client import Broker, in_process_spawner
+from unitbox.config import Config
 from unitbox.errors import SystemdError
-from unitbox.systemd import UnitActive, UnitEnd, UnitInfo, Watcher
+from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitInfo
 
 
 @dataclass
@@ -30,15 +34,19 @@ class FakeUnit:
 class FakeSystemd:
     def __init__(self, *, auto_finish: bool = True, stdout: bytes = b"fake output\n", exit_status: int = 0,
                  merge_signals: bool = False, lose_signals: bool = False, record_outcome: bool = True,
-                 start_error: BaseException | None = None, natural_end_on_stop: bool = False) -> None:
+                 start_error: BaseException | None = None, natural_end_on_stop: bool = False,
+                 unanswered_starts: int = 0, unanswered_goes_through: bool = False) -> None:
         self.auto_finish = auto_finish
         self.stdout = stdout
         self.exit_status = exit_status
         self.merge_signals = merge_signals  # only the end arrives, never "active"
         self.lose_signals = lose_signals  # no event at all: only a look (probe) finds the end
         self.record_outcome = record_outcome  # ExecStopPost writes the result file
-        self.start_error = start_error  # raised by start_transient_service, after the watch was set
+        self.start_error = start_error  # raised by start_transient_service
         self.natural_end_on_stop = natural_end_on_stop  # the program exits 0 just before a stop/kill lands
+        self.unanswered_starts = unanswered_starts  # so many starts get no answer in time (NoAnswer) …
+        self.unanswered_goes_through = unanswered_goes_through  # … and still create their unit, or not
+        self.start_requests: list[str] = []
         self.started: list[str] = []
         self.stopped: list[str] = []
         self.killed: list[tuple[str, int]] = []
@@ -46,25 +54,30 @@ class FakeSystemd:
         self.reachable = True
         self.opened = 0
         self.units: dict[str, FakeUnit] = {}
-        self._watchers: dict[str, Watcher] = {}
+        self.silenced: set[str] = set()  # units whose events are not sent (e.g. a dead broker's)
+        self._on_event: Callable[[str, UnitActive | UnitEnd], None] | None = None
         self._on_lost: Callable[[str], None] = lambda reason: None
 
     # -- connection ----------------------------------------------------------
-    def open(self, on_lost: Callable[[str], None] | None = None) -> None:
+    def open(self, on_event: Callable[[str, UnitActive | UnitEnd], None], on_lost: Callable[[str], None],
+             prefix: str) -> None:
         if not self.reachable:
             raise SystemdError("cannot talk to systemd over the system bus: fake outage")
         self.opened += 1
-        if on_lost is not None:
-            self._on_lost = on_lost
+        self._on_event, self._on_lost = on_event, on_lost
 
     def close(self) -> None:
+        self._on_event = None
+
+    def shut_down(self) -> None:
         for unit in self.units.values():
             self._close_fds(unit)
 
     def drop_bus(self) -> None:
         """The connection breaks: events stop until the owner reconnects."""
         self.reachable = False
-        self._on_lost("fake: the bus went away")
+        on_lost, self._on_event = self._on_lost, None
+        on_lost("fake: the bus went away")
 
     def restore_bus(self) -> None:
         self.reachable = True
@@ -74,17 +87,19 @@ class FakeSystemd:
             raise SystemdError("not connected to systemd")
 
     # -- units ---------------------------------------------------------------
-    def watch(self, name: str, watcher: Watcher) -> None:
-        self._watchers[name] = watcher
-
-    def unwatch(self, name: str) -> None:
-        self._watchers.pop(name, None)
-
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
                                 stdio: Mapping[str, int] | None = None) -> None:
         self._check()
+        self.start_requests.append(name)
         if self.start_error is not None:
             raise self.start_error
+        unanswered = self.unanswered_starts > 0
+        if unanswered:
+            self.unanswered_starts -= 1
+            if not self.unanswered_goes_through:
+                raise NoAnswer("systemd StartTransientUnit: systemd did not answer in time (fake)")
+        if name in self.units:
+            raise SystemdError(f"Unit {name} already exists.")
         self.started.append(name)
         self.properties[name] = properties
         run_dir = Path(properties["ExecStopPost"][-1])
@@ -92,6 +107,8 @@ class FakeSystemd:
         self.units[name] = FakeUnit(run_dir, fds)
         if self.auto_finish:
             asyncio.get_running_loop().call_soon(self.finish, name)
+        if unanswered:
+            raise NoAnswer("systemd StartTransientUnit: systemd did not answer in time (fake)")
 
     def activate(self, name: str) -> None:
         self._emit(name, UnitActive(time.time()))
@@ -104,7 +121,8 @@ class FakeSystemd:
         if not self.merge_signals:
             self.activate(name)
         if "output" in unit.fds:
-            os.write(unit.fds["output"], self.stdout)
+            with contextlib.suppress(BrokenPipeError):  # its reader is gone (a daemon stopped without fd store)
+                os.write(unit.fds["output"], self.stdout)
         self._close_fds(unit)
         status = exit_status if exit_status is not None else str(self.exit_status)
         if result == "success" and status != "0":
@@ -118,12 +136,9 @@ class FakeSystemd:
         self._emit(name, unit.end)
 
     def _emit(self, name: str, event: UnitActive | UnitEnd) -> None:
-        watcher = self._watchers.get(name)
-        if watcher is None or not self.reachable or self.lose_signals:
+        if self._on_event is None or not self.reachable or self.lose_signals or name in self.silenced:
             return
-        if isinstance(event, UnitEnd):
-            self._watchers.pop(name, None)
-        watcher(event)
+        self._on_event(name, event)
 
     @staticmethod
     def _close_fds(unit: FakeUnit) -> None:
@@ -171,3 +186,17 @@ class FakeSystemd:
         if not self.reachable:
             raise SystemdError("systemd does not answer: fake outage")
         return "252-fake"
+
+
+def fake_broker(config: Config, fake: FakeSystemd) -> Broker:
+    """The daemon's broker client, its server in-process over the fake."""
+    return Broker(in_process_spawner(config, fake))
+
+
+async def until(check: Callable[[], object], within_s: float = 5.0) -> None:
+    """Wait for what the broker does next (its requests are answered on the loop)."""
+    deadline = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {within_s} s: {check}")
+        await asyncio.sleep(0.005)

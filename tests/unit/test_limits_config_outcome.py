@@ -138,7 +138,7 @@ def test_config_remembers_its_source(tmp_path: Path) -> None:
 
 
 def test_systemd_major_version() -> None:
-    from unitbox.engine import systemd_major
+    from unitbox.broker.server import systemd_major
 
     assert systemd_major("252.39-1~deb12u2") == 252
     assert systemd_major("257") == 257

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import subprocess
+from pathlib import Path, PurePosixPath
 
 from unitbox.dbus_properties import encode_properties
 from unitbox.limits import Limits
+from unitbox.outcome import parse_result_file
 from unitbox.profile import (
     BOOTSTRAP,
     ON_HOST,
@@ -13,8 +15,10 @@ from unitbox.profile import (
     STOP_POST_SCRIPT,
     Runtime,
     build_profile,
+    fallback_result,
     hide_state_dir,
     run_id_of,
+    stage_dir,
     thread_cap,
     unit_name,
 )
@@ -217,6 +221,27 @@ def test_native_cgroup_privacy_on_new_systemd() -> None:
     assert encode_properties(props)  # it has a D-Bus signature
 
 
-def test_staged_inputs_are_removed_by_the_outcome_recorder() -> None:
-    assert STOP_POST_SCRIPT.rstrip().endswith('rm -rf -- "$1"')
+def _record_outcome(stage: Path, run_dir: Path) -> None:
+    env = {"SERVICE_RESULT": "exit-code", "EXIT_CODE": "exited", "EXIT_STATUS": "7", "PATH": "/usr/bin:/bin"}
+    subprocess.run(["/bin/sh", "-c", STOP_POST_SCRIPT, "unitbox-stop-post", str(stage), str(run_dir)],
+                   env=env, check=True)
+
+
+def test_the_outcome_recorder_writes_the_result_and_removes_the_staged_inputs(tmp_path: Path) -> None:
+    stage, run_dir = tmp_path / "stage", tmp_path / "run"
+    (stage / "in").mkdir(parents=True)
+    run_dir.mkdir()
+    _record_outcome(stage, run_dir)
+    outcome = parse_result_file((run_dir / "result").read_text())
+    assert outcome is not None and (outcome.service_result, outcome.exit_status) == ("exit-code", "7")
+    assert not stage.exists() and not Path(f"{stage}.result").exists()
     assert 'cp -R "$2/in" "$1/in"' in START_PRE_SCRIPT and "machine-id" in START_PRE_SCRIPT
+
+
+def test_the_outcome_goes_to_run_when_the_run_directory_cannot_take_it(tmp_path: Path) -> None:
+    stage, run_dir = tmp_path / "stage", tmp_path / "gone"  # as if the state disk were full
+    (stage / "in").mkdir(parents=True)
+    _record_outcome(stage, run_dir)
+    outcome = parse_result_file(Path(f"{stage}.result").read_text())
+    assert outcome is not None and (outcome.exit_code, outcome.exit_status) == ("exited", "7")
+    assert fallback_result("0123456789abcdef") == f"{stage_dir('0123456789abcdef')}.result"

@@ -1,0 +1,205 @@
+"""`unitbox broker`: owns the system-bus connection (systemd.py) and does
+what the daemon asks, one request at a time and answered in order (the
+daemon pipelines them): start run R, stop R, send R a signal, list our
+units, look at R, health. Each start is checked (checks.py) and its unit
+profile built here (profile.py), from the broker's own configuration.
+
+It tells the daemon `ready` once subscribed, then each of our units'
+`active` and `end`. If the bus is lost it says `down` and exits: the daemon
+starts a new broker and looks at every run again, which is the one recovery
+path for a dead broker and a lost bus alike. It exits, too, when the daemon
+hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from unitbox.broker import checks
+from unitbox.broker.checks import Refused
+from unitbox.broker.wire import Channel, Message, end_to_wire, info_to_wire
+from unitbox.config import Config
+from unitbox.errors import SystemdError, UnitboxError
+from unitbox.outcome import parse_result_file
+from unitbox.profile import UNIT_PREFIX, build_profile, fallback_result, run_id_of, unit_name
+from unitbox.runtimes import Runtimes
+from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd, UnitEvent, UnitInfo, UnitManager
+
+log = logging.getLogger(__name__)
+
+NATIVE_PRIVATE_TMPFS_SINCE = 256  # TemporaryFileSystem=/tmp beats DynamicUser's PrivateTmp (systemd PR #32724)
+NATIVE_PRIVATE_CGROUPS_SINCE = 257  # ProtectControlGroups=private
+SLICE_PROPERTIES: Mapping[str, Any] = {
+    "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
+    "CPUAccounting": True, "MemoryAccounting": True, "TasksAccounting": True,
+}
+
+
+def systemd_major(version: str) -> int:
+    """"252.39-1~deb12u2" → 252 (0 if unreadable)."""
+    digits = ""
+    for char in version.strip():
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits or 0)
+
+
+def error_kind(exc: Exception) -> str:
+    """How the daemon should read a failure: `refused` and `systemd` mean
+    nothing was done; `no_answer` that it may have been; `exists` that the
+    unit is there already."""
+    if isinstance(exc, Refused):
+        return "refused"
+    if isinstance(exc, NoAnswer):
+        return "no_answer"
+    if isinstance(exc, SystemdError):
+        return "exists" if "already exists" in exc.message else "systemd"
+    return "internal"
+
+
+class BrokerServer:
+    def __init__(self, sock: socket.socket, config: Config, systemd: UnitManager,
+                 runtimes: Runtimes | None = None) -> None:
+        self._sock = sock
+        self.config = config
+        self._systemd = systemd
+        self._runtimes = runtimes or Runtimes(config)
+        source = config.source
+        # A config given with --config outside /etc/unitbox may hold tokens: hide it from runs too.
+        self._secret_paths = (str(source),) if source and not source.is_relative_to("/etc/unitbox") else ()
+        self._native_private_tmpfs = False
+        self._native_private_cgroups = False
+        self._channel: Channel | None = None
+        self.done = asyncio.Event()
+        self._ops: dict[str, Callable[[Message, list[int]], Any]] = {
+            "start": self._start, "stop": self._stop, "kill": self._kill, "list": self._list,
+            "probe": self._probe, "health": lambda message, fds: self._systemd.version(),
+        }
+
+    def start(self) -> None:
+        self._channel = Channel(self._sock, self._on_message, self._on_closed)
+        try:
+            self._systemd.open(self._on_event, self._on_lost, UNIT_PREFIX)
+            version = self._systemd.version()
+            major = systemd_major(version)
+            self._native_private_tmpfs = major >= NATIVE_PRIVATE_TMPFS_SINCE
+            self._native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE
+            if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
+                log.info("created transient %s (install units/unitbox.slice for the shipped caps)",
+                         self.config.slice)
+        except SystemdError as exc:
+            self._say_down(exc.message)
+            return
+        self._send({"ev": "ready", "version": version, "pid": os.getpid()})
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._systemd.close()
+        self.done.set()
+
+    # -- requests ----------------------------------------------------------------------
+    def _on_message(self, message: Message, fds: list[int]) -> None:
+        request = message.get("id")
+        try:
+            op = message.get("op")
+            handler = self._ops.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise Refused(f"unknown operation {op!r}")
+            reply: Message = {"id": request, "ok": handler(message, fds)}
+        except Exception as exc:
+            kind = error_kind(exc)
+            if kind == "internal":
+                log.exception("broker: %s failed", message.get("op"))
+            text = exc.message if isinstance(exc, UnitboxError) else repr(exc)
+            reply = {"id": request, "error": text, "kind": kind}
+        finally:
+            for fd in fds:
+                os.close(fd)  # PID 1 has its own copies once the start call returned
+        self._send(reply)
+
+    def _start(self, message: Message, fds: list[int]) -> None:
+        order = checks.start_order(message, fds, self.config, self._runtimes)
+        profile = build_profile(order.run_id, order.limits, run_dir=PurePosixPath(order.run_dir),
+                                state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
+                                runtime=order.runtime, native_private_tmpfs=self._native_private_tmpfs,
+                                native_private_cgroups=self._native_private_cgroups,
+                                secret_paths=self._secret_paths)
+        stdio = dict(zip(checks.STDIO, fds, strict=True))
+        self._systemd.start_transient_service(unit_name(order.run_id), profile, stdio)
+
+    def _stop(self, message: Message, fds: list[int]) -> None:
+        self._systemd.stop_unit(unit_name(checks.run_id(message)))
+
+    def _kill(self, message: Message, fds: list[int]) -> None:
+        self._systemd.kill_unit(unit_name(checks.run_id(message)), checks.signal_number(message))
+
+    def _list(self, message: Message, fds: list[int]) -> list[list[Any]]:
+        return [info_to_wire(unit) for unit in self._systemd.list_units([f"{UNIT_PREFIX}*.service"])]
+
+    def _probe(self, message: Message, fds: list[int]) -> Message:
+        seen = self._systemd.probe(unit_name(checks.run_id(message)))
+        return {"info": info_to_wire(seen)} if isinstance(seen, UnitInfo) else {"end": end_to_wire(seen)}
+
+    # -- events ----------------------------------------------------------------------------
+    def _on_event(self, name: str, event: UnitEvent) -> None:
+        run = run_id_of(name)
+        if run is None or not checks.RUN_ID.fullmatch(run):
+            return
+        if isinstance(event, UnitActive):
+            self._send({"ev": "active", "run": run, "at": event.started_at})
+        else:
+            if event == UNKNOWN_END:
+                event = self._fallback_end(run) or event
+            self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
+
+    @staticmethod
+    def _fallback_end(run: str) -> UnitEnd | None:
+        """The outcome ExecStopPost left on /run because the run's directory
+        could not take it (a full state disk): the end's facts, once."""
+        path = Path(fallback_result(run))
+        try:
+            text = path.read_text(errors="replace")
+            path.unlink()
+        except OSError:
+            return None
+        outcome = parse_result_file(text)
+        if outcome is None:
+            return None
+        return UnitEnd(outcome.service_result, outcome.exit_code, outcome.exit_status, None, None)
+
+    def _on_lost(self, reason: str) -> None:
+        self._say_down(f"lost the system bus: {reason}")
+
+    def _say_down(self, reason: str) -> None:
+        log.error("broker: %s; exiting (the daemon starts a new broker)", reason)
+        self._send({"ev": "down", "reason": reason})
+        self.close()
+
+    def _on_closed(self, reason: str) -> None:
+        self._systemd.close()
+        self.done.set()
+
+    def _send(self, message: Message) -> None:
+        channel = self._channel
+        if channel is None or channel.closed:
+            return
+        with contextlib.suppress(ConnectionResetError):  # the daemon is gone: _on_closed ends the broker
+            channel.send(message)
+
+
+async def run_broker(config: Config, fd: int) -> None:
+    """The broker process: serve the daemon on inherited socket `fd` until it hangs up."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # Ctrl-C is for the daemon; it then hangs up
+    server = BrokerServer(socket.socket(fileno=fd), config, Systemd())
+    server.start()
+    await server.done.wait()

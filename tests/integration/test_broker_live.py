@@ -1,0 +1,101 @@
+"""The broker on a real systemd (issue "systemd off the event loop"): killed
+with runs in flight, it is replaced and no run is lost or started twice;
+while PID 1 is frozen, /healthz still answers at once and says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.daemon import DaemonService
+from tests.support.load import wait_for
+from tests.support.testhost import TestHost, booted
+
+SLEEPER = "import time\ntime.sleep(4)\nprint('ok')\n"
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[TestHost]:
+    with booted("broker") as testhost:
+        yield testhost
+
+
+def starts_of(host: TestHost, run_id: str) -> int:
+    """How many times systemd began starting the run's unit (its journal's "Starting …" lines)."""
+    out = host.run("journalctl", "--no-pager", "-o", "cat", f"UNIT=unitbox-run-{run_id}.service",
+                   check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("Starting "))
+
+
+def test_kill_9_of_the_broker_with_50_runs_in_flight(host: TestHost, tmp_path: Path) -> None:
+    service = DaemonService(host, tmp_path, name="brokerkill", config="max_concurrent = 50\nqueue_size = 200\n")
+    service.start()
+    try:
+        client = service.client
+        first = [client.submit(SLEEPER) for _ in range(50)]
+        assert wait_for(lambda: client.get("/healthz").json().get("running") == 50, 60), client.get("/healthz").body
+        old = service.broker_pid
+        os.kill(old, signal.SIGKILL)
+        health: list[tuple[int, str]] = []
+        later: list[str] = []
+
+        def keep_submitting() -> None:
+            for _ in range(30):
+                later.append(client.submit(SLEEPER))
+                time.sleep(0.05)
+        submitter = threading.Thread(target=keep_submitting)
+        submitter.start()
+        began = time.monotonic()
+        while time.monotonic() - began < 20:
+            reply = client.get("/healthz")
+            health.append((reply.status, reply.json().get("reason", "")))
+            if reply.status == 200 and len(health) > 1:
+                break
+            time.sleep(0.02)
+        submitter.join(30)
+        assert health[0][0] == 503 and "broker" in health[0][1], health[:3]  # the truth while it is gone
+        assert health[-1][0] == 200, health[-3:]
+        assert service.broker_pid != old
+        for run_id in first + later:
+            run = client.wait(run_id, timeout=120)
+            assert (run["state"], run["exit_code"]) == ("succeeded", 0), run
+            assert client.get(f"/output/{run_id}").body == b"ok\n"
+        assert len(later) == 30
+        assert [run_id for run_id in first + later if starts_of(host, run_id) != 1] == []
+        assert "the broker is back" in service.journal()
+    finally:
+        service.stop()
+
+
+def test_healthz_answers_at_once_while_pid_1_is_stopped(host: TestHost, tmp_path: Path) -> None:
+    service = DaemonService(host, tmp_path, name="frozen")
+    service.start()
+    try:
+        client = service.client
+        assert client.get("/healthz").status == 200
+        answers: list[tuple[float, int, str]] = []
+        os.kill(host.pid, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            while time.monotonic() - began < 3:
+                sent = time.monotonic()
+                reply = client.get("/healthz", timeout=2)
+                answers.append((time.monotonic() - sent, reply.status, reply.json().get("reason", "")))
+                time.sleep(0.1)
+        finally:
+            os.kill(host.pid, signal.SIGCONT)
+        slowest = max(took for took, _, _ in answers)
+        print(f"/healthz while PID 1 was stopped: {len(answers)} answers, slowest {slowest * 1000:.1f} ms")
+        assert slowest < 0.05, answers
+        late = [(status, reason) for took, status, reason in answers[-10:]]  # ≥ 2 s into the stall
+        assert all(status == 503 and "systemd does not answer" in reason for status, reason in late), late
+        assert wait_for(lambda: client.get("/healthz").status == 200, 30)
+        assert client.run("print(1)")["state"] == "succeeded"
+    finally:
+        service.stop()
