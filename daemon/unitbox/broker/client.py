@@ -154,7 +154,7 @@ class Broker:
     async def _connect(self) -> None:
         link = await self._spawn()
         loop = asyncio.get_running_loop()
-        self._link, self._ready, self._down_reason = link, loop.create_future(), ""
+        self._link, self._ready = link, loop.create_future()
         self._channel = Channel(link.sock, self._on_message, self._on_closed)
         try:
             self.version = await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
@@ -163,11 +163,11 @@ class Broker:
             await link.stop()
             reason = exc.message if isinstance(exc, SystemdError) else "the broker did not get ready in time"
             raise SystemdError(f"cannot talk to systemd: {reason}") from exc
-        self.up, self._ping_sent, self._health_error = True, None, ""
+        self.up, self._ping_sent, self._health_error, self._down_reason = True, None, "", ""
 
     def _on_closed(self, reason: str) -> None:
         was_up, self.up = self.up, False
-        reason = self._down_reason or f"the broker exited ({reason})"
+        reason = self._down_reason = self._down_reason or f"the broker exited ({reason})"
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(SystemdError(reason))
         for future in self._pending.values():
@@ -189,6 +189,7 @@ class Broker:
             try:
                 await self._connect()
             except (SystemdError, OSError) as exc:
+                self._down_reason = str(exc)
                 log.warning("starting the broker again (attempt %d): %s", attempt + 1, exc)
                 continue
             self.restarts += 1
@@ -279,7 +280,8 @@ class Broker:
     def liveness(self) -> str | None:
         """Why systemd cannot be relied on now, or None: from cached facts only."""
         if not self.up:
-            return f"systemd does not answer: {self._down_reason or 'the broker is being restarted'}"
+            return f"systemd cannot be reached: {self._down_reason or 'the broker is starting'}; a new broker " \
+                   "is being started"
         if self._ping_sent is not None and (waited := time.monotonic() - self._ping_sent) > UNRESPONSIVE_S:
             return f"systemd does not answer (no reply for {waited:.1f} s)"
         return f"systemd: {self._health_error}" if self._health_error else None
