@@ -49,14 +49,27 @@ def profile_for(run_id: str, run_dir: RunDir) -> dict[str, object]:
                          state_dir=PurePosixPath(BENCH_STATE), slice_name=SLICE, runtime=RUNTIME)
 
 
+PREFIX = "ubench-dbus-"
+
+
 class Ceiling:
     def __init__(self) -> None:
         self.systemd = Systemd()
         self._devnull = -1
+        self._ends: dict[str, asyncio.Future[UnitEnd]] = {}
 
     def open(self) -> None:
-        self.systemd.open()
+        self.systemd.open(self._on_event, self._on_lost, PREFIX)  # the broker's signals: JobRemoved, UnitRemoved
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+
+    def _on_event(self, name: str, event: UnitEvent) -> None:
+        done = self._ends.get(name)
+        if isinstance(event, UnitEnd) and done is not None and not done.done():
+            done.set_result(event)
+
+    @staticmethod
+    def _on_lost(reason: str) -> None:
+        raise RuntimeError(f"lost the system bus: {reason}")
 
     def close(self) -> None:
         self.systemd.close()
@@ -65,22 +78,18 @@ class Ceiling:
     async def run(self, code: bytes) -> None:
         """One unit, start to finish. Raises if it did not succeed."""
         run_id, run_dir = new_run("c", code)
-        name = f"ubench-dbus-{run_id}.service"
-        done: asyncio.Future[UnitEnd] = asyncio.get_running_loop().create_future()
-
-        def changed(event: UnitEvent) -> None:
-            if isinstance(event, UnitEnd) and not done.done():
-                done.set_result(event)
-        self.systemd.watch(name, changed)
+        name = f"{PREFIX}{run_id}.service"
+        done = self._ends[name] = asyncio.get_running_loop().create_future()
         try:
             fd = self._devnull
             self.systemd.start_transient_service(name, profile_for(run_id, run_dir),
                                                  {"input": fd, "output": fd, "error": fd})
-            end = await asyncio.wait_for(done, 60)
+            await asyncio.wait_for(done, 60)
         finally:
-            self.systemd.unwatch(name)
-        if end.result not in ("success", ""):
-            raise RuntimeError(f"{name}: {end.result} ({end.exit_code} {end.exit_status})")
+            del self._ends[name]
+        found = run_dir.read_outcome()  # written by the profile's ExecStopPost, as for a daemon's run
+        if found is None or found[0].service_result != "success":
+            raise RuntimeError(f"{name}: {found[0] if found else 'no outcome recorded'}")
 
 
 async def _main(args: argparse.Namespace) -> None:

@@ -185,7 +185,7 @@ class Runner:
         if isinstance(seen, UnitInfo):
             self._launcher.release(run)
             self._started(run, seen)
-        elif await asyncio.to_thread(run.dir.result.exists):  # it ran, and is over already
+        elif run.dir.result.exists():  # it ran, and is over already (a stat: no thread hop)
             run.end = seen
             self._end(run)
         elif run.launches >= MAX_LAUNCHES:
@@ -282,9 +282,8 @@ class Runner:
         dead), or systemd says so. True if the run was ended."""
         if run.phase not in (Phase.STARTED, Phase.RUNNING):
             return False
-        if await asyncio.to_thread(run.dir.result.exists):
-            if run.phase in (Phase.STARTED, Phase.RUNNING):
-                self._end(run)
+        if run.dir.result.exists():
+            self._end(run)
             return True
         if not self.broker_ok:
             return False
