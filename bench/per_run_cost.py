@@ -3,7 +3,7 @@ through its own code: output capture, store writes, executor hops, logging.
 CPU is time.process_time (user + system, all threads of this process) over
 N runs; printed as µs per run.
 
-    python bench/per_run_cost.py [-n 2000] [--dir /var/tmp/...] [--only capture,store,hops,logging]
+    python bench/per_run_cost.py [-n 2000] [--dir /var/tmp/...] [--only capture,store,hops,logging,api]
 
 Run it on a quiet machine, on the filesystem that holds the state dir."""
 
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import logging
 import os
 import secrets
 import shutil
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,6 +36,7 @@ from unitbox.outcome import RunState
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
 
+REPO = Path(__file__).resolve().parent.parent
 MB = 1_000_000
 BLOCK = 8192  # what a Python program's buffered stdout writes into a pipe at a time
 RESULT = "SERVICE_RESULT=success\nEXIT_CODE=exited\nEXIT_STATUS=0\nCPU_NS=12000000\nMEMORY_PEAK=4096000\n"
@@ -161,6 +166,21 @@ def bench_logging(n: int) -> None:
             if index % 256 == 0:
                 handler.stream = io.StringIO()
         report("logging: one INFO record (stderr format)", time.process_time() - start, n)
+        with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sink:
+            sink.bind(f"{tmp}/journal")
+            sink.setblocking(False)
+            journal = logs.JournalHandler(f"{tmp}/journal")
+            journal.setFormatter(logging.Formatter("%(message)s"))
+            root.handlers[:] = [journal]
+            start = time.process_time()
+            for _ in range(n):
+                log.info("run %s %s (exit %s, signal %s)", "0123456789abcdef", "succeeded", 0, None,
+                         extra={"run_id": "0123456789abcdef", "unit": "unitbox-run-0123456789abcdef.service",
+                                "state": "succeeded"})
+                with contextlib.suppress(BlockingIOError):
+                    while sink.recv(65536):
+                        pass
+            report("logging: one INFO record (journald native)", time.process_time() - start, n)
         start = time.process_time()
         for _ in range(n):
             log.debug("run %s queued", "0123456789abcdef", extra={"run_id": "0123456789abcdef"})
@@ -168,6 +188,38 @@ def bench_logging(n: int) -> None:
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+
+
+# -- everything but systemd: the API tier ----------------------------------------------------
+async def bench_api(base: Path, n: int) -> None:
+    """POST /run-json wait=true through the real app and engine over the fake
+    systemd of the API tests (its unit prints 12 bytes). The HTTP client runs
+    in this process too: its CPU is in the figure."""
+    sys.path.insert(0, str(REPO))  # for tests.support
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from tests.support.fake_systemd import FakeSystemd
+    from unitbox.api.app import create_app
+    from unitbox.config import load_config
+    from unitbox.engine import Engine
+    from unitbox.runtimes import Runtimes
+    from unitbox.store import RunStore
+
+    for ways in (1, 16):
+        cfg = load_config(Path("/dev/null"), environ={},
+                          cli={"state_dir": str(base / f"api{ways}"), "max_concurrent": 16, "queue_size": 64})
+        engine = Engine(cfg, FakeSystemd(), RunStore(cfg.database_path), Runtimes(cfg))  # type: ignore[arg-type]
+        async with TestClient(TestServer(create_app(engine))) as client:
+            async def one() -> None:
+                reply = await client.post("/run-json", json={"code": "pass", "wait": True})
+                assert (await reply.json())["state"] == "succeeded"
+            for _ in range(20):
+                await one()
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            for _ in range(n // ways):
+                await asyncio.gather(*(one() for _ in range(ways)))
+            report(f"API tier, fake systemd: one run, {ways}-way", time.process_time() - cpu0, n // ways * ways,
+                   time.perf_counter() - wall0)
 
 
 async def main_async(base: Path, n: int, only: set[str]) -> None:
@@ -179,13 +231,15 @@ async def main_async(base: Path, n: int, only: set[str]) -> None:
         await bench_hops(base, n)
     if "logging" in only:
         bench_logging(n)
+    if "api" in only:
+        await bench_api(base, n)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp") / f"unitbox-cost-{os.getpid()}")
-    parser.add_argument("--only", default="capture,store,hops,logging")
+    parser.add_argument("--only", default="capture,store,hops,logging,api")
     args = parser.parse_args()
     args.dir.mkdir(parents=True)
     try:
