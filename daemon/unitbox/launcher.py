@@ -142,7 +142,7 @@ class Launcher:
 
     @staticmethod
     def collect(run: RunLife) -> tuple[tuple[Outcome, float] | None, StoredStreams]:
-        """Blocking (call in a thread): the recorded outcome and the output as stored."""
+        """The recorded outcome and the output as stored (a few stats and one small read)."""
         out, err = (stored_output(run.dir.output(stream)) for stream in STREAMS)
         return run.dir.read_outcome(), StoredStreams(out[0], err[0], out[1], err[1])
 

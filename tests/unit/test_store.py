@@ -3,6 +3,7 @@ close(), is Unavailable (a 503), never an exception that becomes a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -85,3 +86,48 @@ async def test_known_ids_looks_up_more_ids_than_one_statement_takes(store: RunSt
     asked = [f"{n:016x}" for n in range(1200)] + recorded
     assert await store.known_ids(asked) == set(recorded)
     assert await store.known_ids([]) == set()
+
+
+async def test_writes_that_arrive_together_share_one_commit(store: RunStore) -> None:
+    inserted = [await store.insert(record(f"{n:016x}")) for n in range(16)]
+    statements: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(statements.append)
+    await asyncio.gather(*(store.update(r.evolve(state=RunState.RUNNING, started_at=2.0)) for r in inserted))
+    assert statements.count("COMMIT") <= 2  # the first alone, the others together
+    assert [r.state for r in await store.page(None, 20, None)] == [RunState.RUNNING] * 16
+
+
+async def test_one_refused_write_does_not_take_its_batch_down(store: RunStore) -> None:
+    await store.insert(record("a" * 16))
+    results = await asyncio.gather(store.insert(record("b" * 16)), store.insert(record("a" * 16)),
+                                   store.insert(record("c" * 16)), return_exceptions=True)
+    assert isinstance(results[1], Unavailable) and "UNIQUE" in results[1].message
+    assert isinstance(results[1].__cause__, sqlite3.IntegrityError)
+    assert await store.known_ids(["a" * 16, "b" * 16, "c" * 16]) == {"a" * 16, "b" * 16, "c" * 16}
+
+
+@pytest.mark.parametrize(("started_at", "synced"), [(None, True), (2.0, False)])
+async def test_a_final_record_is_synced_only_for_a_run_that_never_started(
+        store: RunStore, started_at: float | None, synced: bool) -> None:
+    """A started run's end is in its result file (recovery takes it from there);
+    a run cancelled while queued has nothing else on disk."""
+    inserted = await store.insert(record("a" * 16))
+    statements: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(statements.append)
+    await store.update(inserted.evolve(state=RunState.CANCELLED, started_at=started_at, finished_at=3.0))
+    assert ("PRAGMA synchronous=FULL" in statements) is synced
+
+
+async def test_writes_asked_for_before_close_are_made(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "unitbox.db")
+    await store.open()
+    writes = [asyncio.ensure_future(store.insert(record(f"{n:016x}"))) for n in range(5)]
+    await asyncio.sleep(0)  # they are asked for
+    await store.close()
+    assert all(w.done() and not w.exception() for w in writes)
+    reopened = RunStore(tmp_path / "unitbox.db")
+    await reopened.open()
+    assert len(await reopened.known_ids([f"{n:016x}" for n in range(5)])) == 5
+    await reopened.close()
