@@ -307,6 +307,8 @@ def profile_unitbox(pid: int, load: Any, out_dir: Path) -> dict[str, Any]:
     for name, raw in raws.items():
         summary[name] = summarize_profile(raw) if raw.exists() else {"error": "py-spy wrote nothing"}
         summary[name]["cpu_ms_per_run"] = 1000 * batch[f"{name}_cpu_s"] / max(1, runs)
+        if "error" not in summary[name]:
+            summary[name]["ms_per_run_by_module"] = cost_per_run(summary[name])
         if raw.exists():  # keep it for a flame graph (speedscope reads it), compressed
             with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -322,11 +324,20 @@ def _frame_name(frame: str) -> str:
     return f"{Path(match[2]).name}:{match[1]}"
 
 
+# Leaves where a thread waits rather than runs. py-spy cannot tell idle
+# threads of a process in another pid namespace (the test host's) by their
+# OS state, so waits are dropped here: what is left is on-CPU time.
+IDLE_LEAVES = frozenset({"selectors.py:EpollSelector.select", "thread.py:_worker",
+                         "unix_events.py:ThreadedChildWatcher._do_waitpid", "threading.py:Condition.wait",
+                         "threading.py:Event.wait", "queue.py:Queue.get"})
+
+
 def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
     self_time: dict[str, int] = defaultdict(int)
     inclusive: dict[str, int] = defaultdict(int)
+    modules: dict[str, int] = defaultdict(int)
     threads: dict[str, int] = defaultdict(int)
-    total = 0
+    total = idle = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -334,17 +345,26 @@ def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
         count = int(count_text)
         frames = stack.split(";")
         thread, frames = frames[0], [_frame_name(f) for f in frames[1:]]
+        if not frames or frames[-1] in IDLE_LEAVES:
+            idle += count
+            continue
         total += count
         threads[thread] += count
-        if frames:
-            self_time[frames[-1]] += count
+        self_time[frames[-1]] += count
+        modules[frames[-1].split(":")[0]] += count
         for name in set(frames):
             inclusive[name] += count
 
     def ranked(table: dict[str, int]) -> list[tuple[str, float]]:
-        return [(name, round(100 * n / total, 1)) for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
-    return {"samples": total, "threads": ranked(threads), "self_pct": ranked(self_time),
-            "inclusive_pct": ranked(inclusive)}
+        return [(name, round(100 * n / max(1, total), 1))
+                for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+    return {"samples": total, "idle_samples_dropped": idle, "threads": ranked(threads),
+            "self_pct": ranked(self_time), "inclusive_pct": ranked(inclusive), "module_self_pct": ranked(modules)}
+
+
+def cost_per_run(part: dict[str, Any]) -> list[tuple[str, float]]:
+    """Each module's share of the on-CPU samples, as ms of CPU per run."""
+    return [(module, round(pct * part["cpu_ms_per_run"] / 100, 3)) for module, pct in part["module_self_pct"]]
 
 
 # -- the numbers ----------------------------------------------------------------------
@@ -624,6 +644,8 @@ def profile_text(profile: dict[str, Any]) -> str:
         lines += [f"{name}: {part['samples']} samples, {part['cpu_ms_per_run']:.2f} ms CPU per run; threads: "
                   + ", ".join(f"{n} {p}%" for n, p in part["threads"][:4]), "  top self time:"]
         lines += [f"    {p:5.1f}%  {n}" for n, p in part["self_pct"][:12]]
+        lines += ["  CPU ms per run, by module (self time):"]
+        lines += [f"    {ms:6.3f}  {n}" for n, ms in part.get("ms_per_run_by_module", [])[:15]]
         lines += ["  top inclusive:"] + [f"    {p:5.1f}%  {n}" for n, p in part["inclusive_pct"][:20]]
     return "\n".join(lines)
 
