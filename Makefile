@@ -53,7 +53,7 @@ test-fast: venv  ## unit and API tests only (no test host)
 	@$(BIN)/pytest -ra tests/unit tests/api $(PYTEST_ARGS)
 
 docs: venv  ## rewrite the tables of docs/ generated from the code (tests/unit/test_docs.py checks them)
-	@$(BIN)/python -m tests.support.doctables --write
+	@PYTHONPATH=daemon $(BIN)/python -m tests.support.doctables --write
 
 run: venv  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not systemd)
 	@bash scripts/run.sh
