@@ -11,7 +11,7 @@ UBX_TEST_RUN := t$(shell date +%s%N | tail -c 10)
 endif
 export UBX_TEST_RUN
 
-.PHONY: help deps venv lint test test-fast run clean
+.PHONY: help deps venv lint test test-fast docs run clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -51,6 +51,9 @@ test: venv lint  ## everything: lint, unit, API, integration (systemd test host)
 
 test-fast: venv  ## unit and API tests only (no test host)
 	@$(BIN)/pytest -ra tests/unit tests/api $(PYTEST_ARGS)
+
+docs: venv  ## rewrite the tables of docs/ generated from the code (tests/unit/test_docs.py checks them)
+	@PYTHONPATH=daemon $(BIN)/python -m tests.support.doctables --write
 
 run: venv  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not systemd)
 	@bash scripts/run.sh

@@ -42,7 +42,7 @@ $(WHEELHOUSE)/.complete: packaging/requirements.txt packaging/build-requirements
 
 deb: $(DEB)  ## build dist/unitbox_<version>_<arch>.deb (offline, from the wheelhouse) and lintian it
 DEB_INPUTS := $(shell find daemon/unitbox packaging units -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
-	pyproject.toml README.md
+	pyproject.toml README.md SECURITY.md $(wildcard docs/*.md)
 $(DEB): $(WHEELHOUSE)/.complete $(DEB_INPUTS) | deb-deps
 	@echo "==> checking versions: debian/changelog $(DEB_VERSION), pyproject.toml $$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
 	@[ "$(DEB_VERSION)" = "$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" ] || \
@@ -50,7 +50,7 @@ $(DEB): $(WHEELHOUSE)/.complete $(DEB_INPUTS) | deb-deps
 	@echo "==> staging the source tree in $(DEB_BUILD)/unitbox-$(DEB_VERSION)"
 	@rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/unitbox-$(DEB_VERSION)
 	@tar -c --exclude=__pycache__ --exclude='*.egg-info' --exclude=packaging/debian \
-	    daemon units packaging pyproject.toml README.md | tar -x -C $(DEB_BUILD)/unitbox-$(DEB_VERSION)
+	    daemon units packaging pyproject.toml README.md SECURITY.md docs | tar -x -C $(DEB_BUILD)/unitbox-$(DEB_VERSION)
 	@cp -r packaging/debian $(DEB_BUILD)/unitbox-$(DEB_VERSION)/debian
 	@cp -r $(WHEELHOUSE) $(DEB_BUILD)/unitbox-$(DEB_VERSION)/wheelhouse
 	@echo "==> dpkg-buildpackage -b, with no network (unshare --net): building the venv and pystemd"

@@ -1,7 +1,8 @@
 """The unit profile: a pure function from a run to the properties of its
 transient service, in systemd's own unit-file vocabulary (the adapter turns
-them into D-Bus values). Every row of SANDBOX.md's "Required settings" is
-here; read it as one screen of policy."""
+them into D-Bus values). Every setting is explained in docs/sandbox.md
+(tests/unit/test_docs.py checks that each one is there); read it as one
+screen of policy."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every endpoint and error status of API.md, through aiohttp's test client."""
+"""Every endpoint and error status of docs/api.md, through aiohttp's test client."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ socketpair: `fake_broker`) and plays a unit's life (active → output → ExecSt
 through the same typed events as the real adapter, and can misbehave the
 ways PID 1 and the bus do: merged signals (only the end arrives), signals
 lost, a dropped bus, a start that fails half-way, a unit that ends by itself
-just as a cancel reaches it. Everything SANDBOX.md promises is tested
-against the real systemd in tests/integration/."""
+just as a cancel reaches it. Everything docs/sandbox.md and SECURITY.md
+promise is tested against the real systemd in tests/integration/."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The endpoints of API.md. Handlers parse and validate at the edge, then
+"""The endpoints of docs/api.md. Handlers parse and validate at the edge, then
 speak to the engine in dataclasses; errors are raised, never formatted here."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Request and response models at the HTTP edge (API.md contract v1). They
+"""Request and response models at the HTTP edge (docs/api.md, contract v1). They
 also generate the OpenAPI document; inside, the engine uses plain dataclasses."""
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ class RunRequest(_Strict):
     code_b64: str | None = Field(default=None, description="Alternative to code: base64 of the source bytes.")
     stdin: str = Field(default="", description="Fed to the program's standard input.")
     args: list[str] = Field(default_factory=list, description="sys.argv[1:] of the program.")
-    limits: LimitsIn | None = None
+    limits: LimitsIn | None = Field(default=None, description="Per-run limits; a missing one takes the server's "
+                                                               "default.")
     runtime: str = Field(default="default", description="A runtime the server defines (GET /runtimes).")
     wait: bool = Field(default=False, description="Answer once the run has finished (up to the server's cap).")
 
@@ -107,24 +108,30 @@ def _time(value: float | None) -> datetime | None:
 
 
 class RunOut(BaseModel):
-    id: str
-    state: RunState
-    exit_code: int | None
-    signal: str | None
-    unit: str
-    runtime: str
-    created_at: Timestamp
-    started_at: Timestamp
-    finished_at: Timestamp
-    duration_ms: float | None
-    cpu_ms: float | None
-    memory_peak_bytes: int | None
-    limits: LimitsOut
-    stdout_bytes: int = Field(description="Bytes of stdout kept (at most output_kb).")
-    stderr_bytes: int
-    stdout_truncated: bool
-    stderr_truncated: bool
-    error: str | None
+    id: str = Field(description="16 hex digits; also in the unit's name.")
+    state: RunState = Field(description="Where the run is: see States.")
+    exit_code: int | None = Field(description="The program's exit status when it exited; null when a signal ended "
+                                                "it or it never ran.")
+    signal: str | None = Field(description="The signal that ended it (e.g. SIGKILL, SIGSEGV); null if it exited.")
+    unit: str = Field(description="Its systemd unit: unitbox-run-<id>.service.")
+    runtime: str = Field(description="The runtime it ran with.")
+    created_at: Timestamp = Field(description="When it was accepted.")
+    started_at: Timestamp = Field(description="When its unit started; null until then.")
+    finished_at: Timestamp = Field(description="When its final state was recorded; null until then.")
+    duration_ms: float | None = Field(description="Wall time from start to exit; null while it runs, and for a "
+                                                  "run whose whole life fell while the daemon was down.")
+    cpu_ms: float | None = Field(description="CPU time of all its processes; null until it has finished.")
+    memory_peak_bytes: int | None = Field(description="Its cgroup's memory peak; null until it has finished "
+                                                      "(and where the kernel does not report one).")
+    limits: LimitsOut = Field(description="The limits it got: its request's, the rest the server's defaults.")
+    stdout_bytes: int = Field(description="Bytes of stdout kept (at most output_kb); grows while it runs.")
+    stderr_bytes: int = Field(description="Bytes of stderr kept (at most output_kb).")
+    stdout_truncated: bool = Field(description="Whether stdout went past output_kb (or the server's disk budget) "
+                                               "and the rest was dropped.")
+    stderr_truncated: bool = Field(description="The same for stderr.")
+    error: str | None = Field(description="Why it ended so: the limit it reached (timed_out, oom_killed), why "
+                                          "the service could not run it (error), or facts about its end (e.g. "
+                                          "output lost at a shutdown); null otherwise.")
     owner: str | None = Field(description="Name of the token that submitted it; null on a server without tokens.")
 
     @classmethod

@@ -5,7 +5,7 @@ buffers each rather than the outputs' size.
 - `?stream=stdout|stderr`: the raw bytes as application/octet-stream, sent by
   sendfile (web.FileResponse); Range and conditional requests work. No
   output file yet is an empty body.
-- Otherwise the JSON object of API.md, byte for byte what serialising
+- Otherwise the JSON object of docs/api.md, byte for byte what serialising
   `OutputOut` would give, written in pieces (chunked transfer): each stream
   is read READ_CHUNK bytes at a time in a worker thread, decoded by an
   incremental UTF-8 decoder (a character split between two reads stays
@@ -92,7 +92,7 @@ def _escaped(text: str) -> bytes:
 
 
 def json_body(record: RunRecord, stdout: StoredStream, stderr: StoredStream) -> Iterator[bytes]:
-    """The JSON object of API.md (field order and spacing of `OutputOut`), in
+    """The JSON object of docs/api.md (field order and spacing of `OutputOut`), in
     pieces. Blocking reads: step it in a worker thread."""
     head = {"id": record.id, "state": record.state}
     yield (_compact(head)[:-1] + ',"stdout":"').encode()
