@@ -197,18 +197,18 @@ async def bench_api(base: Path, n: int) -> None:
     in this process too: its CPU is in the figure."""
     sys.path.insert(0, str(REPO))  # for tests.support
     from aiohttp.test_utils import TestClient, TestServer
-
-    from tests.support.fake_systemd import FakeSystemd
     from unitbox.api.app import create_app
     from unitbox.config import load_config
     from unitbox.engine import Engine
     from unitbox.runtimes import Runtimes
     from unitbox.store import RunStore
 
+    from tests.support.fake_systemd import FakeSystemd, fake_broker
+
     for ways in (1, 16):
         cfg = load_config(Path("/dev/null"), environ={},
                           cli={"state_dir": str(base / f"api{ways}"), "max_concurrent": 16, "queue_size": 64})
-        engine = Engine(cfg, FakeSystemd(), RunStore(cfg.database_path), Runtimes(cfg))  # type: ignore[arg-type]
+        engine = Engine(cfg, fake_broker(cfg, FakeSystemd()), RunStore(cfg.database_path), Runtimes(cfg))
         async with TestClient(TestServer(create_app(engine))) as client:
             async def one() -> None:
                 reply = await client.post("/run-json", json={"code": "pass", "wait": True})
