@@ -94,7 +94,7 @@ class Engine:
         runner.broker_ok = True
         runner.accepting = True
         await runner.take_over(await recover(self._store, self._broker, self.config.runs_dir))
-        runner.spawn(runner.retry_unsaved())
+        runner.spawn(runner.records.retry_unsaved())
         runner.spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention, self.budget,
                                     is_live=runner.runs.__contains__))
 
@@ -113,7 +113,7 @@ class Engine:
         self.begin_shutdown()
         await self._runner.shutdown(grace_s)
         await self._broker.close()
-        await self._runner.save_unsaved()
+        await self._runner.records.save_unsaved()
         await self._store.close()
 
     @property
@@ -168,8 +168,8 @@ class Engine:
         run = self._runner.runs.get(run_id)
         if run is not None:
             record: RunRecord | None = run.live_view()
-        elif run_id in self._runner.unsaved:
-            record = self._runner.unsaved[run_id]
+        elif run_id in self._runner.records.unsaved:
+            record = self._runner.records.unsaved[run_id]
         else:
             record = await self._store.get(run_id)
         if record is None or not caller.sees(record.owner):
@@ -181,7 +181,7 @@ class Engine:
         """Newest first; runs in flight as they are now, not as last stored.
         Only the caller's own runs (filtered in SQL, so pages stay full)."""
         records = await self._store.page(state, limit, before_seq, owner=caller.only_owner)
-        runs, unsaved = self._runner.runs, self._runner.unsaved
+        runs, unsaved = self._runner.runs, self._runner.records.unsaved
         return [runs[r.id].live_view() if r.id in runs else unsaved.get(r.id, r) for r in records]
 
     def run_dir(self, run_id: str) -> RunDir:

@@ -31,6 +31,7 @@ from unitbox.metrics import Metrics
 from unitbox.oomwatch import OomWatch
 from unitbox.outcome import RunState
 from unitbox.profile import unit_name
+from unitbox.records import Records
 from unitbox.recovery import Action, Plan
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
@@ -38,7 +39,6 @@ from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitEvent, UnitInfo
 
 log = logging.getLogger(__name__)
 
-PERSIST_RETRY_S = 2.0
 CANCEL_GRACE_S = 2.0  # SIGTERM first; SIGKILL (the unit's stop) if it is still going after this
 MAX_LAUNCHES = 3  # start requests per run when they go unanswered and no unit appears
 
@@ -48,14 +48,13 @@ class Runner:
                  metrics: Metrics, run_dir: Callable[[str], RunDir],
                  stored_fds: Mapping[str, list[int]] | None = None) -> None:
         self._broker = broker
-        self._store = store
+        self.records = Records(store)  # every state change goes through it
         self._launcher = launcher
         self._admission = admission
         self._metrics = metrics
         self._run_dir = run_dir
         self._stored_fds = dict(stored_fds or {})  # from systemd's fd store, by name
         self.runs: dict[str, RunLife] = {}
-        self.unsaved: dict[str, RunRecord] = {}  # final, but the store could not take it yet
         self.accepting = False  # launch queued runs (not while stopping)
         self.broker_ok = False  # the broker is up: runs can be launched and looked at
         self.closing = asyncio.Event()  # set at shutdown: held `wait` requests answer at once
@@ -94,14 +93,14 @@ class Runner:
             self._admission.withdraw(run.id)
             run.cancel_at = now
             run.record = run.record.evolve(state=RunState.CANCELLED, finished_at=now, cancel_requested=True)
-            await self.persist(run.record)
+            await self.records.persist(run.record)
             if run.phase is Phase.QUEUED:
                 self.advance(run, Phase.DONE)
             return run.record, True
         if run.cancel_at is None:
             run.cancel_at = now
             run.record = run.record.evolve(cancel_requested=True)
-            await self.persist(run.record)  # stored before the signal: a crash in between still ends cancelled
+            await self.records.persist(run.record)  # stored before the signal: a crash in between still ends cancelled
             self.request_stop(run)
         return run.live_view(), True
 
@@ -213,7 +212,7 @@ class Runner:
         if run.phase is Phase.STARTED:
             self.advance(run, Phase.RUNNING)
             run.record = run.record.evolve(started_at=started_at or time.time())
-            self.spawn(self.persist(run.record))
+            self.spawn(self.records.persist(run.record))
 
     def _end(self, run: RunLife) -> None:
         self._broker.unwatch(run.id)
@@ -230,7 +229,7 @@ class Runner:
             log.exception("run %s: collecting its outcome failed", run.id)
             run.record = run.record.evolve(state=RunState.ERROR, error=f"collecting the outcome failed: {exc}",
                                            finished_at=time.time())
-        await self.persist(run.record)
+        await self.records.persist(run.record)
         self.advance(run, Phase.DONE)
 
     def request_stop(self, run: RunLife) -> None:
@@ -329,29 +328,6 @@ class Runner:
             elif run.phase in (Phase.STARTED, Phase.RUNNING):
                 self.spawn(self._look(run))
         self.pump()
-
-    # -- persistence ---------------------------------------------------------------------------
-    async def persist(self, record: RunRecord) -> None:
-        """Record a state change. A final state the store cannot take now (disk
-        full, store broken) is kept in memory, served from there, and retried."""
-        try:
-            await self._store.update(record)
-        except Exception as exc:
-            message = exc.message if isinstance(exc, UnitboxError) else repr(exc)
-            log.error("run %s: cannot record state %s: %s", record.id, record.state, message)
-            if record.state.terminal:
-                self.unsaved[record.id] = record
-        else:
-            self.unsaved.pop(record.id, None)
-
-    async def save_unsaved(self) -> None:
-        for record in list(self.unsaved.values()):
-            await self.persist(record)
-
-    async def retry_unsaved(self) -> None:
-        while True:
-            await asyncio.sleep(PERSIST_RETRY_S)
-            await self.save_unsaved()
 
     def _count(self, record: RunRecord) -> None:
         self._metrics.finished[str(record.state)] += 1

@@ -72,9 +72,10 @@ def process_spawner(config: Config) -> Spawner:
     """`unitbox broker` as a child process, with the daemon's configuration."""
     async def spawn() -> BrokerLink:
         ours, theirs = socket_pair()
-        argv = [sys.executable, "-m", "unitbox", *(["--config", str(config.source)] if config.source else []),
-                "broker", "--fd", str(theirs.fileno()), "--state-dir", str(config.state_dir),
-                "--slice", config.slice, "--log-level", config.log_level]
+        isolated = ["-I"] if sys.flags.isolated else []  # as the daemon was started (the package's wrapper uses -I)
+        given = ["--config", str(config.source)] if config.source else []
+        argv = [sys.executable, *isolated, "-m", "unitbox", *given, "broker", "--fd", str(theirs.fileno()),
+                "--state-dir", str(config.state_dir), "--slice", config.slice, "--log-level", config.log_level]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_", "LISTEN_"))}
         env["SYSTEMD_BUS_TIMEOUT"] = CALL_TIMEOUT
         try:
