@@ -147,11 +147,14 @@ def conclude(run: RunLife, found: tuple[Outcome, float] | None, streams: StoredS
     now = time.time() if now is None else now
     outcome, written = found if found else (None, now)
     if outcome is None and end is not None and end.exit_code:
-        outcome = Outcome(service_result=end.result, exit_code=end.exit_code, exit_status=end.exit_status)
-    started = (end.started_at if end else None) or record.started_at
-    ended = (end.exited_at if end else None) or written
+        outcome = Outcome(service_result=end.result, exit_code=end.exit_code, exit_status=end.exit_status,
+                          started_at=end.started_at, exited_at=end.exited_at)
+    # The recorder's own clock first (true even if no signal was heard), then systemd's, then ours.
+    started = (outcome.started_at if outcome else None) or (end.started_at if end else None) or record.started_at
+    exited = (outcome.exited_at if outcome else None) or (end.exited_at if end else None)
+    ended = exited or written
     # A cancel counts only if the program had not already ended by itself.
-    cancelled = run.cancel_at is not None and not (end and end.exited_at and end.exited_at < run.cancel_at)
+    cancelled = run.cancel_at is not None and not (exited and exited < run.cancel_at)
     error = run.error
     if error is not None:
         state, exit_code, sig = RunState.ERROR, None, None

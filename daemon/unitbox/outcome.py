@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal as signals
 from dataclasses import dataclass
 from enum import StrEnum
@@ -38,10 +39,14 @@ class Outcome:
     cpu_ns: int | None = None
     memory_peak: int | None = None
     oom_kills: int = 0
+    started_at: float | None = None  # wall clock: the run set up, its program about to start
+    exited_at: float | None = None  # … and every process of it gone
 
 
-def parse_result_file(text: str) -> Outcome | None:
-    """The result file's key=value lines; None if it is missing or incomplete."""
+def parse_result_file(text: str, written_at: float | None = None) -> Outcome | None:
+    """The result file's key=value lines; None if it is missing or incomplete.
+    `written_at`: the file's mtime, which turns the recorder's uptime
+    readings into wall-clock times."""
     values = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
     if values.get("end") != "1":
         return None
@@ -50,6 +55,15 @@ def parse_result_file(text: str) -> Outcome | None:
         raw = values.get(key, "")
         return int(raw) if raw.isdigit() else None
 
+    def uptime(key: str) -> float | None:
+        try:
+            value = float(values.get(key, ""))
+        except ValueError:
+            return None
+        return value if math.isfinite(value) and value >= 0 else None
+
+    started, exited, written = (uptime(f"{k}_uptime") for k in ("started", "exited", "written"))
+    clock = written_at - written if written_at is not None and written is not None else None
     return Outcome(
         service_result=values.get("service_result", ""),
         exit_code=values.get("exit_code", ""),
@@ -57,6 +71,9 @@ def parse_result_file(text: str) -> Outcome | None:
         cpu_ns=number("cpu_ns"),
         memory_peak=number("memory_peak"),
         oom_kills=number("oom_kill") or 0,
+        started_at=started + clock if clock is not None and started is not None and exited is not None
+        and started <= exited else None,
+        exited_at=exited + clock if clock is not None and exited is not None else None,
     )
 
 

@@ -72,14 +72,22 @@ umask 022
 cp -R "$2/in" "$1/in"
 IFS=- read -r a b c d e < /proc/sys/kernel/random/uuid
 printf '%s%s%s%s%s\n' "$a" "$b" "$c" "$d" "$e" > "$1/machine-id"
+read -r up _ < /proc/uptime
+echo "$up" > "$1/started"
 """
 
 # Command lines carry the `:` prefix: systemd must not expand `$…` in them.
 # Privileged ExecStopPost (runs after the run's processes are gone, while its
 # cgroup still exists): records the outcome durably in the run's directory, so
 # a daemon that was down when the run ended still learns the truth, and takes
-# the CPU / memory-peak / OOM figures that cgroup-v1 hosts forget at once.
-STOP_POST_SCRIPT = r"""cpu= peak= oom= acct=
+# the CPU / memory-peak / OOM figures that cgroup-v1 hosts forget at once. The
+# run's start (ExecStartPre's end) and end (this script's start) are taken
+# from /proc/uptime (shell builtins only, 10 ms steps): the run's own clock,
+# true even when nobody heard systemd's signals.
+STOP_POST_SCRIPT = r"""read -r exited _ < /proc/uptime
+started=
+[ -r "$1/started" ] && read -r started < "$1/started"
+cpu= peak= oom= acct=
 while IFS=: read -r _ c p; do
   case ,$c, in
   ,,) for b in /sys/fs/cgroup$p /sys/fs/cgroup/unified$p; do  # pure v2, or hybrid's unified tree
@@ -96,8 +104,10 @@ while IFS=: read -r _ c p; do
         while read -r k v; do [ "$k" = oom_kill ] && oom=$v; done < "$b/memory.oom_control" ;;
   esac
 done < /proc/self/cgroup
-out=$(printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\nend=1' \
-  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom")
+read -r now _ < /proc/uptime
+out=$(printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\n' \
+  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom"
+  printf 'started_uptime=%s\nexited_uptime=%s\nwritten_uptime=%s\nend=1' "$started" "$exited" "$now")
 rm -rf -- "$1"
 # The state disk full: the outcome goes to /run instead, where the broker finds it (fallback_result).
 printf '%s\n' "$out" > "$2/result" 2>/dev/null || printf '%s\n' "$out" > "$1.result"

@@ -63,7 +63,7 @@ class RunDir:
             written = self.result.stat().st_mtime
         except FileNotFoundError:
             return None
-        outcome = parse_result_file(text)
+        outcome = parse_result_file(text, written)
         return (outcome, written) if outcome is not None else None
 
     def remove(self) -> None:

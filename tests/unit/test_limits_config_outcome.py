@@ -108,6 +108,19 @@ def test_result_file_parsing() -> None:
     assert parse_result_file(text.replace("end=1\n", "")) is None
 
 
+def test_the_recorders_uptime_readings_become_wall_clock_times() -> None:
+    text = ("service_result=success\nexit_code=exited\nexit_status=0\nstarted_uptime=100.00\n"
+            "exited_uptime=102.50\nwritten_uptime=102.60\nend=1\n")
+    outcome = parse_result_file(text, written_at=1000.0)
+    assert outcome is not None and outcome.exited_at is not None and outcome.started_at is not None
+    assert (round(outcome.started_at, 6), round(outcome.exited_at, 6)) == (997.4, 999.9)
+    no_clock = parse_result_file(text)  # without the file's mtime there is no wall clock
+    assert no_clock is not None and (no_clock.started_at, no_clock.exited_at) == (None, None)
+    for bad in ("started_uptime=\n", "started_uptime=nan\n", "started_uptime=103\n"):  # staged nothing; junk
+        odd = parse_result_file(text.replace("started_uptime=100.00\n", bad), written_at=1000.0)
+        assert odd is not None and odd.started_at is None and odd.exited_at is not None
+
+
 def test_unit_end_from_signal_properties() -> None:
     from unitbox.systemd import UnitEnd, end_from_service
 
@@ -143,3 +156,20 @@ def test_systemd_major_version() -> None:
     assert systemd_major("252.39-1~deb12u2") == 252
     assert systemd_major("257") == 257
     assert systemd_major("unknown") == 0
+
+
+def test_a_runs_times_come_from_its_recorder_before_the_signals_or_the_daemons_clock(tmp_path: Path) -> None:
+    from unitbox.lifecycle import RunLife, StoredStreams, conclude
+    from unitbox.rundir import RunDir
+    from unitbox.store import RunRecord
+    from unitbox.systemd import UNKNOWN_END
+
+    record = RunRecord(id="0123456789abcdef", state=RunState.RUNNING, created_at=990.0, limits=Limits(),
+                       started_at=998.7)  # when the daemon heard "active": late
+    run = RunLife(record, RunDir(tmp_path))
+    run.end = UNKNOWN_END  # UnitRemoved says nothing of times
+    recorded = Outcome("success", "exited", "0", started_at=997.4, exited_at=999.9)
+    final = conclude(run, (recorded, 1000.0), StoredStreams(), now=1001.0)
+    assert (final.state, final.started_at, final.duration_ms) == (RunState.SUCCEEDED, 997.4, 2500.0)
+    run.cancel_at = 999.95  # asked after the program had exited by itself: not a cancel
+    assert conclude(run, (recorded, 1000.0), StoredStreams(), now=1001.0).state is RunState.SUCCEEDED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path, PurePosixPath
 
 from unitbox.dbus_properties import encode_properties
@@ -227,15 +228,22 @@ def _record_outcome(stage: Path, run_dir: Path) -> None:
                    env=env, check=True)
 
 
-def test_the_outcome_recorder_writes_the_result_and_removes_the_staged_inputs(tmp_path: Path) -> None:
+def test_staging_then_recording_gives_the_outcome_and_the_runs_own_times(tmp_path: Path) -> None:
     stage, run_dir = tmp_path / "stage", tmp_path / "run"
-    (stage / "in").mkdir(parents=True)
-    run_dir.mkdir()
+    (run_dir / "in").mkdir(parents=True)
+    (run_dir / "in" / "main.py").write_text("print(1)\n")
+    before = time.time()
+    subprocess.run(["/bin/sh", "-c", START_PRE_SCRIPT, "unitbox-start-pre", str(stage), str(run_dir)], check=True)
+    assert (stage / "in" / "main.py").read_text() == "print(1)\n" and len((stage / "machine-id").read_text()) == 33
+    time.sleep(0.3)  # the program's run
     _record_outcome(stage, run_dir)
-    outcome = parse_result_file((run_dir / "result").read_text())
+    result = run_dir / "result"
+    outcome = parse_result_file(result.read_text(), result.stat().st_mtime)
     assert outcome is not None and (outcome.service_result, outcome.exit_status) == ("exit-code", "7")
+    assert outcome.started_at is not None and outcome.exited_at is not None
+    assert before - 0.5 <= outcome.started_at < outcome.exited_at <= time.time() + 0.5  # /proc/uptime: 10 ms steps
+    assert 0.25 <= outcome.exited_at - outcome.started_at <= 2.0
     assert not stage.exists() and not Path(f"{stage}.result").exists()
-    assert 'cp -R "$2/in" "$1/in"' in START_PRE_SCRIPT and "machine-id" in START_PRE_SCRIPT
 
 
 def test_the_outcome_goes_to_run_when_the_run_directory_cannot_take_it(tmp_path: Path) -> None:

@@ -168,13 +168,15 @@ class BrokerServer:
         path = Path(fallback_result(run))
         try:
             text = path.read_text(errors="replace")
+            written = path.stat().st_mtime
             path.unlink()
         except OSError:
             return None
-        outcome = parse_result_file(text)
+        outcome = parse_result_file(text, written)
         if outcome is None:
             return None
-        return UnitEnd(outcome.service_result, outcome.exit_code, outcome.exit_status, None, None)
+        return UnitEnd(outcome.service_result, outcome.exit_code, outcome.exit_status, outcome.started_at,
+                       outcome.exited_at)
 
     def _on_lost(self, reason: str) -> None:
         self._say_down(f"lost the system bus: {reason}")
