@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml .cache/apt.stamp
 	@echo "==> installing unitbox (editable) and its test dependencies"
 	@$(BIN)/pip install --disable-pip-version-check -q --progress-bar on -U pip
 	@$(BIN)/pip install --disable-pip-version-check --progress-bar on -q -e '.[test]'
-	@$(BIN)/python -c 'import unitbox, pystemd, aiohttp, pydantic' && touch $@
+	@$(BIN)/python -c 'import unitbox, pystemd, aiohttp, pydantic, prometheus_client' && touch $@
 
 lint: venv  ## ruff and mypy --strict
 	@echo "==> ruff check"

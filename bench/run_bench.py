@@ -48,6 +48,7 @@ from sdrun_flags import script_files  # noqa: E402
 from unitbox.rundir import RunDir  # noqa: E402
 
 from tests.support.daemon import Daemon  # noqa: E402
+from tests.support.scrape import buckets  # noqa: E402
 from tests.support.testhost import TestHost, booted, collect_stale_hosts  # noqa: E402
 
 MODES = ["floor", "systemd-run", "dbus", "http-wait", "http-poll"]
@@ -115,11 +116,7 @@ def broker_cpu_seconds(daemon_pid: int) -> float:
 
 
 def lag_histogram(daemon: Daemon) -> dict[float, int]:
-    text = daemon.client.get("/metrics").body.decode()
-    buckets = {}
-    for match in re.finditer(r'^unitbox_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.M):
-        buckets[math.inf if match[1] == "+Inf" else float(match[1])] = int(match[2])
-    return buckets
+    return buckets(daemon.client.get("/metrics").body.decode(), "unitbox_event_loop_lag_seconds")
 
 
 def hist_delta(before: dict[float, int], after: dict[float, int]) -> dict[float, int]:

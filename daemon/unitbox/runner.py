@@ -330,7 +330,7 @@ class Runner:
         self.pump()
 
     def _count(self, record: RunRecord) -> None:
-        self._metrics.finished[str(record.state)] += 1
+        self._metrics.finished.labels(state=record.state).inc()
         if record.duration_ms is not None:
             self._metrics.run_duration.observe(record.duration_ms / 1000)
         log.info("run %s %s (exit %s, signal %s)", record.id, record.state, record.exit_code, record.signal,

@@ -82,7 +82,7 @@ def _sites(runner: web.AppRunner, config: Config, inherited: InheritedFds,
     return [GuardedSite(runner, sock, guard, backlog=backlog) for sock in _listening_sockets(config, inherited)]
 
 
-def _connection_guard(config: Config, metrics: Metrics) -> ConnectionGuard:
+def connection_guard(config: Config, metrics: Metrics) -> ConnectionGuard:
     guard = ConnectionGuard(max_connections=config.max_connections,
                             max_per_client=config.max_connections_per_client,
                             header_timeout_s=config.header_timeout_s)
@@ -114,7 +114,7 @@ async def serve(config: Config) -> None:
     # next request head, is closed after header_timeout_s (guard.py bounds the first head).
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S,
                            keepalive_timeout=config.header_timeout_s)
-    guard = _connection_guard(config, engine.metrics)
+    guard = connection_guard(config, engine.metrics)
     await runner.setup()  # starts the engine (cleanup_ctx)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ import pytest
 
 from tests.support.daemon import Client, Daemon, DaemonService
 from tests.support.load import KINDS, Kind, Load, Outcome, wait_for, wrong_facts
+from tests.support.scrape import value
 from tests.support.testhost import TestHost, booted
 
 SOAK_RUNS = int(os.environ.get("UBX_SOAK_RUNS", "2000"))
@@ -31,10 +32,7 @@ def host() -> Iterator[TestHost]:
 
 
 def in_flight(client: Client) -> float:
-    for line in client.get("/metrics").body.decode().splitlines():
-        if line.startswith("unitbox_runs_in_flight "):
-            return float(line.split()[1])
-    raise AssertionError("no unitbox_runs_in_flight in /metrics")
+    return value(client.get("/metrics").body.decode(), "unitbox_runs_in_flight")
 
 
 def errors(client: Client) -> int:

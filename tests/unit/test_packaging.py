@@ -10,6 +10,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic import BaseModel
 
 from unitbox import __version__
@@ -82,6 +84,18 @@ def test_versions_agree() -> None:
     assert pyproject == __version__
     assert f'"unitbox {__version__}"' in MANPAGE.read_text()
 
+
+
+def test_every_dependency_is_pinned_for_the_package_within_its_range() -> None:
+    """The .deb installs packaging/requirements.txt offline with --no-deps: a
+    dependency added to pyproject.toml alone would be missing at run time."""
+    pinned = {canonicalize_name(name): version for name, version in
+              re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (REPO / "packaging" / "requirements.txt").read_text(), re.M)}
+    for line in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        wanted = Requirement(line)
+        name = canonicalize_name(wanted.name)
+        assert name in pinned, f"{wanted.name} is not pinned in packaging/requirements.txt"
+        assert wanted.specifier.contains(pinned[name]), f"{name}=={pinned[name]} is outside {wanted.specifier}"
 
 def test_the_daemon_unit() -> None:
     settings = dict(

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.exposition import choose_encoder
 from pydantic import ValidationError
 
 from unitbox.api.auth import caller_of
@@ -259,8 +261,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[ENGINE].metrics.render(), content_type="text/plain",
-                        charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+    """The engine's registry in the Prometheus text format, or in OpenMetrics
+    when the scraper's Accept asks for it (the library negotiates)."""
+    try:
+        encode, content_type = choose_encoder(",".join(request.headers.getall(hdrs.ACCEPT, [])))
+    except TypeError:  # prometheus_client compares a version it cannot parse ("version=1.x") and raises
+        encode, content_type = generate_latest, CONTENT_TYPE_PLAIN_0_0_4
+    return web.Response(body=encode(request.app[ENGINE].metrics.registry),
+                        headers={hdrs.CONTENT_TYPE: content_type, "X-Content-Type-Options": "nosniff"})
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -108,8 +108,10 @@ def build_openapi() -> dict[str, Any]:
             "responses": {"200": _json_body(HealthOut, "Healthy"), "503": _json_body(HealthOut, "Unhealthy")}}},
         "/metrics": {"get": {
             "summary": "Prometheus metrics", "operationId": "metrics",
-            "responses": {"200": {"description": "Prometheus text format",
-                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "description": "The Prometheus text format; OpenMetrics when the Accept header asks for it.",
+            "responses": {"200": {"description": "The metrics, and the process's own (process_*)",
+                                  "content": {media: {"schema": {"type": "string"}}
+                                              for media in ("text/plain", "application/openmetrics-text")}}}}},
     }
     return {
         "openapi": "3.1.0",
