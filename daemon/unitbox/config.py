@@ -2,18 +2,33 @@
 environment < command-line flags, validated once at startup with messages
 that name the offending key. Needs no file at all for the defaults to work.
 An unknown key in the file or the flags is an error; an unknown UNITBOX_*
-variable is ignored and named in a warning (the environment is shared)."""
+variable is ignored and named in a warning (the environment is shared).
+
+pydantic-settings reads the sources and merges them; what is ours is the
+policy around it: which file, which variables are settings at all, and the
+comma-separated lists the environment has always accepted."""
 
 from __future__ import annotations
 
-import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from unitbox.errors import ConfigError
 from unitbox.limits import MIN_TASKS, Limits, default_maxima
@@ -21,6 +36,7 @@ from unitbox.tokens import TokenSection, check_tokens, tokens_from_list
 
 DEFAULT_CONFIG_PATH = Path("/etc/unitbox/unitbox.toml")
 ENV_PREFIX = "UNITBOX_"
+NESTING = "__"
 
 
 class _Section(BaseModel):
@@ -37,10 +53,6 @@ class LimitsSection(_Section):
 
     def to_limits(self) -> Limits:
         return Limits(**self.model_dump())
-
-
-def _limits_default(limits: Limits) -> dict[str, Any]:
-    return limits.as_dict()
 
 
 class RetentionSection(_Section):
@@ -70,7 +82,29 @@ class RuntimeSection(_Section):
     """Directory bind-mounted read-only into runs (a venv); None for the host's Python."""
 
 
-class Config(_Section):
+@dataclass(frozen=True)
+class _Inputs:
+    """What one load reads besides the flags: settings_customise_sources is a
+    classmethod with no per-call arguments, so these reach it by a context
+    variable that load_config sets for the length of the call."""
+
+    file: Path | None
+    environ: Mapping[str, str]
+
+
+_INPUTS: ContextVar[_Inputs | None] = ContextVar("unitbox_config_inputs", default=None)
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter=NESTING,
+        # Keys in the file and the flags are exact, as in the sections; the
+        # environment source alone matches without case (UNITBOX_QUEUE_SIZE).
+        case_sensitive=True,
+        # A [limits] table that sets one key keeps the defaults of the others.
+        nested_model_default_partial_update=True,
+    )
+
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"])
     tokens: dict[str, TokenSection] = Field(default_factory=dict)
     state_dir: Path = Path("/var/lib/unitbox")
@@ -89,12 +123,25 @@ class Config(_Section):
     shutdown_grace_s: float = Field(default=10.0, ge=0, le=15)  # + HTTP's 3 s, inside TimeoutStopSec=30
     log_level: str = "info"
     log_target: Literal["auto", "journal", "stderr"] = "auto"
-    limits: LimitsSection = Field(default_factory=lambda: LimitsSection(**_limits_default(Limits())))
-    max_limits: LimitsSection = Field(default_factory=lambda: LimitsSection(**_limits_default(default_maxima())))
+    # Plain defaults, not factories: nested_model_default_partial_update merges onto these.
+    limits: LimitsSection = LimitsSection.model_validate(Limits().as_dict())
+    max_limits: LimitsSection = LimitsSection.model_validate(default_maxima().as_dict())
     retention: RetentionSection = Field(default_factory=RetentionSection)
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
     _ignored_env: tuple[str, ...] = PrivateAttr(default=())
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Highest first: the flags (init arguments), the environment, the
+        file. No .env file and no secrets directory: not ours to read."""
+        inputs = _INPUTS.get() or _Inputs(file=None, environ={})  # Config() alone: the defaults, nothing read
+        return (init_settings, _Environment(settings_cls, inputs.environ),
+                TomlConfigSettingsSource(settings_cls, toml_file=inputs.file))
 
     @field_validator("listen")
     @classmethod
@@ -181,80 +228,88 @@ def parse_listen(address: str) -> tuple[str, int] | str:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _env_value(raw: str, key: str) -> Any:
-    if key in {"listen", "tokens"} and not raw.lstrip().startswith(("[", "{")):
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    if key == "secret":  # a token's secret is text as given, even "123" or "true"
-        return raw
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+class _Environment(EnvSettingsSource):
+    """UNITBOX_* variables from the mapping given (tests pass their own, the
+    daemon os.environ), already sifted to those that name a setting."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls, case_sensitive=False)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # pydantic-settings' one hook for where variables come from (its own
+        # .env source overrides it too); names lowercased as it does.
+        return {name.lower(): value for name, value in self._environ.items()}
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo | None, value: Any) -> Any:
+        # UNITBOX_LISTEN=a:1,b:2 and UNITBOX_TOKENS=one,two: the comma form
+        # predates JSON here; JSON ([…] or {…}) still works for both.
+        top_level = field is not None and self.settings_cls.model_fields.get(field_name) is field
+        if top_level and field_name in _COMMA_LISTS and not str(value).lstrip().startswith(("[", "{")):
+            return [part.strip() for part in str(value).split(",") if part.strip()]
+        try:
+            return super().decode_complex_value(field_name, field, value)  # type: ignore[arg-type]
+        except ValueError as exc:  # pydantic-settings names the source class; say the variable
+            raise ValueError(f"{field_name}: {ENV_PREFIX}{field_name.upper()} is not valid JSON ({exc})") from None
 
 
-def _is_known_key(path: list[str]) -> bool:
-    """Whether a lowercased, split variable name is a key of Config: a field,
-    a field of a section (limits__timeout_s), or runtimes__NAME[__field]."""
-    head, *rest = path
-    field = Config.model_fields.get(head)
-    if field is None:
-        return False
-    if not rest:
-        return True
-    if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
-        return len(rest) == 1 and rest[0] in field.annotation.model_fields
-    if head == "runtimes" and rest[0]:
-        return len(rest) == 1 or (len(rest) == 2 and rest[1] in RuntimeSection.model_fields)
-    if head == "tokens" and rest[0]:  # UNITBOX_TOKENS__NAME__SECRET, …__ADMIN
-        return len(rest) == 2 and rest[1] in TokenSection.model_fields
-    return False
+_COMMA_LISTS = frozenset({"listen", "tokens"})
 
 
-def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """UNITBOX_STATE_DIR=… → {"state_dir": …}; UNITBOX_LIMITS__TIMEOUT_S=5 →
-    {"limits": {"timeout_s": 5}} (a double underscore descends a section).
-    Also returns the names of UNITBOX_* variables that are no key of Config:
-    those are ignored, since the environment holds more than our settings
-    (a test harness's UNITBOX_TEST_HOST must not stop the daemon)."""
-    result: dict[str, Any] = {}
+def _names_a_setting(path: list[str]) -> bool:
+    """Whether a lowercased, split variable name (limits__timeout_s,
+    runtimes__sci__python, tokens__ci__secret) is a key of Config: walk the
+    models' fields and the dicts' names down to a value."""
+    node: Any = Config
+    for part in path:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[part].annotation
+        elif get_origin(node) is dict and part:
+            node = get_args(node)[1]
+        else:
+            return False
+    return True
+
+
+def _sift_environment(environ: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The UNITBOX_* variables that name a setting, and the names of those
+    that do not: these are ignored, since the environment holds more than our
+    settings (a test harness's UNITBOX_TEST_HOST must not stop the daemon)."""
+    known: dict[str, str] = {}
     ignored = []
-    for name, raw in sorted(environ.items()):
+    for name, value in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == "UNITBOX_CONFIG":
             continue
-        path = name.removeprefix(ENV_PREFIX).lower().split("__")
-        if not _is_known_key(path):
-            ignored.append(name)
-            continue
-        node = result
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = _env_value(raw, path[-1])
-    return result, ignored
-
-
-def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        if _names_a_setting(name.removeprefix(ENV_PREFIX).lower().split(NESTING)):
+            known[name] = value
         else:
-            merged[key] = value
-    return merged
+            ignored.append(name)
+    return known, tuple(ignored)
 
 
-def _read_toml(path: Path, required: bool) -> dict[str, Any]:
+def _config_file(path: Path | None, environ: Mapping[str, str]) -> Path:
+    """The file to read: one named (by --config or UNITBOX_CONFIG) must exist;
+    the default may be absent, leaving the defaults."""
+    explicit = path or (Path(environ["UNITBOX_CONFIG"]) if environ.get("UNITBOX_CONFIG") else None)
+    if explicit is not None and not explicit.exists():
+        raise ConfigError(f"{explicit}: no such config file")
+    if explicit is not None and explicit.is_dir():
+        raise ConfigError(f"{explicit}: is a directory, not a config file")
+    return explicit or DEFAULT_CONFIG_PATH
+
+
+@contextmanager
+def _reading(inputs: _Inputs) -> Iterator[None]:
+    token = _INPUTS.set(inputs)
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
-        if required:
-            raise ConfigError(f"{path}: no such config file") from None
-        return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        yield
+    finally:
+        _INPUTS.reset(token)
 
 
-def _describe(exc: ValidationError, source: str) -> str:
+def _describe(exc: ValidationError | SettingsError, source: str) -> str:
+    if isinstance(exc, SettingsError):  # a variable that is not valid JSON (_Environment)
+        return f"invalid configuration ({source}): {exc.__cause__ or exc}"
     problems = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
@@ -265,20 +320,20 @@ def _describe(exc: ValidationError, source: str) -> str:
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None,
                 cli: Mapping[str, Any] | None = None) -> Config:
     environ = os.environ if environ is None else environ
-    explicit = path or (Path(environ["UNITBOX_CONFIG"]) if environ.get("UNITBOX_CONFIG") else None)
-    source = explicit or DEFAULT_CONFIG_PATH
-    data = _read_toml(source, required=explicit is not None)
-    # The limits sections are merged onto the defaults so a file may set one key.
-    data = _merge({"limits": Limits().as_dict(), "max_limits": default_maxima().as_dict()}, data)
-    from_env, ignored_env = env_overrides(environ)
-    data = _merge(data, from_env)
-    data = _merge(data, {k: v for k, v in (cli or {}).items() if v is not None})
+    source = _config_file(path, environ)
+    settings, ignored_env = _sift_environment(environ)
+    flags = {key: value for key, value in (cli or {}).items() if value is not None}
     try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
+        with _reading(_Inputs(source, settings)):
+            config = Config(**flags)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except OSError as exc:  # unreadable: permissions, I/O
+        raise ConfigError(f"{source}: {exc.strerror or exc}") from None
+    except (ValidationError, SettingsError) as exc:
         where = f"{source}, UNITBOX_* environment, command line"
         raise ConfigError(_describe(exc, where)) from None
     if source.is_file():
         config._source = source.resolve()
-    config._ignored_env = tuple(ignored_env)
+    config._ignored_env = ignored_env
     return config

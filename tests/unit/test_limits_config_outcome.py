@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from unitbox.config import env_overrides, load_config, parse_listen
+from unitbox.config import load_config, parse_listen
 from unitbox.errors import ConfigError, InvalidLimits
 from unitbox.limits import Limits, resolve_limits
 from unitbox.outcome import Outcome, RunState, classify, parse_result_file
@@ -67,8 +67,11 @@ def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
 
 
 def test_env_overrides_parse_lists_and_sections() -> None:
-    assert env_overrides({"UNITBOX_LISTEN": "127.0.0.1:1, unix:/run/u.sock", "UNITBOX_LIMITS__TASKS": "8",
-                          "OTHER": "x"}) == ({"listen": ["127.0.0.1:1", "unix:/run/u.sock"], "limits": {"tasks": 8}}, [])
+    config = load_config(Path("/dev/null"), environ={"UNITBOX_LISTEN": "127.0.0.1:1, unix:/run/u.sock",
+                                                     "UNITBOX_LIMITS__TASKS": "8", "OTHER": "x"})
+    assert config.listen == ["127.0.0.1:1", "unix:/run/u.sock"]
+    assert config.default_limits == Limits(tasks=8)
+    assert config.ignored_env == ()
 
 
 def test_parse_listen() -> None:
