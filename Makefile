@@ -49,7 +49,8 @@ test: venv lint  ## everything: lint, unit, API, integration (systemd test host)
 	@bash tests/testhost/check-clean.sh
 	@$(MAKE) --no-print-directory vm-test
 
-test-fast: venv  ## unit and API tests only (no test host)
+test-fast: venv lint  ## the inner loop, seconds: lint, unit and API tiers (no test host)
+	@echo "==> pytest tests/unit tests/api (lint again inside: tests/unit/test_lint.py)"
 	@$(BIN)/pytest -ra tests/unit tests/api $(PYTEST_ARGS)
 
 docs: venv  ## rewrite the tables of docs/ generated from the code (tests/unit/test_docs.py checks them)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "testhost" / "testhost.sh"
+SCRATCH = Path("/var/tmp/unitbox-testhost")  # testhost.sh's scratch dirs, one per host
+CHECK_CLEAN = REPO / "tests" / "testhost" / "check-clean.sh"
+NAME_TAKEN = 3  # testhost.sh start's exit status when its scratch dir exists already
 _counter = iter(range(1, 1_000_000))
 _lock = threading.Lock()
 
@@ -45,7 +48,8 @@ class TestHost:
         done = subprocess.run(["bash", str(SCRIPT), "start", name, str(REPO), *map(str, binds)],
                               capture_output=True, text=True, env=env, check=False, timeout=120)
         if done.returncode != 0:
-            subprocess.run(["bash", str(SCRIPT), "stop", name], check=False, capture_output=True)
+            if done.returncode != NAME_TAKEN:  # else the name is another host's: not ours to stop
+                subprocess.run(["bash", str(SCRIPT), "stop", name], check=False, capture_output=True)
             raise RuntimeError(f"test host {name} did not boot:\n{done.stderr}")
         return cls(name, int(done.stdout.split()[-1]))
 

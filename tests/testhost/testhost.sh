@@ -10,16 +10,28 @@
 #   testhost.sh gc                 # stops hosts whose owner process is gone
 #   nsenter -t "$(cat /run/unitbox-testhost/NAME.pid)" -a systemctl is-system-running
 #
+# The owner is $UNITBOX_TESTHOST_OWNER, else the caller's PID ($PPID).
 # DIRs (the checkout, …) are bind-mounted live at the same path inside: the
 # overlay's lower layer is a snapshot. Works on cgroup-v1/hybrid machines (each
 # v1 controller mounted read-write at the namespace root) and on pure cgroup v2
-# (a delegated cgroup2 subtree). Root only. Touches nothing outside its scratch
-# dir (/var/tmp/NAME), its pid file and its own cgroups.
+# (a delegated cgroup2 subtree). Root only. Touches nothing but what it made:
+# its scratch dir $SCRATCH/NAME (made by `start` with a marker file in it;
+# `stop` and `gc` remove no dir without that marker), its pid and owner files
+# and its own cgroups (unitbox-testhost-NAME), so a host can share the machine
+# with any folder, cgroup or other host.
 set -euo pipefail
 cmd=${1:?start|stop|gc|_stage2}
-RUNDIR=/run/unitbox-testhost
+# Overridable so the unit tests can drive stop/gc on a private tree, unprivileged.
+RUNDIR=${UNITBOX_TESTHOST_RUNDIR:-/run/unitbox-testhost}
+SCRATCH=${UNITBOX_TESTHOST_SCRATCH:-/var/tmp/unitbox-testhost}
+MARKER=.unitbox-testhost   # in $SCRATCH/NAME: `start` made this dir
 V1="cpu cpuacct cpuset blkio pids devices freezer"
 log() { printf 'testhost: %s\n' "$*" >&2; }
+
+valid_name() { [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$ ]]; }  # a path part and a hostname
+check_name() { valid_name "$1" || { log "bad host name '$1' ([A-Za-z0-9][A-Za-z0-9_.-]*, at most 63)"; exit 2; }; }
+
+made_here() { [ -f "$SCRATCH/$1/$MARKER" ] && [ ! -L "$SCRATCH/$1" ]; }
 
 is_v2() { [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; }
 
@@ -27,17 +39,18 @@ cg_dirs() {  # every cgroup dir host $1 owns, one per hierarchy
   local name=$1 c memcg own
   if is_v2; then
     own=$(awk -F: '$1=="0"{print $3}' /proc/self/cgroup)
-    echo "/sys/fs/cgroup${own%/}/$name"; return
+    echo "/sys/fs/cgroup${own%/}/unitbox-testhost-$name"; return
   fi
   memcg=$(awk -F: '$2=="memory"{print $3}' /proc/self/cgroup)
-  for c in $V1 systemd unified; do [ -d /sys/fs/cgroup/$c ] && echo "/sys/fs/cgroup/$c/$name"; done
-  echo "/sys/fs/cgroup/memory${memcg%/}/$name"
+  for c in $V1 systemd unified; do [ -d /sys/fs/cgroup/$c ] && echo "/sys/fs/cgroup/$c/unitbox-testhost-$name"; done
+  echo "/sys/fs/cgroup/memory${memcg%/}/unitbox-testhost-$name"
 }
 
 stop_host() {
-  local name=$1 pid base=/var/tmp/$1 d
+  local name=$1 pid base=$SCRATCH/$1 d
   pid=$(cat "$RUNDIR/$name.pid" 2>/dev/null || true)
-  if [ -n "$pid" ] && [ -e "/proc/$pid" ]; then
+  # a stale pid file may name a reused pid: kill it only while it is in the host's cgroup
+  if [[ $pid =~ ^[0-9]+$ ]] && grep -qE "/unitbox-testhost-${name//./\\.}(/|$)" "/proc/$pid/cgroup" 2>/dev/null; then
     kill -KILL "$pid" 2>/dev/null || true    # ends the whole pid namespace
     for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.05; done
   fi
@@ -45,10 +58,16 @@ stop_host() {
   for d in $(cg_dirs "$name"); do
     [ -d "$d" ] && find "$d" -name cgroup.procs -exec cat {} + 2>/dev/null | xargs -r kill -KILL 2>/dev/null || true
   done
-  if mountpoint -q "$base/root" 2>/dev/null; then
-    umount "$base/root" 2>/dev/null || umount -l "$base/root" 2>/dev/null || true
+  if made_here "$name"; then
+    if mountpoint -q "$base/root" 2>/dev/null; then
+      umount "$base/root" 2>/dev/null || umount -l "$base/root" 2>/dev/null || true
+    fi
+    if mountpoint -q "$base/root" 2>/dev/null; then log "$base/root is still mounted: left in place"
+    else rm -rf --one-file-system "$base"; fi
+  elif [ -e "$base" ] || [ -L "$base" ]; then
+    log "left $base alone: no $MARKER in it, so this script did not make it"
   fi
-  rm -rf "$base" "$RUNDIR/$name.pid" "$RUNDIR/$name.owner"
+  rm -f "$RUNDIR/$name.pid" "$RUNDIR/$name.owner"
   for d in $(cg_dirs "$name"); do
     [ -d "$d" ] || continue
     for _ in $(seq 50); do   # a cgroup can only go once its last process has
@@ -61,7 +80,16 @@ stop_host() {
 case $cmd in
 start)
   NAME=${2:?name}; shift 2
-  BASE=/var/tmp/$NAME
+  check_name "$NAME"
+  BASE=$SCRATCH/$NAME
+  mkdir -p -m 0755 "$SCRATCH"
+  # a planted symlink or someone else's dir would make BASE point elsewhere
+  if [ -L "$SCRATCH" ] || [ "$(stat -c %u "$SCRATCH")" != "$(id -u)" ]; then
+    log "$SCRATCH is a symlink or not owned by $(id -un): refusing"; exit 3
+  fi
+  # mkdir without -p claims the name: it fails on anything already there
+  mkdir -m 0700 "$BASE" 2>/dev/null || { log "$BASE exists: host $NAME is taken (testhost.sh stop $NAME)"; exit 3; }
+  echo "$NAME" > "$BASE/$MARKER"
   mkdir -p "$RUNDIR" "$BASE/upper" "$BASE/work" "$BASE/root"
   echo "${UNITBOX_TESTHOST_OWNER:-$PPID}" > "$RUNDIR/$NAME.owner"
   mount -t overlay overlay -o "lowerdir=/,upperdir=$BASE/upper,workdir=$BASE/work" "$BASE/root"
@@ -98,7 +126,7 @@ start)
   ;;
 _stage2)   # PID 1 of the new namespaces; becomes systemd
   NAME=${2:?name}; shift 2
-  R=/var/tmp/$NAME/root
+  R=$SCRATCH/$NAME/root
   mount -t proc proc $R/proc
   mount -t sysfs -o ro,nosuid,nodev,noexec sysfs $R/sys
   if is_v2; then
@@ -123,12 +151,14 @@ _stage2)   # PID 1 of the new namespaces; becomes systemd
     /lib/systemd/systemd --unit=basic.target --log-target=journal-or-kmsg
   ;;
 stop)
-  stop_host "${2:?name}"
+  check_name "${2:?name}"
+  stop_host "$2"
   ;;
-gc)   # hosts left by an interrupted test run whose owner is gone
+gc)   # hosts this script made for a test run that is gone (its owner died)
   for f in "$RUNDIR"/*.owner; do
     [ -e "$f" ] || continue
     name=$(basename "$f" .owner); owner=$(cat "$f")
+    valid_name "$name" && made_here "$name" || continue
     if ! kill -0 "$owner" 2>/dev/null; then log "removing stale $name"; stop_host "$name"; fi
   done
   ;;
