@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import logging
 import os
 import secrets
 import shutil
-import socket
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -166,10 +163,8 @@ def bench_logging(n: int) -> None:
             if index % 256 == 0:
                 handler.stream = io.StringIO()
         report("logging: one INFO record (stderr format)", time.process_time() - start, n)
-        with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sink:
-            sink.bind(f"{tmp}/journal")
-            sink.setblocking(False)
-            journal = logs.JournalHandler(f"{tmp}/journal")
+        if os.path.exists(logs.JOURNAL_SOCKET):  # a real journald (in the test host, on a systemd machine)
+            journal = logs.JournalHandler()
             journal.setFormatter(logging.Formatter("%(message)s"))
             root.handlers[:] = [journal]
             start = time.process_time()
@@ -177,9 +172,6 @@ def bench_logging(n: int) -> None:
                 log.info("run %s %s (exit %s, signal %s)", "0123456789abcdef", "succeeded", 0, None,
                          extra={"run_id": "0123456789abcdef", "unit": "unitbox-run-0123456789abcdef.service",
                                 "state": "succeeded"})
-                with contextlib.suppress(BlockingIOError):
-                    while sink.recv(65536):
-                        pass
             report("logging: one INFO record (journald native)", time.process_time() - start, n)
         start = time.process_time()
         for _ in range(n):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
+
+from pystemd import journal as sd_journal
 
 FIELDS = ("run_id", "unit", "state")
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -24,20 +25,10 @@ class _FieldsFormatter(logging.Formatter):
         return f"{text} {extra}" if extra else text
 
 
-def _journal_field(name: str, value: str) -> bytes:
-    data = value.encode("utf-8", "replace")
-    if b"\n" not in data:
-        return name.encode() + b"=" + data + b"\n"
-    return name.encode() + b"\n" + len(data).to_bytes(8, "little") + data + b"\n"
-
-
 class JournalHandler(logging.Handler):
-    """journald's native protocol: one datagram of FIELD=value lines per record."""
-
-    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
-        super().__init__()
-        self._path = path
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    """Records to journald with their fields, through libsystemd's
+    sd_journal_sendv (pystemd.journal: the library already in use, which
+    also knows journald's protocol for large or binary fields)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -50,8 +41,8 @@ class JournalHandler(logging.Handler):
             for name in FIELDS:
                 if hasattr(record, name):
                     fields[f"UNITBOX_{name.upper()}"] = str(getattr(record, name))
-            self._socket.sendto(b"".join(_journal_field(k, v) for k, v in fields.items()), self._path)
-        except OSError:
+            sd_journal.sendv(**fields)
+        except Exception:
             self.handleError(record)
 
 

@@ -23,7 +23,11 @@ Writes are group-committed (`_write`): those that arrive while one commit is
 under way share the next transaction. Measured (bench/per_run_cost.py, CPU
 per run of insert + running + final, 2-core VM): 1-way ≈0.88 ms either way;
 16-way 0.87 → 0.24 ms. Of one NORMAL update's ≈0.22 ms, SQLite is ≈0.05 ms;
-the rest is the hop to the store's thread and back, which a batch shares."""
+the rest is the hop to the store's thread and back, which a batch shares.
+
+Why not aiosqlite: it too runs one connection on a thread of its own, but
+has no group commit and no way to switch synchronous=FULL around one
+transaction; wrapping it would keep every line here and add a dependency."""
 
 from __future__ import annotations
 
