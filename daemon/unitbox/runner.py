@@ -187,6 +187,8 @@ class Runner:
         elif run.dir.result.exists():  # it ran, and is over already (a stat: no thread hop)
             run.end = seen
             self._end(run)
+        elif run.cancel_at is not None:  # never started, and no longer wanted: it ends cancelled
+            self._end(run)
         elif run.launches >= MAX_LAUNCHES:
             run.error = f"systemd did not answer {run.launches} starts of the run's unit"
             self._end(run)

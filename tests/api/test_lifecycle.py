@@ -294,6 +294,25 @@ async def test_an_unanswered_start_is_settled_by_a_look_never_blindly_repeated(m
     assert engine.executing == 0
 
 
+async def test_a_run_cancelled_while_its_unanswered_start_is_settled_is_not_started_again(
+        make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeSystemd(unanswered_starts=1)
+    engine = await make_engine(fake)
+    settle = runner_module.Runner._settle_launch
+    cancelled: list[str] = []
+
+    async def cancel_first(runner: Any, run: Any) -> None:  # the cancel lands while the start is unanswered
+        if not cancelled:
+            cancelled.append(run.id)
+            await engine.cancel(run.id)
+        await settle(runner, run)
+    monkeypatch.setattr(runner_module.Runner, "_settle_launch", cancel_first)
+    record = await engine.submit(submission())
+    final = await settled(engine, record.id)
+    assert cancelled == [record.id] and final.state is RunState.CANCELLED
+    assert fake.started == [] and len(fake.start_requests) == 1 and engine.executing == 0
+
+
 async def test_a_dead_broker_is_replaced_and_no_run_is_lost_or_started_twice(make_engine: MakeEngine,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_module, "RESPAWN_DELAYS_S", (0.2,))
