@@ -32,6 +32,7 @@ transaction; wrapping it would keep every line here and add a dependency."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import sqlite3
@@ -147,6 +148,8 @@ def _caused(exc: sqlite3.Error) -> Unavailable:
     return unavailable
 
 
+RECENT_FINAL = 1024
+
 _Write = tuple[Callable[[sqlite3.Connection], Any], bool, "asyncio.Future[Any]"]
 
 
@@ -156,6 +159,9 @@ class RunStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitbox-store")
         self._db: sqlite3.Connection | None = None
         self._closed = False
+        # The last final records written: the reads that follow a run's end (a held `wait`, then its
+        # output) are answered from here. Rows change only through update() and delete(), which keep it true.
+        self._recent: collections.OrderedDict[str, RunRecord] = collections.OrderedDict()
         self._writes: list[_Write] = []  # waiting for the next group commit
         self._writer: asyncio.Future[None] | None = None  # committing them
 
@@ -293,8 +299,15 @@ class RunStore:
         row = _to_row(record)
         never_started = record.state.terminal and record.started_at is None  # no result file behind it
         await self._write(lambda db: db.execute(_UPDATE, row), durable=never_started)
+        if record.state.terminal:
+            self._recent[record.id] = record
+            if len(self._recent) > RECENT_FINAL:
+                self._recent.popitem(last=False)
 
     async def get(self, run_id: str) -> RunRecord | None:
+        if (recent := self._recent.get(run_id)) is not None:
+            return recent  # a final record just written: what the store holds, without the thread hop
+
         def get(db: sqlite3.Connection) -> RunRecord | None:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
             return _from_row(row) if row else None
@@ -336,6 +349,8 @@ class RunStore:
             "SELECT id, stdout_bytes + stderr_bytes FROM runs WHERE finished_at IS NOT NULL ORDER BY seq")])
 
     async def delete(self, run_ids: Sequence[str]) -> None:
+        for run_id in run_ids:
+            self._recent.pop(run_id, None)
         await self._write(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
 
     async def known_ids(self, run_ids: Collection[str]) -> set[str]:

@@ -35,7 +35,9 @@ async def test_a_damaged_store_answers_503(make_client: MakeClient) -> None:
     assert finished["state"] == "succeeded"  # served from the store from now on
     damage(engine.config.database_path)
 
-    await assert_unavailable(await client.get(f"/status/{finished['id']}"))
+    await assert_unavailable(await client.get("/runs"))  # a read the store must make
+    reply = await client.get(f"/status/{finished['id']}")  # its final record, just written: known in memory
+    assert reply.status == 200 and (await reply.json())["state"] == "succeeded"
     await assert_unavailable(await client.post("/run-json", json={"code": "print(2)"}))
     # The refused submission left no files behind.
     assert {p.name for p in engine.config.runs_dir.iterdir()} == {finished["id"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -131,3 +132,22 @@ async def test_writes_asked_for_before_close_are_made(tmp_path: Path) -> None:
     await reopened.open()
     assert len(await reopened.known_ids([f"{n:016x}" for n in range(5)])) == 5
     await reopened.close()
+
+
+async def test_a_final_record_just_written_is_read_back_without_the_database_until_deleted(store: RunStore) -> None:
+    record = await store.insert(RunRecord(id="0123456789abcdef", state=RunState.QUEUED, created_at=1.0,
+                                          limits=Limits()))
+    final = record.evolve(state=RunState.SUCCEEDED, started_at=2.0, finished_at=3.0, exit_code=0)
+    await store.update(final)
+    assert await store.get(record.id) == final
+    reads = 0
+    original = store._run
+
+    async def counted(fn: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await original(fn)
+    store._run = counted  # type: ignore[method-assign]
+    assert await store.get(record.id) == final and reads == 0  # from memory: no thread hop
+    await store.delete([record.id])
+    assert await store.get(record.id) is None and reads == 1  # deleted: asked, and gone
