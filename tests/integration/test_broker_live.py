@@ -101,3 +101,26 @@ def test_healthz_answers_at_once_while_pid_1_is_stopped(host: TestHost, tmp_path
         assert client.run("print(1)")["state"] == "succeeded"
     finally:
         service.stop()
+
+
+def test_a_start_that_pid_1_answers_too_late_is_found_not_repeated(host: TestHost, tmp_path: Path) -> None:
+    """PID 1 frozen past the broker's 5 s method-call timeout while a start is
+    in flight: the call fails unanswered, PID 1 then starts the unit anyway,
+    and the daemon finds it by looking instead of starting it again."""
+    service = DaemonService(host, tmp_path, name="late")
+    service.start()
+    try:
+        client = service.client
+        os.kill(host.pid, signal.SIGSTOP)
+        try:
+            run_id = client.submit("print('late but once')")
+            time.sleep(6.5)  # past SYSTEMD_BUS_TIMEOUT=5s: the broker's StartTransientUnit gives up
+        finally:
+            os.kill(host.pid, signal.SIGCONT)
+        run = client.wait(run_id, timeout=60)
+        assert (run["state"], run["exit_code"]) == ("succeeded", 0), (run, service.journal(30))
+        assert client.get(f"/output/{run_id}").json()["stdout"] == "late but once\n"
+        assert starts_of(host, run_id) == 1
+        assert "went unanswered" in service.journal()
+    finally:
+        service.stop()
