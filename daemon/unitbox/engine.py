@@ -82,6 +82,8 @@ class Engine:
         self.metrics.gauge("unitbox_queue_depth", "Runs waiting for a free slot.", lambda: self.queue_depth)
         self.metrics.gauge("unitbox_stored_bytes", "Bytes stored for runs, against retention.max_total_mb.",
                            lambda: self.budget.total)
+        self.metrics.gauge("unitbox_broker_restarts", "Times the broker (the process that talks to systemd) "
+                           "was started again after it died or lost the bus, since start.", lambda: broker.restarts)
 
     # -- start and stop ------------------------------------------------------------
     async def start(self) -> None:

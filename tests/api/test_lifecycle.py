@@ -331,6 +331,7 @@ async def test_a_dead_broker_is_replaced_and_no_run_is_lost_or_started_twice(mak
     later = [await engine.submit(submission()) for _ in range(3)]  # accepted, queued meanwhile
     await until(lambda: engine.runner.broker_ok)
     assert (await engine.health()).ok and broker.restarts == 1
+    assert engine.metrics.registry.get_sample_value("unitbox_broker_restarts") == 1
     for record in first[:2]:
         assert (await settled(engine, record.id)).state is RunState.SUCCEEDED
     for _ in range(20):
