@@ -118,9 +118,10 @@ class RunOut(BaseModel):
     created_at: Timestamp = Field(description="When it was accepted.")
     started_at: Timestamp = Field(description="When its unit started; null until then.")
     finished_at: Timestamp = Field(description="When its final state was recorded; null until then.")
-    duration_ms: float | None = Field(description="Wall time from the run's start (its sandbox set up) to the "
-                                                  "end of its last process, as the run's own outcome recorder "
-                                                  "measured it (10 ms steps); null while it runs.")
+    duration_ms: float | None = Field(description="Wall time from the start of the run's unit (just before its "
+                                                  "program's sandbox is set up) to the end of its last process, "
+                                                  "as the run's own outcome recorder measured it (10 ms steps); "
+                                                  "null while it runs.")
     cpu_ms: float | None = Field(description="CPU time of all its processes; null until it has finished.")
     memory_peak_bytes: int | None = Field(description="Its cgroup's memory peak; null until it has finished "
                                                       "(and where the kernel does not report one).")
