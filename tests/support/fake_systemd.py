@@ -29,6 +29,7 @@ class FakeUnit:
     run_dir: Path
     fds: dict[str, int]
     end: UnitEnd | None = None
+    activated_at: float | None = None
 
 
 class FakeSystemd:
@@ -69,10 +70,6 @@ class FakeSystemd:
     def close(self) -> None:
         self._on_event = None
 
-    def shut_down(self) -> None:
-        for unit in self.units.values():
-            self._close_fds(unit)
-
     def drop_bus(self) -> None:
         """The connection breaks: events stop until the owner reconnects."""
         self.reachable = False
@@ -111,6 +108,8 @@ class FakeSystemd:
             raise NoAnswer("systemd StartTransientUnit: systemd did not answer in time (fake)")
 
     def activate(self, name: str) -> None:
+        if (unit := self.units.get(name)) is not None:
+            unit.activated_at = time.time()
         self._emit(name, UnitActive(time.time()))
 
     def finish(self, name: str, result: str = "success", exit_code: str = "exited",
@@ -163,8 +162,8 @@ class FakeSystemd:
     def _end_by(self, name: str, signal: str) -> None:
         if not self._live(name):
             return
-        if self.natural_end_on_stop:  # it exited by itself a moment before the stop came
-            self.finish(name, exited_at=time.time() - 0.05)
+        if self.natural_end_on_stop:  # it exited by itself right after it started, before any stop came
+            self.finish(name, exited_at=self.units[name].activated_at or time.time() - 0.05)
         else:
             self.finish(name, result="signal", exit_code="killed", exit_status=signal)
 
