@@ -75,6 +75,25 @@ class RetentionSection(_Section):
         return self
 
 
+class FilesSection(_Section):
+    """Files a run takes in (input files placed in its working directory) and
+    leaves behind (output files collected when it ends)."""
+
+    input_count: int = Field(default=100, ge=0)
+    input_kb: int = Field(default=1024, ge=0)  # all input files together (the request body caps them too)
+    path_chars: int = Field(default=255, gt=0, le=4096)  # an input path; also an output file's path
+    output_count: int = Field(default=100, ge=0)
+    output_file_mb: int = Field(default=32, gt=0)
+    output_total_mb: int = Field(default=64, gt=0)
+    output_depth: int = Field(default=8, ge=0)
+    output_entries: int = Field(default=10_000, gt=0)  # entries looked at, collected or not
+
+
+class LintSection(_Section):
+    ruff: str = ""
+    """The ruff binary runs are checked with; empty: the one beside the daemon's Python, or on PATH."""
+
+
 class RuntimeSection(_Section):
     python: str
     """Interpreter inside the runtime, as runs see it."""
@@ -127,6 +146,10 @@ class Config(BaseSettings):
     limits: LimitsSection = LimitsSection.model_validate(Limits().as_dict())
     max_limits: LimitsSection = LimitsSection.model_validate(default_maxima().as_dict())
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    files: FilesSection = Field(default_factory=FilesSection)
+    lint: LintSection = Field(default_factory=LintSection)
+    result_kb: int = Field(default=1024, gt=0)  # an entrypoint's value, as JSON
+    inline_output_kb: int = Field(default=64, ge=0)  # stdout and stderr each, in a waited answer
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
     _ignored_env: tuple[str, ...] = PrivateAttr(default=())

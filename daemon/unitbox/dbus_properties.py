@@ -44,14 +44,19 @@ def _ip_any(_: Any) -> list[tuple[int, bytes, int]]:
 _EXEC_PREFIXES = {"+": "privileged", ":": "no-env-expand", "-": "ignore-failure"}
 
 
-def _exec(value: list[str]) -> tuple[str, bytes, Any]:
-    """A command line in unit-file form, its prefixes (`+`, `:`, `-`) included."""
-    path, *rest = value
-    flags = []
-    while path[:1] in _EXEC_PREFIXES:
-        flags.append(_EXEC_PREFIXES[path[0]])
-        path = path[1:]
-    return "Ex", b"a(sasas)", [(path, [path, *rest], flags)]
+def _exec(value: list[str] | list[list[str]]) -> tuple[str, bytes, Any]:
+    """A command line in unit-file form, its prefixes (`+`, `:`, `-`) included;
+    or a list of them, run one after the other."""
+    commands = [value] if isinstance(value[0], str) else value
+    converted = []
+    for command in commands:
+        path, *rest = command
+        flags = []
+        while path[:1] in _EXEC_PREFIXES:
+            flags.append(_EXEC_PREFIXES[path[0]])
+            path = path[1:]
+        converted.append((path, [path, *rest], flags))
+    return "Ex", b"a(sasas)", converted
 
 
 def _split(spec: str) -> tuple[str, str]:

@@ -26,12 +26,15 @@ from unitbox.admission import Admission
 from unitbox.broker.client import Broker
 from unitbox.budget import DiskBudget, submission_bytes
 from unitbox.config import Config
-from unitbox.errors import Busy, NotFound, Unavailable, UnitboxError
+from unitbox.errors import Busy, InvalidInput, NotFound, Unavailable, UnitboxError
 from unitbox.launcher import Launcher
+from unitbox.leftovers import OutputFiles, RunDetails, load_details, load_files
 from unitbox.lifecycle import RunLife
 from unitbox.limits import Limits
+from unitbox.lint import find_linter
 from unitbox.metrics import Metrics
 from unitbox.outcome import RunState
+from unitbox.profile import LintMode
 from unitbox.recovery import recover
 from unitbox.retention import retention_loop
 from unitbox.rundir import RunDir
@@ -51,6 +54,9 @@ class Submission:
     limits: Limits
     runtime: str
     owner: str | None = None  # the submitting token's name
+    entrypoint: str | None = None
+    lint: LintMode = LintMode.OFF
+    files: tuple[tuple[str, bytes], ...] = ()  # input files: (checked relative path, content)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,7 @@ class Engine:
         self._runner = Runner(broker, store, self._launcher, self._admission, metrics=self.metrics,
                               run_dir=self.run_dir, stored_fds=stored_fds)
         self._stopped = False
+        self._linter = find_linter(config)  # the broker finds the same one
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self.executing)
         self.metrics.gauge("unitbox_queue_depth", "Runs waiting for a free slot.", lambda: self.queue_depth)
         self.metrics.gauge("unitbox_stored_bytes", "Bytes stored for runs, against retention.max_total_mb.",
@@ -136,17 +143,25 @@ class Engine:
         if not self._runner.accepting:
             raise Busy("the server is shutting down", retry_after_s=5)
         self._runtimes.get(submission.runtime)  # unknown → 422 before anything is written
-        stored = submission_bytes(submission.code, submission.stdin, submission.args)
+        if submission.lint is not LintMode.OFF and self._linter is None:
+            raise InvalidInput("lint is not available on this server: ruff is not installed",
+                               details=[{"field": "lint", "message": "no linter"}])
+        stored = submission_bytes(submission.code, submission.stdin, submission.args) + \
+            sum(len(content) for _, content in submission.files)
         self.budget.check_submission(stored)  # disk budget or free-space floor reached → 503
         self._admission.reserve()  # before the first await: concurrent submissions cannot overshoot
         run_id = new_run_id()
         self.budget.charge(run_id, stored)  # also before the first await, for the same reason
         run_dir = RunDir(self.config.runs_dir / run_id)
         record = RunRecord(id=run_id, state=RunState.QUEUED, created_at=time.time(),
-                           limits=submission.limits, runtime=submission.runtime, owner=submission.owner)
+                           limits=submission.limits, runtime=submission.runtime, owner=submission.owner,
+                           entrypoint=submission.entrypoint, lint=submission.lint.value,
+                           input_files=len(submission.files))
+        entry = f"{submission.entrypoint} {self.config.result_kb * 1024}" if submission.entrypoint else None
         try:
             # In a thread: its 6 fsyncs would hold the loop ≈0.7 ms (more on a slow disk); the hop costs ≈0.08.
-            await asyncio.to_thread(run_dir.create, submission.code, submission.stdin, submission.args)
+            await asyncio.to_thread(run_dir.create, submission.code, submission.stdin, submission.args,
+                                    files=submission.files, entry=entry)
             record = await self._store.insert(record)
         except BaseException as exc:
             self._admission.unreserve()
@@ -188,6 +203,23 @@ class Engine:
 
     def run_dir(self, run_id: str) -> RunDir:
         return RunDir(self.config.runs_dir / run_id)
+
+    async def details(self, record: RunRecord, *, include_output: bool) -> RunDetails:
+        """What one run left (result, diagnostics, files) and, if asked, its output inline: read from its
+        directory, in a thread (a result may be a MiB of JSON)."""
+        config = self.config
+        if not include_output and record.result_bytes is None and record.lint_findings is None \
+                and record.output_files is None:
+            return RunDetails()
+        return await asyncio.to_thread(load_details, self.run_dir(record.id), record,
+                                       result_cap=config.result_kb * 1024,
+                                       inline_cap=config.inline_output_kb * 1024 if include_output else None)
+
+    async def output_files(self, run_id: str, caller: Caller) -> tuple[RunRecord, OutputFiles]:
+        """The files a run left, from its manifest (none while it runs)."""
+        record = await self.get(run_id, caller)
+        found = await asyncio.to_thread(load_files, self.run_dir(run_id)) if record.output_files is not None else None
+        return record, found or OutputFiles()
 
     async def runtimes(self) -> list[RuntimeInfo]:
         return await self._runtimes.describe()

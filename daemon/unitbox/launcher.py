@@ -14,6 +14,7 @@ The unit's profile is not built here: the broker builds it (broker/)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -24,8 +25,10 @@ from unitbox.broker.client import Broker, Watcher
 from unitbox.budget import DiskBudget, RunAccount
 from unitbox.capture import StreamCapture, make_pipe, stored_output, truncation_marker
 from unitbox.config import Config
-from unitbox.lifecycle import STREAMS, RunLife, StoredStreams
+from unitbox.leftovers import summarize
+from unitbox.lifecycle import STREAMS, RunLife, StoredStreams, with_leftovers
 from unitbox.outcome import Outcome
+from unitbox.profile import LintMode
 from unitbox.systemd import NoAnswer
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,8 @@ class Launcher:
             if not run.stdio:
                 run.stdio = self._prepare(run)
             self.broker.watch(record.id, watcher)
-            await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.path, run.stdio)
+            await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.path, run.stdio,
+                                        lint=record.lint)
         except NoAnswer:
             raise
         except BaseException:
@@ -145,6 +149,18 @@ class Launcher:
         """The recorded outcome and the output as stored (a few stats and one small read)."""
         out, err = (stored_output(run.dir.output(stream)) for stream in STREAMS)
         return run.dir.read_outcome(), StoredStreams(out[0], err[0], out[1], err[1])
+
+    async def take_leftovers(self, run: RunLife) -> None:
+        """What the run left besides its output (leftovers.py), into its final
+        record and onto the disk budget. Most runs leave nothing: one stat."""
+        record = run.record
+        if record.entrypoint is None and record.lint == LintMode.OFF and not run.dir.manifest.exists():
+            return
+        summary = await asyncio.to_thread(summarize, run.dir, entrypoint=record.entrypoint,
+                                          linted=record.lint != LintMode.OFF, result_cap=self.config.result_kb * 1024)
+        if self.budget is not None:
+            self.budget.charge(record.id, summary.stored_bytes)
+        run.record = with_leftovers(record, summary)
 
     @staticmethod
     def mark_lost(run: RunLife, streams: list[str]) -> None:

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from unitbox.capture import StreamCapture
+from unitbox.leftovers import Summary
 from unitbox.limits import Limits
 from unitbox.outcome import Outcome, RunState, classify
-from unitbox.profile import START_BOUND_S, STOP_BOUND_S
+from unitbox.profile import START_BOUND_S, STOP_BOUND_S, LintMode
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord
 from unitbox.systemd import UnitEnd
@@ -184,3 +185,19 @@ def conclude(run: RunLife, found: tuple[Outcome, float] | None, streams: StoredS
         cancel_requested=record.cancel_requested or run.cancel_at is not None,
     )
 
+
+
+def with_leftovers(record: RunRecord, summary: Summary) -> RunRecord:
+    """The final record, with what the run left (leftovers.py). A run called
+    through an entrypoint that ended without a usable value has failed; a
+    lint-only run fails without a usable report."""
+    state, error = record.state, record.error
+    if state is RunState.SUCCEEDED and summary.errors:
+        unusable_value = record.entrypoint is not None and summary.result_bytes is None
+        unusable_report = record.lint == LintMode.ONLY and summary.lint_findings is None
+        if unusable_value or unusable_report:
+            state = RunState.FAILED
+    if summary.errors:
+        error = "; ".join([*([error] if error else []), *summary.errors])
+    return record.evolve(state=state, error=error, result_bytes=summary.result_bytes,
+                         output_files=summary.output_files, lint_findings=summary.lint_findings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -17,6 +18,7 @@ from unitbox.limits import Limits
 # tmpfs, so systemd never has to create mount points on the host's disk.
 CODE_DIR = "/run/unitbox/code"
 WORK_DIR = "/run/unitbox/work"
+OUT_DIR = "/run/unitbox/out"  # the run's channel back: its entrypoint's value, its lint report
 TMP_DIR = "/run/unitbox/tmp"  # bound onto /tmp on systemd < 256 (see BindPaths below)
 VAR_TMP_DIR = "/run/unitbox/var-tmp"  # bound onto /var/tmp
 LEGACY_UNIT_ROOT = "/run/systemd/unit-root"  # where systemd 252 assembles a unit's mount namespace
@@ -29,6 +31,8 @@ starts (ExecStartPre), and mounted from there, so that no mount a run can
 list in /proc/self/mountinfo names the state directory."""
 SCRIPT_PATH = f"{CODE_DIR}/main.py"
 ARGV_PATH = f"{CODE_DIR}/argv"
+FILES_PATH = f"{CODE_DIR}/files"  # input files, copied into WORK_DIR before the program starts
+ENTRY_PATH = f"{CODE_DIR}/entry"  # "<function> <result cap in bytes>" when an entrypoint is called
 
 # A run's unit ends by SIGKILL (KillSignal=): at its timeout and when stopped.
 # So TimeoutStopSec= bounds only the kill of leftovers and the privileged
@@ -42,8 +46,14 @@ UNIT_PREFIX = "unitbox-run-"
 UNIT_SUFFIX = ".service"
 
 # Run by the interpreter with -c: sets sys.argv from the run's own argv file
-# (arguments never go into the world-readable unit definition) and runs the
-# script as __main__, hiding this frame from the user's tracebacks.
+# (arguments never go into the world-readable unit definition), copies the
+# input files into the working directory (as the run's own user: they are
+# its files), and runs the script as __main__, hiding this frame from the
+# user's tracebacks. With an entrypoint the script is imported as module
+# `main` instead, the function called, and its value written as JSON to
+# OUT_DIR/result.json (or why not to OUT_DIR/error): never on stdout, so
+# nothing the program prints can pass for its result. The size cap holds
+# while encoding, so a huge value fails without being encoded whole.
 BOOTSTRAP = (
     "import sys\n"
     f"p={SCRIPT_PATH!r}\n"
@@ -54,27 +64,70 @@ BOOTSTRAP = (
     "  tb=tb.tb_next;v=v.with_traceback(tb) if v is not None else v\n"
     " _h(t,v,tb)\n"
     "sys.excepthook=_hook\n"
-    # A fresh module registered as sys.modules['__main__']: pickle (hence
-    # multiprocessing) finds the program's functions and classes there.
-    "m=type(sys)('__main__');m.__file__=p;m.__builtins__=__builtins__;sys.modules['__main__']=m\n"
+    "import os\n"
+    # Entry by entry: copytree onto '.' would try to chmod the working directory, which is root's.
+    f"if os.path.isdir({FILES_PATH!r}):\n"
+    " import shutil\n"
+    f" for n in os.listdir({FILES_PATH!r}):\n"
+    f"  s={FILES_PATH!r}+'/'+n;(shutil.copytree if os.path.isdir(s) else shutil.copyfile)(s,n)\n"
+    f"e=open({ENTRY_PATH!r}).read().split() if os.path.exists({ENTRY_PATH!r}) else None\n"
+    # A fresh module registered in sys.modules: pickle (hence multiprocessing)
+    # finds the program's functions and classes there.
+    "m=type(sys)('main' if e else '__main__');m.__file__=p;m.__builtins__=__builtins__;sys.modules[m.__name__]=m\n"
     "del a,_hook\n"
     "if sys.flags.no_site:import site;site.setquit();site.setcopyright();site.sethelper()\n"  # exit() under -S
     "exec(compile(open(p,'rb').read(),p,'exec'),m.__dict__)\n"
+    "if e:\n"
+    " import json\n"
+    " n,c=e[0],int(e[1])\n"
+    " def _end(t):\n"
+    f"  open({OUT_DIR!r}+'/error','w').write(t);sys.stderr.write('unitbox: '+t+'\\n');sys.exit(1)\n"
+    " f=m.__dict__.get(n)\n"
+    " if not callable(f):_end(f'the script must define {n}()')\n"
+    " try:v=f()\n"
+    " except Exception as x:\n"
+    f"  open({OUT_DIR!r}+'/error','w').write(f'{{n}}() raised {{type(x).__name__}}');raise\n"
+    " b=bytearray()\n"
+    " try:\n"
+    "  for k in json.JSONEncoder(allow_nan=False).iterencode(v):\n"
+    "   b+=k.encode()\n"
+    "   if len(b)>c:_end(f'{n}() returned more than {c//1024} KiB of JSON: over the result_kb limit')\n"
+    " except (TypeError,ValueError,RecursionError) as x:\n"
+    "  _end(f'{n}() returned a {type(v).__name__} that is not JSON-serialisable: {x}'[:500])\n"
+    f" open({OUT_DIR!r}+'/result.json','wb').write(b)\n"
 )
 
 # Privileged ExecStartPre (outside the run's namespaces): stages the run's
 # inputs and a fresh machine-id (a random v4 UUID, as systemd-machine-id-setup
-# makes one) on the host's /run, to be bound read-only into the run.
+# makes one) on the host's /run, to be bound read-only into the run; and
+# mounts the run's box: one tmpfs of disk_mb holding its working directory
+# and its channel back (OUT_DIR), made on the host so that its files outlive
+# the run's mount namespace until ExecStopPost has collected them.
 START_PRE_SCRIPT = r"""set -e
 umask 077
-mkdir -p "$1"
+mkdir -p "$1/box"
 umask 022
 cp -R "$2/in" "$1/in"
+mount -t tmpfs -o "size=$3M,mode=755,nosuid,nodev" tmpfs "$1/box"
+mkdir -m 1777 "$1/box/work" "$1/box/out"
 IFS=- read -r a b c d e < /proc/sys/kernel/random/uuid
 printf '%s%s%s%s%s\n' "$a" "$b" "$c" "$d" "$e" > "$1/machine-id"
 read -r up _ < /proc/uptime
 echo "$up" > "$1/started"
 """
+
+# The static check (`lint`): ruff, sandboxed like the program, with its own
+# small limits on top of the run's (CPU seconds, address space, report size).
+LINT_SELECT = "E4,E7,E9,F,B"  # pycodestyle errors, pyflakes, bugbear: bugs, not style
+LINT_CPU_S = 10
+LINT_MEMORY_KB = 1 << 20
+LINT_REPORT_BLOCKS = 2048  # ulimit -f: 1 MiB in dash's 512-byte blocks (collect.LINT_BYTES)
+LINT_SCRIPT = (f"ulimit -t {LINT_CPU_S}; ulimit -v {LINT_MEMORY_KB}; ulimit -f {LINT_REPORT_BLOCKS}; "
+               f'exec "$1" check --isolated --no-cache --exit-zero --quiet --output-format json '
+               f'--select {LINT_SELECT} -- {SCRIPT_PATH} > {OUT_DIR}/lint.json')
+# After a lint that precedes the program: the report leaves the box before
+# the program starts, so the program cannot rewrite it.
+LINT_TAKE_SCRIPT = r"""mv -f -- "$1/box/out/lint.json" "$2/lint.json" 2>/dev/null || true"""
 
 # Command lines carry the `:` prefix: systemd must not expand `$…` in them.
 # Privileged ExecStopPost (runs after the run's processes are gone, while its
@@ -83,7 +136,11 @@ echo "$up" > "$1/started"
 # the CPU / memory-peak / OOM figures that cgroup-v1 hosts forget at once. The
 # run's start (ExecStartPre's end) and end (this script's start) are taken
 # from /proc/uptime (shell builtins only, 10 ms steps): the run's own clock,
-# true even when nobody heard systemd's signals.
+# true even when nobody heard systemd's signals. Then, if the box holds
+# anything, the collector (collect.py) takes it into the run's directory —
+# after the figures, so its own CPU and memory are not the run's, and never
+# in the way of the outcome: if it fails (a box that filled the run's memory
+# leaves it none), the outcome is still written. Then the box is unmounted.
 STOP_POST_SCRIPT = r"""read -r exited _ < /proc/uptime
 started=
 [ -r "$1/started" ] && read -r started < "$1/started"
@@ -108,9 +165,15 @@ read -r now _ < /proc/uptime
 out=$(printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\n' \
   "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom"
   printf 'started_uptime=%s\nexited_uptime=%s\nwritten_uptime=%s\nend=1' "$started" "$exited" "$now")
-rm -rf -- "$1"
+stage=$1 run=$2
+shift 2
+for f in "$stage"/box/work/* "$stage"/box/work/.[!.]* "$stage"/box/work/..?* "$stage"/box/out/*; do
+  if [ -e "$f" ] || [ -L "$f" ]; then "$@" "$stage/box" "$run" || true; break; fi
+done
+umount "$stage/box" 2>/dev/null || umount -l "$stage/box" 2>/dev/null || true
+rm -rf -- "$stage"
 # The state disk full: the outcome goes to /run instead, where the broker finds it (fallback_result).
-printf '%s\n' "$out" > "$2/result" 2>/dev/null || printf '%s\n' "$out" > "$1.result"
+printf '%s\n' "$out" > "$run/result" 2>/dev/null || printf '%s\n' "$out" > "$stage.result"
 """
 
 # A privileged (`+`) command still gets the unit's bind mounts and tmpfs
@@ -196,12 +259,33 @@ def hide_state_dir(state_dir: PurePosixPath) -> tuple[list[str], list[str]]:
     return [f"{parent}:mode=755"], []
 
 
+class LintMode(StrEnum):
+    OFF = "off"
+    BEFORE = "before"  # lint, then run the program
+    ONLY = "only"  # lint instead of running it
+
+
+@dataclass(frozen=True, slots=True)
+class Collector:
+    """What ExecStopPost runs to take the box's files into the run dir (collect.py)."""
+
+    python: str
+    script: str
+    caps: tuple[int, ...]  # collect.Caps, in order
+
+    def command(self) -> list[str]:
+        return [self.python, "-I", "-S", self.script, *map(str, self.caps)]
+
+
 def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
-                  slice_name: str, runtime: Runtime, native_private_tmpfs: bool = False,
+                  slice_name: str, runtime: Runtime, collector: Collector, lint: LintMode = LintMode.OFF,
+                  linter: str | None = None, native_private_tmpfs: bool = False,
                   native_private_cgroups: bool = False, secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
     directory on the host (its `in/`, staged on /run, is mounted read-only at
-    CODE_DIR). `native_private_tmpfs`: systemd >= 256, where
+    CODE_DIR). `collector`: what ExecStopPost runs to take the run's files.
+    `lint`, `linter` (ruff's path): a static check before the program, or
+    instead of it. `native_private_tmpfs`: systemd >= 256, where
     TemporaryFileSystem=/tmp and /var/tmp alone replace DynamicUser's implied
     PrivateTmp= (and the legacy unit root is gone: /sys stays the host's,
     read-only). `native_private_cgroups`: systemd >= 257, whose
@@ -220,20 +304,43 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
     if runtime.path is not None:
         read_only.append(f"{runtime.path}:{runtime.target or runtime.path}")
     state_tmpfs, state_inaccessible = hide_state_dir(state_dir)
+    # The box (ExecStartPre mounts it): the working directory and the channel back.
+    writable = [f"-{stage}/box/work:{WORK_DIR}", f"-{stage}/box/out:{OUT_DIR}"]
+    if legacy:
+        # systemd < 256: DynamicUser= implies PrivateTmp=, whose /tmp and
+        # /var/tmp (directories on the host's /tmp and /var/tmp: uncapped, on
+        # its disk) win over TemporaryFileSystem= at the same path (systemd
+        # PR #32724 changed that in 256). A bind mount wins over both, and its
+        # source resolves while the namespace is assembled under the unit root
+        # (/run/systemd/unit-root on 252), where the capped tmpfs is mounted.
+        writable += [f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]
+    program = [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP]
+    start_pre = [[*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(run_dir), str(limits.disk_mb)]]
+    if lint is not LintMode.OFF:
+        if linter is None:
+            raise ValueError("lint asked for without a linter")
+        check = [":/bin/sh", "-c", LINT_SCRIPT, "unitbox-lint", linter]
+        if lint is LintMode.ONLY:
+            program = check
+        else:  # a failed lint must not stop the program: `-`
+            start_pre += [["-" + check[0], *check[1:]],
+                          [*ON_HOST, LINT_TAKE_SCRIPT, "unitbox-lint-take", stage, str(run_dir)]]
     return {
         "Description": f"unitbox run {run_id}",
         "Slice": slice_name,
         # lifecycle
         "Type": "exec",
-        "ExecStart": [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP],
-        "ExecStartPre": [*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(run_dir)],
-        "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", stage, str(run_dir)],
+        "ExecStart": program,
+        "ExecStartPre": start_pre,
+        "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", stage, str(run_dir),
+                         *collector.command()],
         "KillMode": "control-group",
         "KillSignal": "SIGKILL",  # cancel sends SIGTERM itself first (engine.CANCEL_GRACE_S)
         "OOMPolicy": "kill",
         "CollectMode": "inactive-or-failed",  # the outcome is already on disk (ExecStopPost)
         "LogExtraFields": [f"UNITBOX_RUN_ID={run_id}"],
-        "WorkingDirectory": WORK_DIR,
+        # `-`: the privileged ExecStartPre runs before the box (bound here) exists.
+        "WorkingDirectory": f"-{WORK_DIR}",
         "Environment": environment(limits),
         # identity
         "DynamicUser": True,
@@ -249,7 +356,6 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "PrivateIPC": True,
         "TemporaryFileSystem": [
             "/run:mode=755",  # hides the D-Bus socket and /run/systemd/transient
-            f"{WORK_DIR}:{disk}",
             f"/tmp:{disk}",
             f"/var/tmp:{disk}",
             f"/dev/shm:{disk}",  # PrivateDevices shares the host's /dev/shm otherwise
@@ -257,14 +363,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
               if legacy else []),
             *state_tmpfs,
         ],
-        # systemd < 256: DynamicUser= implies PrivateTmp=, whose /tmp and
-        # /var/tmp (directories on the host's /tmp and /var/tmp: uncapped, on
-        # its disk) win over TemporaryFileSystem= at the same path (systemd
-        # PR #32724 changed that in 256). A bind mount wins over both, and its
-        # source resolves while the namespace is assembled under the unit root
-        # (/run/systemd/unit-root on 252), where the capped tmpfs is mounted.
-        **({} if native_private_tmpfs else {"BindPaths": [
-            f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]}),
+        "BindPaths": writable,
         "BindReadOnlyPaths": read_only,
         "InaccessiblePaths": [*state_inaccessible, "-/etc/unitbox", *(f"-{p}" for p in secret_paths)],
         # kernel

@@ -4,15 +4,19 @@ the unit), its captured output and the outcome ExecStopPost recorded.
     runs/<id>/          0700 root — no run can reach the state dir at all
       in/main.py        the source, 0644 (readable by that run's dynamic user)
       in/argv           sys.argv[1:], NUL-separated
+      in/entry          "<function> <result cap>" when an entrypoint is called
+      in/files/…        input files, copied into the working directory at the start
       stdin             fed to the program as its standard input
       stdout, stderr    captured output, each capped at output_kb
       result            written by the unit's privileged ExecStopPost
+      return.json, return.error, lint.json, files/   what the run left (collect.py)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,18 +46,59 @@ class RunDir:
     def result(self) -> Path:
         return self.path / "result"
 
-    def create(self, code: bytes, stdin: bytes, args: list[str]) -> None:
+    @property
+    def returned(self) -> Path:
+        return self.path / "return.json"
+
+    @property
+    def return_error(self) -> Path:
+        return self.path / "return.error"
+
+    @property
+    def lint_report(self) -> Path:
+        return self.path / "lint.json"
+
+    @property
+    def files(self) -> Path:
+        return self.path / "files"
+
+    @property
+    def manifest(self) -> Path:
+        return self.files / "manifest.json"
+
+    def blob(self, name: str) -> Path:
+        """An output file's bytes: `name` is the manifest's blob number, never a path from the run."""
+        if not name.isdigit():
+            raise ValueError(f"not a blob name: {name!r}")
+        return self.files / name
+
+    def create(self, code: bytes, stdin: bytes, args: list[str], *,
+               files: Sequence[tuple[str, bytes]] = (), entry: str | None = None) -> None:
         """Write the run's inputs, on disk when this returns: a run is
         acknowledged after this, and must survive a power loss (store.py has
-        the measured cost). Blocking: call from a worker thread."""
+        the measured cost). `files`: (checked relative path, content) pairs.
+        Blocking: call from a worker thread."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.inputs.mkdir(mode=0o755, exist_ok=True)
         self.inputs.chmod(0o755)
         _write(self.script, code, 0o644)
         _write(self.inputs / "argv", "\0".join(args).encode("utf-8", "surrogatepass"), 0o644)
+        if entry is not None:
+            _write(self.inputs / "entry", entry.encode(), 0o644)
         _write(self.stdin, stdin, 0o600)
+        synced = {self.inputs, self.path, self.path.parent}
+        for relative, content in files:
+            # Paths were checked at the edge (api/inputs.py): relative, no `..`; O_EXCL|O_NOFOLLOW all the same.
+            target = self.inputs / "files" / relative
+            for parent in reversed(target.relative_to(self.inputs).parents[:-1]):
+                directory = self.inputs / parent
+                if directory not in synced:
+                    directory.mkdir(exist_ok=True)
+                    directory.chmod(0o755)  # whatever the daemon's umask: the run's user reads them
+                    synced.add(directory)
+            _write(target, content, 0o644, exclusive=True)
         # A new name is durable once its parent directory is synced.
-        for directory in (self.inputs, self.path, self.path.parent):
+        for directory in sorted(synced, key=lambda p: -len(p.parts)):
             _fsync_dir(directory)
 
     def read_outcome(self) -> tuple[Outcome, float] | None:
@@ -70,8 +115,9 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+def _write(path: Path, data: bytes, mode: int, *, exclusive: bool = False) -> None:
+    flags = os.O_EXCL | os.O_NOFOLLOW if exclusive else os.O_TRUNC
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | flags, mode)
     try:
         view = memoryview(data)
         while view:

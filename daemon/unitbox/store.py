@@ -72,6 +72,12 @@ class RunRecord:
     error: str | None = None
     cancel_requested: bool = False
     owner: str | None = None  # the name of the token that submitted it; None without tokens
+    entrypoint: str | None = None  # the function called (its value is the result); None: run as a script
+    lint: str = "off"  # profile.LintMode: off, before (then run), only
+    input_files: int = 0
+    output_files: int | None = None  # files collected when it ended; None: none were there
+    result_bytes: int | None = None  # size of the entrypoint's value as JSON; None: no value
+    lint_findings: int | None = None  # None: no lint report
     seq: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
@@ -105,6 +111,15 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN owner TEXT;
     CREATE INDEX runs_owner ON runs(owner, seq);
+    """,
+    # 3: the ways to run (API v1.1): entrypoint, lint, files in and out
+    """
+    ALTER TABLE runs ADD COLUMN entrypoint TEXT;
+    ALTER TABLE runs ADD COLUMN lint TEXT NOT NULL DEFAULT 'off';
+    ALTER TABLE runs ADD COLUMN input_files INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN output_files INTEGER;
+    ALTER TABLE runs ADD COLUMN result_bytes INTEGER;
+    ALTER TABLE runs ADD COLUMN lint_findings INTEGER;
     """,
 ]
 

@@ -43,6 +43,7 @@ class FakeSystemd:
         self.merge_signals = merge_signals  # only the end arrives, never "active"
         self.lose_signals = lose_signals  # no event at all: only a look (probe) finds the end
         self.record_outcome = record_outcome  # ExecStopPost writes the result file
+        self.leftovers: dict[str, bytes] = {}  # files ExecStopPost's collector leaves in the run dir (relative paths)
         self.start_error = start_error  # raised by start_transient_service
         self.natural_end_on_stop = natural_end_on_stop  # the program exits 0 just before a stop/kill lands
         self.unanswered_starts = unanswered_starts  # so many starts get no answer in time (NoAnswer) …
@@ -99,7 +100,8 @@ class FakeSystemd:
             raise SystemdError(f"Unit {name} already exists.")
         self.started.append(name)
         self.properties[name] = properties
-        run_dir = Path(properties["ExecStopPost"][-1])
+        stop_post = properties["ExecStopPost"]
+        run_dir = Path(stop_post[stop_post.index("unitbox-stop-post") + 2])  # after the stage dir
         fds = {stream: os.dup(fd) for stream, fd in (stdio or {}).items()}  # the caller closes its own
         self.units[name] = FakeUnit(run_dir, fds)
         if self.auto_finish:
@@ -126,6 +128,9 @@ class FakeSystemd:
         status = exit_status if exit_status is not None else str(self.exit_status)
         if result == "success" and status != "0":
             result = "exit-code"
+        for relative, content in self.leftovers.items():  # what collect.py would have taken
+            (unit.run_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            (unit.run_dir / relative).write_bytes(content)
         if self.record_outcome:
             (unit.run_dir / "result").write_text(
                 f"service_result={result}\nexit_code={exit_code}\nexit_status={status}\n"

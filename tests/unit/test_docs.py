@@ -20,7 +20,7 @@ from unitbox.config import load_config
 from unitbox.errors import UnitboxError
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.profile import Runtime, build_profile
+from unitbox.profile import Collector, Runtime, build_profile
 
 LINKED_FILES = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted(DOCS.glob("*.md"))]
 # Error codes written out where they are answered, not as an error class.
@@ -104,6 +104,7 @@ def test_every_error_code_is_documented_with_its_status() -> None:
 @pytest.mark.parametrize(("native_tmpfs", "native_cgroups"), [(False, False), (True, True)])
 def test_every_unit_setting_is_in_sandbox_md(native_tmpfs: bool, native_cgroups: bool) -> None:
     profile = build_profile("0123456789abcdef", Limits(), run_dir=PurePosixPath("/var/lib/unitbox/runs/x"),
+                            collector=Collector("/usr/bin/python3", "collect.py", (1, 2, 3, 4, 5, 6, 7)),
                             state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                             runtime=Runtime("sci", "/opt/sci/bin/python", path="/opt/sci"),
                             native_private_tmpfs=native_tmpfs, native_private_cgroups=native_cgroups)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from unitbox.dbus_properties import encode_properties
 from unitbox.limits import Limits
@@ -14,6 +15,7 @@ from unitbox.profile import (
     ON_HOST,
     START_PRE_SCRIPT,
     STOP_POST_SCRIPT,
+    Collector,
     Runtime,
     build_profile,
     fallback_result,
@@ -26,12 +28,13 @@ from unitbox.profile import (
 from unitbox.systemd import unit_path
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)
+COLLECTOR = Collector("/usr/bin/python3", "/usr/lib/unitbox/collect.py", (100, 2, 3, 4, 5, 6, 7))
 
 
-def profile(runtime: Runtime | None = None) -> dict[str, object]:
+def profile(runtime: Runtime | None = None, **options: Any) -> dict[str, object]:
     return build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
                          state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
-                         runtime=runtime or Runtime("default", "/usr/bin/python3"))
+                         runtime=runtime or Runtime("default", "/usr/bin/python3"), collector=COLLECTOR, **options)
 
 
 def test_profile_exact_output() -> None:
@@ -40,16 +43,17 @@ def test_profile_exact_output() -> None:
         "Slice": "unitbox.slice",
         "Type": "exec",
         "ExecStart": [":/usr/bin/python3", "-I", "-u", "-c", BOOTSTRAP],
-        "ExecStartPre": ["+:/usr/bin/nsenter", "--mount=/proc/1/ns/mnt", "--", "/bin/sh", "-c", START_PRE_SCRIPT,
-                         "unitbox-start-pre", "/run/unitbox-runs/abc123", "/var/lib/unitbox/runs/abc123"],
+        "ExecStartPre": [["+:/usr/bin/nsenter", "--mount=/proc/1/ns/mnt", "--", "/bin/sh", "-c", START_PRE_SCRIPT,
+                          "unitbox-start-pre", "/run/unitbox-runs/abc123", "/var/lib/unitbox/runs/abc123", "16"]],
         "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", "/run/unitbox-runs/abc123",
-                         "/var/lib/unitbox/runs/abc123"],
+                         "/var/lib/unitbox/runs/abc123", "/usr/bin/python3", "-I", "-S", "/usr/lib/unitbox/collect.py",
+                         "100", "2", "3", "4", "5", "6", "7"],
         "KillMode": "control-group",
         "KillSignal": "SIGKILL",
         "OOMPolicy": "kill",
         "CollectMode": "inactive-or-failed",
         "LogExtraFields": ["UNITBOX_RUN_ID=abc123"],
-        "WorkingDirectory": "/run/unitbox/work",
+        "WorkingDirectory": "-/run/unitbox/work",
         "Environment": [
             "PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "PYTHONDONTWRITEBYTECODE=1",
             "HOME=/run/unitbox/work", "TMPDIR=/tmp", "MPLBACKEND=Agg", "MPLCONFIGDIR=/tmp/matplotlib",
@@ -67,7 +71,6 @@ def test_profile_exact_output() -> None:
         "PrivateIPC": True,
         "TemporaryFileSystem": [
             "/run:mode=755",
-            "/run/unitbox/work:mode=1777,size=16M",
             "/tmp:mode=1777,size=16M",
             "/var/tmp:mode=1777,size=16M",
             "/dev/shm:mode=1777,size=16M",
@@ -77,7 +80,9 @@ def test_profile_exact_output() -> None:
             "/run/unitbox/empty:mode=555",
             "/var/lib:mode=755",
         ],
-        "BindPaths": ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
+        "BindPaths": ["-/run/unitbox-runs/abc123/box/work:/run/unitbox/work",
+                      "-/run/unitbox-runs/abc123/box/out:/run/unitbox/out",
+                      "-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
                       "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"],
         "BindReadOnlyPaths": ["-/run/unitbox-runs/abc123/in:/run/unitbox/code",
                               "-/run/unitbox-runs/abc123/machine-id:/etc/machine-id",
@@ -141,13 +146,15 @@ def test_tmp_and_var_tmp_are_capped_tmpfs_on_every_systemd() -> None:
     # so the capped tmpfs is bound over it from the namespace being assembled.
     legacy = profile()
     assert "/tmp:mode=1777,size=16M" in legacy["TemporaryFileSystem"]  # type: ignore[operator]
-    assert legacy["BindPaths"] == ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
-                                   "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"]
+    assert legacy["BindPaths"][2:] == ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
+                                       "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"]
     native = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                           collector=COLLECTOR,
                            state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                            runtime=Runtime("default", "/usr/bin/python3"), native_private_tmpfs=True)
-    assert "BindPaths" not in native
-    assert native["TemporaryFileSystem"] == ["/run:mode=755", "/run/unitbox/work:mode=1777,size=16M",
+    assert native["BindPaths"] == ["-/run/unitbox-runs/abc123/box/work:/run/unitbox/work",
+                                   "-/run/unitbox-runs/abc123/box/out:/run/unitbox/out"]  # the box only
+    assert native["TemporaryFileSystem"] == ["/run:mode=755",
                                              "/tmp:mode=1777,size=16M", "/var/tmp:mode=1777,size=16M",
                                              "/dev/shm:mode=1777,size=16M", "/var/lib:mode=755"]
     # no legacy unit root on systemd >= 256: /sys stays the host's (read-only), only the staged inputs are bound
@@ -157,6 +164,7 @@ def test_tmp_and_var_tmp_are_capped_tmpfs_on_every_systemd() -> None:
 
 def test_secret_paths_are_made_inaccessible() -> None:
     props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                           collector=COLLECTOR,
                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                           runtime=Runtime("default", "/usr/bin/python3"), secret_paths=("/srv/unitbox.toml",))
     assert props["InaccessiblePaths"] == ["-/etc/unitbox", "-/srv/unitbox.toml"]
@@ -215,6 +223,7 @@ def test_the_state_dir_is_hidden_without_a_mount_that_names_it() -> None:
 
 def test_native_cgroup_privacy_on_new_systemd() -> None:
     props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+                           collector=COLLECTOR,
                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                           runtime=Runtime("default", "/usr/bin/python3"), native_private_tmpfs=True,
                           native_private_cgroups=True)

@@ -15,7 +15,7 @@ from unitbox.cli import main
 from unitbox.config import Config, load_config
 from unitbox.errors import UnknownRuntime
 from unitbox.limits import Limits
-from unitbox.profile import Runtime, build_profile
+from unitbox.profile import Collector, Runtime, build_profile
 from unitbox.runtime_build import (
     BuildError,
     build,
@@ -50,6 +50,7 @@ def fake_venv(path: Path) -> Path:
 
 def props(runtime: Runtime) -> dict[str, Any]:
     return build_profile("r1", Limits(), run_dir=PurePosixPath("/var/lib/unitbox/runs/r1"),
+                         collector=Collector("/usr/bin/python3", "collect.py", (1, 2, 3, 4, 5, 6, 7)),
                          state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice", runtime=runtime)
 
 

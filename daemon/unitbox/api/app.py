@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from unitbox.api import handlers, output
+from unitbox.api import files, handlers, output
 from unitbox.api.auth import auth_middleware
 from unitbox.api.errors import Handler, error_middleware
 from unitbox.api.openapi import build_openapi
@@ -23,6 +23,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/runs/{id}/cancel", handlers.cancel),
     ("DELETE", "/runs/{id}", handlers.cancel),
     ("GET", "/runs", handlers.list_runs),
+    ("GET", "/runs/{id}/files", files.list_files),
+    ("GET", "/runs/{id}/files/{path:.+}", files.get_file),
     ("GET", "/runtimes", handlers.runtimes),
     ("GET", "/healthz", handlers.healthz),
     ("GET", "/metrics", handlers.metrics),

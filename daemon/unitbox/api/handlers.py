@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -18,6 +19,7 @@ from pydantic import ValidationError
 
 from unitbox.api.auth import caller_of
 from unitbox.api.errors import validation_details
+from unitbox.api.inputs import check_files, decode_content
 from unitbox.api.models import (
     HealthOut,
     LimitsIn,
@@ -28,6 +30,7 @@ from unitbox.api.models import (
     RuntimesOut,
     SubmitOut,
     check_args,
+    check_entrypoint,
     decode_source,
 )
 from unitbox.api.state import ENGINE, OPENAPI
@@ -42,10 +45,12 @@ from unitbox.errors import (
 )
 from unitbox.limits import resolve_limits
 from unitbox.outcome import RunState
-from unitbox.profile import unit_name
+from unitbox.profile import LintMode, unit_name
 from unitbox.store import RunRecord
 
-MULTIPART_FIELDS = frozenset({"file", "stdin", "args", "limits", "runtime", "wait"})
+MULTIPART_FIELDS = frozenset({"file", "stdin", "args", "limits", "runtime", "wait", "entrypoint", "lint",
+                              "lint_only", "files"})
+REPEATABLE_FIELDS = frozenset({"files"})  # one part per input file, its filename the path
 MAX_PAGE = 1000
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer: a cursor is a row's seq
 
@@ -83,12 +88,27 @@ def _flag(raw: str | None, name: str) -> bool:
                        details=[{"field": name, "message": "not a boolean"}])
 
 
+@dataclass(frozen=True, slots=True)
+class _Ways:
+    """How the program is to be run (API v1.1), as the request gave it."""
+
+    entrypoint: str | None = None
+    lint: bool = False
+    lint_only: bool = False
+    files: Sequence[tuple[str, bytes]] = ()
+
+
 def _submission(request: web.Request, source: bytes, stdin: str, args: list[str], *, limits: LimitsIn | None,
-                runtime: str) -> Submission:
+                runtime: str, ways: _Ways) -> Submission:
     config = request.app[ENGINE].config  # the runtime name is checked once, by Engine.submit
     resolved = resolve_limits(limits.requested() if limits else None, config.default_limits, config.maximum_limits)
+    if ways.lint_only and ways.entrypoint is not None:
+        raise InvalidInput("lint_only runs nothing, so entrypoint cannot be given with it",
+                           details=[{"field": "entrypoint", "message": "not with lint_only"}])
+    mode = LintMode.ONLY if ways.lint_only else LintMode.BEFORE if ways.lint else LintMode.OFF
     return Submission(code=source, stdin=stdin.encode("utf-8", "surrogatepass"), args=args, limits=resolved,
-                      runtime=runtime, owner=caller_of(request).name)
+                      runtime=runtime, owner=caller_of(request).name, entrypoint=ways.entrypoint, lint=mode,
+                      files=check_files(ways.files, config.files))
 
 
 async def _accept(request: web.Request, submission: Submission, wait: bool) -> web.Response:
@@ -99,7 +119,7 @@ async def _accept(request: web.Request, submission: Submission, wait: bool) -> w
     if wait:
         record = await engine.wait(record.id, engine.config.wait_max_s, caller_of(request))
         if record.state.terminal:
-            return _json(_run_out(record))
+            return _json(await _detailed(request, record, include_output=True))
     location = f"/status/{record.id}"
     body = SubmitOut(id=record.id, state=record.state, status_url=location, output_url=f"/output/{record.id}")
     return _json(body, status=202, headers={"Location": location})
@@ -127,34 +147,46 @@ async def run_json(request: web.Request) -> web.Response:
     run = RunRequest.model_validate(data)
     source = _source_or_422(run.source, "code" if run.code is not None else "code_b64")
     wait = run.wait or _flag(request.query.get("wait"), "wait")
-    submission = _submission(request, source, run.stdin, run.args, limits=run.limits, runtime=run.runtime)
+    files = [(f.path, decode_content(i, f.content, f.content_b64)) for i, f in enumerate(run.files)]
+    ways = _Ways(entrypoint=run.entrypoint, lint=run.lint, lint_only=run.lint_only, files=files)
+    submission = _submission(request, source, run.stdin, run.args, limits=run.limits, runtime=run.runtime,
+                             ways=ways)
     return await _accept(request, submission, wait)
 
 
-async def _read_parts(request: web.Request, cap: int) -> dict[str, bytes]:
+async def _read_parts(request: web.Request, cap: int) -> tuple[dict[str, bytes], list[tuple[str, bytes]]]:
+    """The form's fields by name, and its `files` parts as (filename, content)."""
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, KeyError, HttpProcessingError) as exc:
         raise BadRequest(f"malformed multipart body: {exc}") from None
     parts: dict[str, bytes] = {}
+    files: list[tuple[str, bytes]] = []
     total = 0
     try:
         while (part := await reader.next()) is not None:
             name = getattr(part, "name", None)
             if name not in MULTIPART_FIELDS:
                 raise InvalidInput(f"unknown form field {name!r}; expected {', '.join(sorted(MULTIPART_FIELDS))}")
-            if name in parts:
+            if name in parts and name not in REPEATABLE_FIELDS:
                 raise InvalidInput(f"form field {name!r} given twice")
+            filename = str(getattr(part, "filename", None) or "")
+            if name in REPEATABLE_FIELDS and not filename:
+                raise InvalidInput(f"each {name!r} part needs a filename: the path it gets in the working "
+                                   "directory", details=[{"field": f"files[{len(files)}].path", "message": "missing"}])
             chunks = []
             while chunk := await part.read_chunk(1 << 16):  # type: ignore[union-attr]
                 total += len(chunk)
                 if total > cap:
                     raise PayloadTooLarge(f"the request body is over the {cap // 1024} KiB limit")
                 chunks.append(chunk)
-            parts[name] = b"".join(chunks)
+            if name in REPEATABLE_FIELDS:
+                files.append((filename, b"".join(chunks)))
+            else:
+                parts[name] = b"".join(chunks)
     except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         raise BadRequest(f"malformed multipart body: {getattr(exc, 'message', None) or exc}") from None
-    return parts
+    return parts, files
 
 
 def _text_part(parts: dict[str, bytes], name: str) -> str | None:
@@ -181,7 +213,7 @@ async def run_file(request: web.Request) -> web.Response:
         raise UnsupportedMediaType(f"upload the file as multipart/form-data, not {request.content_type or 'nothing'}")
     engine = request.app[ENGINE]
     async with _body_deadline(request):
-        parts = await _read_parts(request, engine.config.max_request_kb * 1024)
+        parts, files = await _read_parts(request, engine.config.max_request_kb * 1024)
     if "file" not in parts:
         raise InvalidInput("the form has no 'file' part holding the Python source",
                            details=[{"field": "file", "message": "missing"}])
@@ -202,12 +234,29 @@ async def run_file(request: web.Request) -> web.Response:
     stdin = _text_part(parts, "stdin") or ""
     runtime = _text_part(parts, "runtime") or "default"
     wait = _flag(_text_part(parts, "wait"), "wait") or _flag(request.query.get("wait"), "wait")
-    return await _accept(request, _submission(request, source, stdin, args, limits=limits, runtime=runtime), wait)
+    entrypoint = _text_part(parts, "entrypoint") or None
+    try:
+        check_entrypoint(entrypoint)
+    except ValueError as exc:
+        raise InvalidInput(f"entrypoint: {exc}", details=[{"field": "entrypoint", "message": str(exc)}]) from None
+    ways = _Ways(entrypoint=entrypoint, lint=_flag(_text_part(parts, "lint"), "lint"),
+                 lint_only=_flag(_text_part(parts, "lint_only"), "lint_only"), files=files)
+    submission = _submission(request, source, stdin, args, limits=limits, runtime=runtime, ways=ways)
+    return await _accept(request, submission, wait)
+
+
+async def _detailed(request: web.Request, record: RunRecord, *, include_output: bool) -> RunOut:
+    """One run's full view: its result, diagnostics and files (and output) read from its directory."""
+    details = await request.app[ENGINE].details(record, include_output=include_output)
+    return RunOut.of(record, unit_name(record.id), details)
 
 
 async def status(request: web.Request) -> web.Response:
     record = await request.app[ENGINE].get(request.match_info["id"], caller_of(request))
-    return _json(_run_out(record))
+    include = request.query.get("include")
+    if include not in (None, "", "output"):
+        raise InvalidInput("include must be 'output'", details=[{"field": "include", "message": "unknown value"}])
+    return _json(await _detailed(request, record, include_output=include == "output"))
 
 
 async def cancel(request: web.Request) -> web.Response:

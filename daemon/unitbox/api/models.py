@@ -6,13 +6,17 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import keyword
 import tokenize
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
+from unitbox.leftovers import OutputFile, RunDetails
 from unitbox.outcome import RunState
+from unitbox.profile import LintMode
 from unitbox.store import RunRecord
 
 _Number = StrictInt | StrictFloat
@@ -66,6 +70,18 @@ def decode_source(source: bytes) -> bytes:
     return source
 
 
+class InputFileIn(_Strict):
+    path: str = Field(description="Where the file goes, relative to the working directory (e.g. data/in.csv).")
+    content: str | None = Field(default=None, description="Its content as UTF-8 text …")
+    content_b64: str | None = Field(default=None, description="… or as base64 (exactly one of the two).")
+
+
+def check_entrypoint(value: str | None) -> str | None:
+    if value is not None and not (value.isidentifier() and not keyword.iskeyword(value) and len(value) <= 100):
+        raise ValueError(f"{value[:100]!r} is not a Python function name")
+    return value
+
+
 class RunRequest(_Strict):
     code: str | None = Field(default=None, description="The program, as UTF-8 text.")
     code_b64: str | None = Field(default=None, description="Alternative to code: base64 of the source bytes.")
@@ -74,7 +90,19 @@ class RunRequest(_Strict):
     limits: LimitsIn | None = Field(default=None, description="Per-run limits; a missing one takes the server's "
                                                                "default.")
     runtime: str = Field(default="default", description="A runtime the server defines (GET /runtimes).")
-    wait: bool = Field(default=False, description="Answer once the run has finished (up to the server's cap).")
+    wait: bool = Field(default=False, description="Answer once the run has finished (up to the server's cap), "
+                                                  "with its output, result and files inline.")
+    entrypoint: str | None = Field(default=None, description="Import the program as a module and call this "
+                                   "function with no arguments; its value, as JSON, becomes the run's result.")
+    lint: bool = Field(default=False, description="Check the program with ruff (in the sandbox) before it runs.")
+    lint_only: bool = Field(default=False, description="Check the program, never run it.")
+    files: list[InputFileIn] = Field(default_factory=list, description="Input files, placed in the working "
+                                     "directory before the program starts.")
+
+    @field_validator("entrypoint")
+    @classmethod
+    def _entrypoint_is_a_name(cls, value: str | None) -> str | None:
+        return check_entrypoint(value)
 
     @field_validator("args")
     @classmethod
@@ -107,6 +135,36 @@ def _time(value: float | None) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if value is not None else None
 
 
+class DiagnosticOut(BaseModel):
+    line: int
+    column: int
+    code: str = Field(description="ruff's rule code (e.g. F821), or invalid-syntax.")
+    message: str
+    severity: Literal["error", "warning"] = Field(description="error: the program cannot run as written.")
+
+
+class FileOut(BaseModel):
+    path: str = Field(description="Relative to the working directory.")
+    size: int
+    sha256: str
+    media_type: str = Field(description="Guessed from the name; served as the Content-Type.")
+    url: str = Field(description="Where its bytes are served.")
+
+    @classmethod
+    def of(cls, run_id: str, file: OutputFile) -> FileOut:
+        return cls(path=file.path, size=file.size, sha256=file.sha256, media_type=file.media_type,
+                   url=f"/runs/{run_id}/files/{quote(file.path)}")
+
+
+class FilesOut(BaseModel):
+    id: str
+    files: list[FileOut]
+    skipped: list[dict[str, str]] = Field(description="Entries not collected and why (symlinks, FIFOs, over a "
+                                                      "cap); the first 100.")
+    skipped_count: int
+    incomplete: bool = Field(description="Whether a cap (count, bytes, entries) stopped the collection.")
+
+
 class RunOut(BaseModel):
     id: str = Field(description="16 hex digits; also in the unit's name.")
     state: RunState = Field(description="Where the run is: see States.")
@@ -135,9 +193,36 @@ class RunOut(BaseModel):
                                           "the service could not run it (error), or facts about its end (e.g. "
                                           "output lost at a shutdown); null otherwise.")
     owner: str | None = Field(description="Name of the token that submitted it; null on a server without tokens.")
+    entrypoint: str | None = Field(default=None, description="The function called (main() mode); null: run as "
+                                                             "a script.")
+    lint: LintMode = Field(default=LintMode.OFF, description="Whether it was linted before "
+                                                   "running, or only linted.")
+    input_files: int = Field(default=0, description="Input files placed in its working directory.")
+    output_files: int | None = Field(default=None, description="Files collected from its working directory "
+                                     "when it ended (GET /runs/<id>/files); null until then, or if it left none.")
+    result_bytes: int | None = Field(default=None, description="Size of its result as JSON; null: no result.")
+    lint_findings: int | None = Field(default=None, description="How many diagnostics its lint found; null: "
+                                      "not linted (yet).")
+    result: Any = Field(default=None, description="What the entrypoint returned (any JSON value). In GET "
+                        "/status/<id>, waited submissions and the events' final Run; null in /runs pages.")
+    diagnostics: list[DiagnosticOut] | None = Field(default=None, description="The lint findings, as for result.")
+    files: list[FileOut] | None = Field(default=None, description="The files it left, as for result.")
+    stdout: str | None = Field(default=None, description="Its stdout (up to inline_output_kb), in waited "
+                               "submissions and GET /status/<id>?include=output only.")
+    stderr: str | None = Field(default=None, description="Its stderr, as for stdout.")
+    inline_truncated: bool | None = Field(default=None, description="Whether stdout or stderr above was cut at "
+                                          "inline_output_kb (GET /output/<id> has all that was kept).")
 
     @classmethod
-    def of(cls, record: RunRecord, unit: str) -> RunOut:
+    def of(cls, record: RunRecord, unit: str, details: RunDetails | None = None) -> RunOut:
+        extra: dict[str, Any] = {}
+        if details is not None:
+            extra = {"result": details.result, "files": [FileOut.of(record.id, f) for f in details.files]
+                     if details.files is not None else None,
+                     "diagnostics": [DiagnosticOut.model_validate(d, from_attributes=True)
+                                     for d in details.diagnostics] if details.diagnostics is not None else None,
+                     "stdout": details.stdout, "stderr": details.stderr,
+                     "inline_truncated": details.inline_truncated}
         return cls(
             id=record.id, state=record.state, exit_code=record.exit_code, signal=record.signal, unit=unit,
             runtime=record.runtime, created_at=_time(record.created_at), started_at=_time(record.started_at),
@@ -145,7 +230,9 @@ class RunOut(BaseModel):
             memory_peak_bytes=record.memory_peak_bytes, limits=LimitsOut.model_validate(record.limits.as_dict()),
             stdout_bytes=record.stdout_bytes, stderr_bytes=record.stderr_bytes,
             stdout_truncated=record.stdout_truncated, stderr_truncated=record.stderr_truncated,
-            error=record.error, owner=record.owner,
+            error=record.error, owner=record.owner, entrypoint=record.entrypoint, lint=LintMode(record.lint),
+            input_files=record.input_files, output_files=record.output_files, result_bytes=record.result_bytes,
+            lint_findings=record.lint_findings, **extra,
         )
 
 

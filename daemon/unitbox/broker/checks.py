@@ -18,7 +18,7 @@ from typing import Any
 from unitbox.config import Config
 from unitbox.errors import UnitboxError
 from unitbox.limits import LIMIT_NAMES, Limits, resolve_limits
-from unitbox.profile import Runtime
+from unitbox.profile import LintMode, Runtime
 from unitbox.runtimes import Runtimes
 
 RUN_ID = re.compile(r"[0-9a-f]{16}")
@@ -38,6 +38,7 @@ class StartOrder:
     limits: Limits
     runtime: Runtime
     run_dir: Path
+    lint: LintMode = LintMode.OFF
 
 
 def run_id(message: Mapping[str, Any]) -> str:
@@ -96,4 +97,8 @@ def start_order(message: Mapping[str, Any], fds: list[int], config: Config, runt
         runtime = runtimes.get(name)
     except UnitboxError as exc:
         raise Refused(exc.message) from exc
-    return StartOrder(run, limits(message, config), runtime, run_dir(message, config, run))
+    try:
+        lint = LintMode(message.get("lint", "off"))
+    except ValueError:
+        raise Refused(f"lint must be one of {', '.join(LintMode)}") from None
+    return StartOrder(run, limits(message, config), runtime, run_dir(message, config, run), lint)

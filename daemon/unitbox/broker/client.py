@@ -260,9 +260,10 @@ class Broker:
         return run_id in self._watchers
 
     async def start_run(self, run_id: str, limits: Limits, runtime: str, run_dir: Path,
-                        stdio: Sequence[int]) -> None:
+                        stdio: Sequence[int], *, lint: str = "off") -> None:
         """Start run `run_id`'s unit; `stdio`: its stdin, stdout and stderr fds."""
-        await self._call("start", stdio, run=run_id, limits=limits.as_dict(), runtime=runtime, dir=str(run_dir))
+        await self._call("start", stdio, run=run_id, limits=limits.as_dict(), runtime=runtime, dir=str(run_dir),
+                         lint=lint)
 
     async def stop_run(self, run_id: str) -> None:
         await self._call("stop", run=run_id)

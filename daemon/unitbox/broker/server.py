@@ -18,17 +18,20 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from unitbox import collect
 from unitbox.broker import checks
 from unitbox.broker.checks import Refused
 from unitbox.broker.wire import Channel, Message, end_to_wire, info_to_wire
 from unitbox.config import Config
 from unitbox.errors import SystemdError, UnitboxError
+from unitbox.lint import find_linter
 from unitbox.outcome import parse_result_file
-from unitbox.profile import UNIT_PREFIX, build_profile, fallback_result, run_id_of, unit_name
+from unitbox.profile import UNIT_PREFIX, Collector, LintMode, build_profile, fallback_result, run_id_of, unit_name
 from unitbox.runtimes import Runtimes
 from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd, UnitEvent, UnitInfo, UnitManager
 
@@ -65,6 +68,14 @@ def error_kind(exc: Exception) -> str:
     return "internal"
 
 
+def collector_of(config: Config) -> Collector:
+    """collect.py, run by the interpreter the broker runs on, with the configured caps (collect.Caps)."""
+    files, mib = config.files, 1 << 20
+    caps = (files.output_count, files.output_file_mb * mib, files.output_total_mb * mib, files.output_depth,
+            files.path_chars, files.output_entries, config.result_kb * 1024)
+    return Collector(python=sys.executable, script=collect.__file__, caps=caps)
+
+
 class BrokerServer:
     def __init__(self, sock: socket.socket, config: Config, systemd: UnitManager,
                  runtimes: Runtimes | None = None) -> None:
@@ -75,6 +86,8 @@ class BrokerServer:
         source = config.source
         # A config given with --config outside /etc/unitbox may hold tokens: hide it from runs too.
         self._secret_paths = (str(source),) if source and not source.is_relative_to("/etc/unitbox") else ()
+        self._collector = collector_of(config)
+        self._linter = find_linter(config)
         self._native_private_tmpfs = False
         self._native_private_cgroups = False
         self._channel: Channel | None = None
@@ -128,9 +141,12 @@ class BrokerServer:
 
     def _start(self, message: Message, fds: list[int]) -> None:
         order = checks.start_order(message, fds, self.config, self._runtimes)
+        if order.lint is not LintMode.OFF and self._linter is None:
+            raise Refused("lint was asked for, but no linter (ruff) is installed")
         profile = build_profile(order.run_id, order.limits, run_dir=PurePosixPath(order.run_dir),
                                 state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                runtime=order.runtime, native_private_tmpfs=self._native_private_tmpfs,
+                                runtime=order.runtime, collector=self._collector, lint=order.lint,
+                                linter=self._linter, native_private_tmpfs=self._native_private_tmpfs,
                                 native_private_cgroups=self._native_private_cgroups,
                                 secret_paths=self._secret_paths)
         stdio = dict(zip(checks.STDIO, fds, strict=True))
