@@ -13,6 +13,10 @@ cost to the daemon.
   first at once), the runner tells it every change of phase (at once);
   a wake-up resolves one future all its followers await. A run nobody
   follows costs a dict lookup per notification.
+- Encoded once: the last chunk of each stream a follower read is kept on
+  the Feed as the bytes sent (its `data:`); followers at the same offset —
+  all of them, when they keep up — send those bytes instead of reading and
+  encoding their own (bench/followers.py: half the CPU).
 - Offsets: a follower's offset in a stream counts the bytes it has sent.
   A chunk's text never ends in an incomplete UTF-8 character: those bytes
   are left for the next read (until the run has ended: then they become
@@ -42,6 +46,16 @@ READ_CHUNK = 1 << 16  # bytes per read: bounds what a follower holds at a time (
 # (≥ 4, so that a whole read is never just one incomplete character)
 
 
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Bytes [start, end) of a stream as a follower sent them."""
+
+    start: int
+    end: int
+    final: bool  # read once the run had ended (an incomplete character at the end of the file became U+FFFD)
+    payload: bytes
+
+
 class Feed:
     """The wake-ups of one followed run, shared by all its followers."""
 
@@ -49,6 +63,7 @@ class Feed:
         self.seq = 0  # counts wake-ups: a follower that saw `seq` before reading misses none
         self.final: RunRecord | None = None  # the final record, once the run is done
         self.followers = 0
+        self.chunks: dict[str, Chunk] = {}  # the last chunk of each stream, for the next follower at its start
         self._loop = asyncio.get_running_loop()
         self._next: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -162,6 +177,18 @@ class Follower:
             self._feed.final = record  # final records do not change
         return self._feed.final
 
+    def read(self, cursor: StreamCursor, *, final: bool, render: Callable[[str], bytes]) -> bytes | None:
+        """The next chunk of the cursor's stream, rendered (or None: nothing
+        new); the one another follower rendered, if it starts where this one is."""
+        chunk = self._feed.chunks.get(cursor.stream)
+        if chunk is None or chunk.start != cursor.offset or chunk.final != final:
+            start = cursor.offset
+            if (text := cursor.read(final=final)) is None:
+                return None
+            chunk = self._feed.chunks[cursor.stream] = Chunk(start, cursor.offset, final, render(text))
+        cursor.offset = chunk.end
+        return chunk.payload
+
     async def changed(self, timeout_s: float) -> bool:
         """Wait for new output or a change of phase since the last `record()`
         (or for the daemon to stop); False if `timeout_s` passed first."""
@@ -174,6 +201,7 @@ class Follower:
 class StreamCursor:
     """A follower's place in one captured stream: the bytes before `offset` were sent."""
 
+    stream: str
     path: Path
     offset: int = 0
 
@@ -208,5 +236,5 @@ class StreamCursor:
 
 
 def cursors(run_dir: RunDir, offsets: tuple[int, int]) -> dict[str, StreamCursor]:
-    return {stream: StreamCursor(run_dir.output(stream), offset) for stream, offset in zip(STREAMS, offsets,
-                                                                                            strict=True)}
+    return {stream: StreamCursor(stream, run_dir.output(stream), offset)
+            for stream, offset in zip(STREAMS, offsets, strict=True)}

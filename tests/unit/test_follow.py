@@ -10,7 +10,11 @@ import os
 from pathlib import Path
 
 from unitbox.capture import StreamCapture, make_pipe
-from unitbox.follow import COALESCE_S, Feed, StreamCursor
+from unitbox.follow import COALESCE_S, Feed, Followers, StreamCursor, cursors
+from unitbox.limits import Limits
+from unitbox.outcome import RunState
+from unitbox.rundir import RunDir
+from unitbox.store import RunRecord
 
 
 async def test_output_wakes_followers_at_once_then_at_most_once_per_interval() -> None:
@@ -40,7 +44,7 @@ async def test_a_change_of_phase_wakes_at_once_and_none_is_lost() -> None:
 
 def test_a_cursor_holds_back_an_incomplete_character_until_it_is_whole_or_the_end(tmp_path: Path) -> None:
     path = tmp_path / "stdout"
-    cursor = StreamCursor(path)
+    cursor = StreamCursor("stdout", path)
     assert cursor.read(final=False) is None  # no file yet
     path.write_bytes(b"a\xe2\x82")
     assert (cursor.read(final=False), cursor.offset) == ("a", 1)
@@ -50,6 +54,34 @@ def test_a_cursor_holds_back_an_incomplete_character_until_it_is_whole_or_the_en
     path.write_bytes(b"a\xe2\x82\xac\xff\xf0\x9f")
     assert cursor.read(final=False) is None
     assert (cursor.read(final=True), cursor.offset) == ("\ufffd", 7)
+
+
+async def test_followers_at_the_same_offset_share_one_read_and_encoding(tmp_path: Path) -> None:
+    run_dir = RunDir(tmp_path)
+    run_dir.output("stdout").write_bytes(b"hello ")
+    record = RunRecord(id="0123456789abcdef", state=RunState.RUNNING, created_at=0.0, limits=Limits())
+    rendered: list[str] = []
+
+    def render(text: str) -> bytes:
+        rendered.append(text)
+        return text.upper().encode()
+
+    async def lookup() -> RunRecord:
+        return record
+
+    followers = Followers()
+    async with followers.follow(lookup, lambda _: None, lambda _: run_dir) as first, \
+            followers.follow(lookup, lambda _: None, lambda _: run_dir) as second:
+        mine, theirs = cursors(run_dir, (0, 0))["stdout"], cursors(run_dir, (0, 0))["stdout"]
+        assert first.read(mine, final=False, render=render) == b"HELLO "
+        with run_dir.output("stdout").open("ab") as out:
+            out.write(b"world")
+        assert second.read(theirs, final=False, render=render) == b"HELLO "  # the same chunk, not read again
+        assert rendered == ["hello "] and mine.offset == theirs.offset == 6
+        assert second.read(theirs, final=False, render=render) == b"WORLD"
+        assert first.read(mine, final=True, render=render) == b"WORLD"  # read once the run ended: its own
+        assert rendered == ["hello ", "world", "world"]
+        assert first.read(mine, final=True, render=render) is None
 
 
 async def test_the_capture_tells_of_kept_bytes_once_a_wakeup_and_not_of_dropped_ones(tmp_path: Path) -> None:

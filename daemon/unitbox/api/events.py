@@ -68,27 +68,29 @@ def _check_within(stream_cursors: dict[str, StreamCursor], field: str) -> None:
                                details=[{"field": field, "message": f"past the end of {stream}"}])
 
 
+def _text(text: str) -> bytes:
+    return json.dumps({"text": text}, ensure_ascii=False).encode()
+
+
 class EventWriter:
-    def __init__(self, response: web.StreamResponse, stream_cursors: dict[str, StreamCursor]) -> None:
+    def __init__(self, response: web.StreamResponse, run: Follower, stream_cursors: dict[str, StreamCursor]) -> None:
         self.response = response
+        self.follower = run
         self.cursors = stream_cursors
 
-    @property
-    def event_id(self) -> str:
-        return ".".join(str(self.cursors[stream].offset) for stream in STREAMS)
-
-    async def send(self, event: str, data: str) -> None:
-        await self._write(f"event: {event}\nid: {self.event_id}\ndata: {data}\n\n".encode())
+    async def send(self, event: str, data: bytes) -> None:
+        event_id = ".".join(str(self.cursors[stream].offset) for stream in STREAMS)
+        await self._write(b"event: %s\nid: %s\ndata: %s\n\n" % (event.encode(), event_id.encode(), data))
 
     async def run(self, record: RunRecord, event: str = "state") -> RunState:
-        await self.send(event, RunOut.of(record, unit_name(record.id)).model_dump_json())
+        await self.send(event, RunOut.of(record, unit_name(record.id)).model_dump_json().encode())
         return record.state
 
     async def output(self, *, final: bool) -> None:
         """Everything new in each stream, stdout first."""
         for stream, cursor in self.cursors.items():
-            while (text := cursor.read(final=final)) is not None:
-                await self.send(stream, json.dumps({"text": text}, ensure_ascii=False))
+            while (data := self.follower.read(cursor, final=final, render=_text)) is not None:
+                await self.send(stream, data)
                 await asyncio.sleep(0)  # a long replay takes turns with the rest of the daemon
 
     async def keepalive(self) -> None:
@@ -99,8 +101,9 @@ class EventWriter:
             await self.response.write(data)
 
 
-async def follow(writer: EventWriter, run: Follower) -> None:
+async def follow(writer: EventWriter) -> None:
     """The events of docs/api.md until the run ends (or the daemon stops)."""
+    run = writer.follower
     record = await run.record()
     sent = await writer.run(record)
     while not record.state.terminal:
@@ -127,7 +130,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers=HEADERS)
         try:
             await response.prepare(request)
-            await follow(EventWriter(response, stream_cursors), run)
+            await follow(EventWriter(response, run, stream_cursors))
         except (ConnectionError, TimeoutError) as exc:  # the client left, or stopped reading
             log.debug("run %s: an event stream ended early: %r", run.id, exc)
             if request.transport is not None:
