@@ -1,8 +1,9 @@
 """What followers of a run's events (GET /runs/<id>/events) cost the daemon.
 
 Boots the project's systemd test host, starts the daemon in it, and runs a
-chatty program (1 MB of 50-byte lines over about 4 s) with 0 and with N
-followers connected before it prints, interleaved, R rounds each. For each
+chatty program (1 MB of 50-byte lines over about 4 s) with no follower,
+with N followers, and with N clients that ask for the events and never
+read them, connected before it prints; interleaved, R rounds each. For each
 round: the daemon's CPU (utime + stime of all its threads, /proc/<pid>/stat)
 from the submission to the last follower's `end`, and its RSS (VmRSS
 sampled every 50 ms; VmHWM reset through clear_refs) before and at its
@@ -39,6 +40,11 @@ CHATTY = (f"import sys, time\ntime.sleep(1)\nfor i in range({LINES}):\n    print
           "    if i % 500 == 499:\n        sys.stdout.flush()\n        time.sleep(0.1)\n")
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 DAEMON_CONFIG = 'log_target = "journal"\n'
+
+
+def cases(followers: int) -> list[tuple[int, int]]:
+    """(followers reading, followers that never read): none; N reading; N that never read."""
+    return [(0, 0), (followers, 0), (0, followers)]
 
 
 def cpu_s(pid: int) -> float:
@@ -97,7 +103,16 @@ async def follow(session: aiohttp.ClientSession, base: str, run_id: str) -> int:
     raise AssertionError("the stream closed without `end`")
 
 
-async def one_round(daemon: Daemon, followers: int) -> dict[str, Any]:
+async def stall(base: str, run_id: str) -> asyncio.StreamWriter:
+    """A follower that asks for the events and never reads a byte of them."""
+    host, port = base.removeprefix("http://").split(":")
+    _, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /runs/{run_id}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    await writer.drain()
+    return writer
+
+
+async def one_round(daemon: Daemon, followers: int, stalled: int = 0) -> dict[str, Any]:
     base = daemon.client.base_url
     pid = daemon.pid
     connector = aiohttp.TCPConnector(limit=0)
@@ -110,6 +125,7 @@ async def one_round(daemon: Daemon, followers: int) -> dict[str, Any]:
                 assert reply.status == 202, await reply.text()
                 run_id = (await reply.json())["id"]
             tasks = [asyncio.ensure_future(follow(session, base, run_id)) for _ in range(followers)]
+            stuck = [await stall(base, run_id) for _ in range(stalled)]
             while True:  # a few status requests, the same with and without followers
                 async with session.get(f"{base}/status/{run_id}") as reply:
                     run = await reply.json()
@@ -118,9 +134,11 @@ async def one_round(daemon: Daemon, followers: int) -> dict[str, Any]:
                 await asyncio.sleep(0.5)
             received = await asyncio.gather(*tasks)
             cpu = cpu_s(pid) - cpu0
+        for writer in stuck:
+            writer.close()
     assert run["state"] == "succeeded" and run["stdout_bytes"] == LINE * LINES, run
     assert all(r == LINE * LINES for r in received), sorted(set(received))
-    return {"followers": followers, "cpu_ms": cpu * 1000, "rss_before_mib": rss_before / 1024,
+    return {"followers": followers, "stalled": stalled, "cpu_ms": cpu * 1000, "rss_before_mib": rss_before / 1024,
             "rss_peak_mib": peak.peak / 1024, "rss_growth_mib": (peak.peak - rss_before) / 1024}
 
 
@@ -138,20 +156,20 @@ def main() -> None:
         try:
             asyncio.run(one_round(daemon, 0))  # warm-up: imports, the runtime's pages, the store
             for _ in range(args.rounds):
-                for followers in (0, args.followers):
-                    result = asyncio.run(one_round(daemon, followers))
+                for followers, stalled in cases(args.followers):
+                    result = asyncio.run(one_round(daemon, followers, stalled))
                     results.append(result)
                     print(json.dumps({k: round(v, 1) for k, v in result.items()}), flush=True)
         finally:
             daemon.stop()
     print(f"\nmedian of {args.rounds} rounds, a run printing {LINE * LINES:,} bytes in 50-byte lines over ~4 s:")
-    print("| followers | daemon CPU (ms) | daemon RSS before (MiB) | RSS peak (MiB) | growth (MiB) |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for followers in (0, args.followers):
-        mine = [r for r in results if r["followers"] == followers]
+    print("| followers | not reading | daemon CPU (ms) | daemon RSS before (MiB) | RSS peak (MiB) | growth (MiB) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for followers, stalled in cases(args.followers):
+        mine = [r for r in results if (r["followers"], r["stalled"]) == (followers, stalled)]
         cells = [statistics.median(r[key] for r in mine)
                  for key in ("cpu_ms", "rss_before_mib", "rss_peak_mib", "rss_growth_mib")]
-        print(f"| {followers} | {cells[0]:.0f} | {cells[1]:.1f} | {cells[2]:.1f} | {cells[3]:+.1f} |")
+        print(f"| {followers} | {stalled} | {cells[0]:.0f} | {cells[1]:.1f} | {cells[2]:.1f} | {cells[3]:+.1f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,3 +232,31 @@ async def test_a_shutdown_ends_every_stream_at_once(make_client: MakeClient) -> 
     client.app[ENGINE].begin_shutdown()
     for stream in streams:
         assert [e.name for e in await asyncio.wait_for(stream.rest(), 1.0)] == []  # closed, and no `end`
+
+
+async def test_a_follower_that_stops_reading_holds_a_bounded_buffer_then_is_dropped(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events, "WRITE_STALL_S", 0.5)
+    written = [0]
+    write = events.EventWriter._write
+
+    async def counted(self: events.EventWriter, data: bytes) -> None:
+        written[0] += len(data)
+        await write(self, data)
+    monkeypatch.setattr(events.EventWriter, "_write", counted)
+    run_id = await ended_run(client)
+    assert client.app is not None
+    engine = client.app[ENGINE]
+    engine.run_dir(run_id).output("stdout").write_bytes(b"x" * (32 << 20))  # far more than socket buffers hold
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.host, client.port))
+    try:
+        await asyncio.get_running_loop().sock_sendall(sock, f"GET /runs/{run_id}/events HTTP/1.1\r\n"
+                                                            f"Host: x\r\n\r\n".encode())
+        await until(lambda: engine._followers._feeds, 5)  # following, and writing into a full socket
+        await until(lambda: not engine._followers._feeds, 10)  # no bytes taken for WRITE_STALL_S: dropped
+        assert written[0] < 8 << 20  # it stopped reading the output when the client stopped taking it
+    finally:
+        sock.close()
