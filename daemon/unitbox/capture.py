@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -73,6 +74,7 @@ class StreamCapture:
         self.path = path
         self.cap = cap
         self.allowance = allowance
+        self.on_kept: Callable[[], None] | None = None  # told after a wakeup that kept bytes (follow.py)
         self._marker = truncation_marker(path)
         # Not O_APPEND: splice(2) refuses a file opened for appending; we write at the end ourselves.
         self._out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -86,7 +88,11 @@ class StreamCapture:
         self._loop.add_reader(self.fd, self._readable)
 
     def _readable(self) -> None:
-        if self._read(MAX_READS_PER_WAKEUP) and not self._ended:
+        kept = self.kept
+        emptied = self._read(MAX_READS_PER_WAKEUP)
+        if self.kept != kept and self.on_kept is not None:
+            self.on_kept()
+        if emptied and not self._ended:
             # Emptied: look again in PAUSE_S, not at the next write. A program
             # printing line by line then costs a few wakeups, not one per write.
             self._loop.remove_reader(self.fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -27,6 +28,7 @@ from unitbox.broker.client import Broker
 from unitbox.budget import DiskBudget, submission_bytes
 from unitbox.config import Config
 from unitbox.errors import Busy, InvalidInput, NotFound, Unavailable, UnitboxError
+from unitbox.follow import Follower, Followers
 from unitbox.launcher import Launcher
 from unitbox.leftovers import OutputFiles, RunDetails, load_details, load_files
 from unitbox.lifecycle import RunLife
@@ -79,10 +81,12 @@ class Engine:
         self._store = store
         self._runtimes = runtimes
         self.budget = DiskBudget(config.runs_dir, config.retention)
-        self._launcher = Launcher(config, broker, use_fd_store=notify.fd_store_available(), budget=self.budget)
+        self._followers = Followers()
+        self._launcher = Launcher(config, broker, use_fd_store=notify.fd_store_available(), budget=self.budget,
+                                  on_output=self._followers.output_kept)
         self._admission = Admission(config.queue_size, config.max_concurrent)
         self._runner = Runner(broker, store, self._launcher, self._admission, metrics=self.metrics,
-                              run_dir=self.run_dir, stored_fds=stored_fds)
+                              run_dir=self.run_dir, stored_fds=stored_fds, on_advance=self._followers.advanced)
         self._stopped = False
         self._linter = find_linter(config)  # the broker finds the same one
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self.executing)
@@ -108,9 +112,11 @@ class Engine:
                                     is_live=runner.runs.__contains__))
 
     def begin_shutdown(self) -> None:
-        """Stop accepting; answer every held `wait` request now (with the run as it is)."""
+        """Stop accepting; answer every held `wait` request now (with the run as it is),
+        end every followed run's event stream."""
         self._runner.accepting = False
         self._runner.closing.set()
+        self._followers.close()
 
     async def stop(self, grace_s: float = 0.0) -> None:
         """Give running runs `grace_s` to finish, then save what is unsaved and
@@ -237,6 +243,11 @@ class Engine:
                 for waiter in waiters:
                     waiter.cancel()
         return await self.get(run_id, caller)
+
+    def follow(self, run_id: str, caller: Caller = EVERYONE) -> contextlib.AbstractAsyncContextManager[Follower]:
+        """A run's state and output as they change (follow.py); NotFound exactly as `get`."""
+        return self._followers.follow(functools.partial(self.get, run_id, caller), self._runner.runs.get,
+                                      self.run_dir)
 
     async def cancel(self, run_id: str, caller: Caller = EVERYONE) -> tuple[RunRecord, bool]:
         """Cancel a run. Returns the run and whether it was still going (202)

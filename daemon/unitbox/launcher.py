@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
+from collections.abc import Callable
 
 from unitbox import notify
 from unitbox.broker.client import Broker, Watcher
@@ -40,9 +42,10 @@ def fd_name(run_id: str, stream: str) -> str:
 
 class Launcher:
     def __init__(self, config: Config, broker: Broker, *, use_fd_store: bool,
-                 budget: DiskBudget | None = None) -> None:
+                 budget: DiskBudget | None = None, on_output: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.budget = budget  # captures charge what they keep to it
+        self.on_output = on_output  # told a run's id when its captures kept more output
         self.broker = broker
         self.use_fd_store = use_fd_store
 
@@ -82,6 +85,7 @@ class Launcher:
                 try:
                     capture = StreamCapture(read_fd, run.dir.output(stream), record.limits.output_kb * 1024,
                                             self._allowance(record.id))
+                    capture.on_kept = self._output_seen(record.id)
                 except BaseException:
                     os.close(read_fd)
                     raise
@@ -122,6 +126,7 @@ class Launcher:
             for fd in stored.pop(fd_name(run.id, stream), []):
                 if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY and stream not in run.captures:
                     run.captures[stream] = StreamCapture(fd, run.dir.output(stream), cap, self._allowance(run.id))
+                    run.captures[stream].on_kept = self._output_seen(run.id)
                 else:
                     os.close(fd)  # our copy of the write end; the store keeps its own
             if stream not in run.captures:
@@ -130,6 +135,9 @@ class Launcher:
 
     def _allowance(self, run_id: str) -> RunAccount | None:
         return self.budget.account(run_id) if self.budget is not None else None
+
+    def _output_seen(self, run_id: str) -> Callable[[], None] | None:
+        return functools.partial(self.on_output, run_id) if self.on_output is not None else None
 
     def drain(self, run: RunLife) -> None:
         """The unit is over: every writer is dead, so what is in the pipes is all

@@ -46,7 +46,8 @@ MAX_LAUNCHES = 3  # start requests per run when they go unanswered and no unit a
 class Runner:
     def __init__(self, broker: Broker, store: RunStore, launcher: Launcher, admission: Admission, *,
                  metrics: Metrics, run_dir: Callable[[str], RunDir],
-                 stored_fds: Mapping[str, list[int]] | None = None) -> None:
+                 stored_fds: Mapping[str, list[int]] | None = None,
+                 on_advance: Callable[[RunLife], None] | None = None) -> None:
         self._broker = broker
         self.records = Records(store)  # every state change goes through it
         self._launcher = launcher
@@ -54,6 +55,7 @@ class Runner:
         self._metrics = metrics
         self._run_dir = run_dir
         self._stored_fds = dict(stored_fds or {})  # from systemd's fd store, by name
+        self._on_advance = on_advance  # told of every change of phase (the followers of runs: follow.py)
         self.runs: dict[str, RunLife] = {}
         self.accepting = False  # launch queued runs (not while stopping)
         self.broker_ok = False  # the broker is up: runs can be launched and looked at
@@ -112,6 +114,8 @@ class Runner:
             run.timer.cancel()
             run.timer = None
         self._arm(run)
+        if self._on_advance is not None:
+            self._on_advance(run)
         if to in (Phase.STARTED, Phase.RUNNING):
             self._oom.watch(run.id)
         elif to is Phase.ENDING:

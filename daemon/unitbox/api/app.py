@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from unitbox.api import files, handlers, output
+from unitbox.api import events, files, handlers, output
 from unitbox.api.auth import auth_middleware
 from unitbox.api.errors import Handler, error_middleware
 from unitbox.api.openapi import build_openapi
@@ -20,6 +20,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/run-file", handlers.run_file),
     ("GET", "/status/{id}", handlers.status),
     ("GET", "/output/{id}", output.output),
+    ("GET", "/runs/{id}/events", events.events),
     ("POST", "/runs/{id}/cancel", handlers.cancel),
     ("DELETE", "/runs/{id}", handlers.cancel),
     ("GET", "/runs", handlers.list_runs),

@@ -44,6 +44,22 @@ def _id_param() -> list[dict[str, Any]]:
     return [{"name": "id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}]
 
 
+def _resume_params() -> list[dict[str, Any]]:
+    event_id = {"type": "string", "pattern": r"^\d{1,19}\.\d{1,19}$"}
+    resume = "Resume after this event id (<stdout bytes>.<stderr bytes>)"
+    return [{"name": "Last-Event-ID", "in": "header", "required": False, "schema": event_id,
+             "description": f"{resume}; what EventSource sends when it reconnects."},
+            {"name": "last_event_id", "in": "query", "required": False, "schema": event_id,
+             "description": f"{resume}, for clients that cannot set headers; the header wins."}]
+
+
+_EVENTS = ("Events until the run ends, then the response closes: `state` (data: the Run, as GET /status "
+           "answers) first and at every change of state; `stdout` and `stderr` (data: {\"text\": \"…\"}, "
+           "UTF-8, never a split character) as the run writes; `end` (data: the final Run). Every event has "
+           "`id: <stdout bytes>.<stderr bytes>`; `: keepalive` comment lines every 15 s. A run already "
+           "ended is replayed. See docs/api.md.")
+
+
 def _wait_param() -> dict[str, Any]:
     return {"name": "wait", "in": "query", "required": False, "schema": {"type": "boolean"}}
 
@@ -92,6 +108,11 @@ def build_openapi() -> dict[str, Any]:
             "summary": "Cancel a run (alias)", "operationId": "deleteRun", "parameters": _id_param(),
             "responses": {"200": _json_body(RunOut, "Already finished; unchanged"),
                           "202": _json_body(RunOut, "Stopping"), **_errors("401", "404")}}},
+        "/runs/{id}/events": {"get": {
+            "summary": "A run's state and output, live (Server-Sent Events)", "operationId": "runEvents",
+            "parameters": [*_id_param(), *_resume_params()],
+            "responses": {"200": {"description": _EVENTS, "content": {
+                "text/event-stream": {"schema": {"type": "string"}}}}, **_errors("401", "404", "422")}}},
         "/runs": {"get": {
             "summary": "Runs, newest first", "operationId": "listRuns",
             "parameters": [

@@ -3,12 +3,14 @@ handlers speak to: runs in, runs out. They never reach the store or systemd."""
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from unitbox.config import Config
 from unitbox.engine import Health, Submission
+from unitbox.follow import Follower
 from unitbox.leftovers import OutputFiles, RunDetails
 from unitbox.metrics import Metrics
 from unitbox.outcome import RunState
@@ -33,6 +35,7 @@ class RunService(Protocol):
     async def get(self, run_id: str, caller: Caller) -> RunRecord: ...
     async def wait(self, run_id: str, timeout_s: float, caller: Caller) -> RunRecord: ...
     async def cancel(self, run_id: str, caller: Caller) -> tuple[RunRecord, bool]: ...
+    def follow(self, run_id: str, caller: Caller) -> AbstractAsyncContextManager[Follower]: ...
     async def page(self, state: RunState | None, limit: int, before_seq: int | None,
                    caller: Caller) -> list[RunRecord]: ...
     def run_dir(self, run_id: str) -> RunDir: ...
