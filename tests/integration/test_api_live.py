@@ -5,23 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Client, Daemon, free_port
+from tests.support.daemon import Client, Daemon, free_port, multipart
 from tests.support.testhost import REPO, TestHost, wait_until
-
-
-def multipart(fields: dict[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = b""
-    for name, (filename, data) in fields.items():
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
-    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def test_run_file_upload_runs(client: Client) -> None:

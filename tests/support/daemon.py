@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,17 @@ from tests.support.testhost import REPO, TestHost, wait_until
 
 VENV_UNITBOX = REPO / ".venv" / "bin" / "unitbox"
 TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "error"}
+
+
+def multipart(fields: dict[str, tuple[str | None, bytes]] | list[tuple[str, tuple[str | None, bytes]]]
+              ) -> tuple[bytes, str]:
+    """A multipart/form-data body: name → (filename or None, content); a list for repeated names."""
+    boundary = uuid.uuid4().hex
+    body = b""
+    for name, (filename, data) in (fields.items() if isinstance(fields, dict) else fields):
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def free_port() -> int:
