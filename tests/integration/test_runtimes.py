@@ -8,15 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.daemon import VENV_UNITBOX, Client, Daemon
+from tests.support.daemon import VENV_UNITBOX, Client, Daemon, multipart
 from tests.support.testhost import REPO, TestHost
 
 PACKAGES = ["numpy", "pandas", "matplotlib", "threadpoolctl"]
@@ -106,16 +106,41 @@ def test_numpy_and_pandas_compute_the_right_numbers(client: Client, scientific: 
     ]
 
 
+def test_pandas_reads_an_input_csv_and_main_returns_its_summary(client: Client,
+                                                                scientific: dict[str, Any]) -> None:
+    code = ("import pandas as pd\n"
+            "def main():\n"
+            "    df = pd.read_csv('data/sales.csv')\n"
+            "    return {'rows': len(df), 'total': float(df['amount'].sum()),\n"
+            "            'by_region': df.groupby('region')['amount'].sum().to_dict()}\n")
+    csv = "region,amount\nnorth,10.5\nsouth,4\nnorth,1.5\n"
+    run = run_ok(client, code, runtime="scientific", entrypoint="main",
+                 files=[{"path": "data/sales.csv", "content": csv}])
+    assert run["result"] == {"rows": 3, "total": 16.0, "by_region": {"north": 12.0, "south": 4.0}}
+
+
+def test_a_matplotlib_figure_is_collected_and_served_as_png(client: Client, scientific: dict[str, Any]) -> None:
+    code = ("import matplotlib.pyplot as plt\n"
+            "fig, ax = plt.subplots(figsize=(4, 3), dpi=50)\n"
+            "ax.plot([0, 1, 2], [0, 1, 4])\n"
+            "fig.savefig('plot.png')\n")
+    run = run_ok(client, code, runtime="scientific")
+    plot = next(f for f in run["files"] if f["path"] == "plot.png")
+    assert plot["media_type"] == "image/png"
+    served = client.get(plot["url"])
+    assert served.status == 200 and served.headers["Content-Type"] == "image/png"
+    assert served.headers["Content-Disposition"].startswith("inline")
+    png = served.body
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) == plot["size"]
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert (width, height) == (200, 150)
+    assert hashlib.sha256(png).hexdigest() == plot["sha256"]
+
+
 def test_run_file_takes_the_runtime_field(client: Client, scientific: dict[str, Any]) -> None:
-    boundary = uuid.uuid4().hex
-    parts = {"file": ("main.py", b"import numpy\nprint(numpy.arange(5).sum())\n"), "runtime": (None, b"scientific"),
-             "wait": (None, b"true")}
-    body = b""
-    for name, (filename, content) in parts.items():
-        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + content + b"\r\n"
-    body += f"--{boundary}--\r\n".encode()
-    reply = client.request("POST", "/run-file", body, f"multipart/form-data; boundary={boundary}")
+    body, content_type = multipart({"file": ("main.py", b"import numpy\nprint(numpy.arange(5).sum())\n"),
+                                    "runtime": (None, b"scientific"), "wait": (None, b"true")})
+    reply = client.request("POST", "/run-file", body, content_type)
     assert reply.status == 200, reply.body
     run = reply.json()
     assert (run["state"], run["runtime"]) == ("succeeded", "scientific")
