@@ -11,10 +11,6 @@ from unitbox.dbus_properties import encode_properties
 from unitbox.limits import Limits
 from unitbox.outcome import parse_result_file
 from unitbox.profile import (
-    BOOTSTRAP,
-    ON_HOST,
-    START_PRE_SCRIPT,
-    STOP_POST_SCRIPT,
     Collector,
     Runtime,
     build_profile,
@@ -26,6 +22,7 @@ from unitbox.profile import (
     unit_name,
 )
 from unitbox.systemd import unit_path
+from unitbox.unit_scripts import BOOTSTRAP, ON_HOST, START_PRE_SCRIPT, STOP_POST_SCRIPT
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)
 COLLECTOR = Collector("/usr/bin/python3", "/usr/lib/unitbox/collect.py", (100, 2, 3, 4, 5, 6, 7))
