@@ -158,3 +158,13 @@ def test_status_can_include_the_output_inline(client: Client) -> None:
     assert plain["stdout"] is None
     full = client.get(f"/status/{run_id}?include=output").json()
     assert (full["stdout"], full["stderr"], full["inline_truncated"]) == ("out\n", "err\n", False)
+
+
+def test_files_of_an_oom_killed_run_are_collected(client: Client) -> None:
+    code = ("open('before-oom.txt', 'w').write('state')\n"
+            "hog = []\n"
+            "while True:\n"
+            "    hog.append(bytearray(16 << 20))\n")
+    run = client.run(code, limits={"memory_mb": 64, "timeout_s": 30})
+    assert run["state"] == "oom_killed", run
+    assert [f["path"] for f in run["files"]] == ["before-oom.txt"]
