@@ -19,6 +19,7 @@ from unitbox.broker.server import BrokerServer
 from unitbox.broker.wire import Channel, Message, socket_pair
 from unitbox.config import Config, load_config
 from unitbox.limits import Limits
+from unitbox.unit_scripts import LINT_SCRIPT
 
 RUN = "0123456789abcdef"
 
@@ -124,6 +125,15 @@ async def test_unknown_runtimes_signals_and_operations_and_missing_fds_are_refus
     assert refused(await daemon.ask("kill", run=RUN, signal=1), "SIGTERM or SIGKILL")
     assert refused(await daemon.ask("set-property", run=RUN), "unknown operation")
     assert daemon.fake.started == [] and daemon.fake.killed == []
+
+
+async def test_lint_modes_are_checked_and_build_the_linter_into_the_unit(daemon: Daemon) -> None:
+    assert refused(await daemon.start(lint="sometimes"), "lint must be one of")
+    assert refused(await daemon.start(lint=["only"]), "lint must be one of")
+    assert daemon.fake.started == []
+    assert "error" not in await daemon.start(lint="only")
+    properties = daemon.fake.properties[f"unitbox-run-{RUN}.service"]
+    assert properties["ExecStart"][:3] == [":/bin/sh", "-c", LINT_SCRIPT]  # the program itself never starts
 
 
 async def test_replies_come_in_order_for_pipelined_requests(daemon: Daemon) -> None:
