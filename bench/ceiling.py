@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path, PurePosixPath
 
+from unitbox.broker.server import collector_of
 from unitbox.config import Config
 from unitbox.limits import Limits
 from unitbox.profile import build_profile
@@ -46,7 +47,8 @@ def interpreter_command() -> list[str]:
 
 def profile_for(run_id: str, run_dir: RunDir) -> dict[str, object]:
     return build_profile(run_id, Limits(), run_dir=PurePosixPath(run_dir.path),
-                         state_dir=PurePosixPath(BENCH_STATE), slice_name=SLICE, runtime=RUNTIME)
+                         state_dir=PurePosixPath(BENCH_STATE), slice_name=SLICE, runtime=RUNTIME,
+                         collector=collector_of(Config()))
 
 
 PREFIX = "ubench-dbus-"
