@@ -30,8 +30,9 @@ def flags(profile: Mapping[str, Any]) -> tuple[list[str], list[str]]:
         if name == "ExecStart":
             command = [value[0].lstrip("+:-"), *value[1:]]
         elif name in SCRIPT_FILES:  # [prefix…, "/bin/sh", "-c", SCRIPT, $0, args…]
-            split = value.index("-c")
-            out.append(f"{name}={' '.join([*value[:split], SCRIPT_FILES[name], *value[split + 3:]])}")
+            (command_line,) = _commands(value)  # the bench runs no lint: one command each
+            split = command_line.index("-c")
+            out.append(f"{name}={' '.join([*command_line[:split], SCRIPT_FILES[name], *command_line[split + 3:]])}")
         elif name == "CPUQuota":
             out.append(f"CPUQuota={value}%")
         elif name == "UMask":
@@ -57,7 +58,16 @@ def flags(profile: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     return [arg for item in out for arg in ("-p", item)], command
 
 
+def _commands(value: list[Any]) -> list[list[str]]:
+    """A property's command lines: one, or a list of them (ExecStartPre with lint)."""
+    return value if isinstance(value[0], list) else [value]
+
+
 def script_files(profile: Mapping[str, Any]) -> dict[str, str]:
     """{path: shell script} for every command spelled through SCRIPT_FILES."""
-    return {path: str(profile[name][profile[name].index("-c") + 1])
-            for name, path in SCRIPT_FILES.items() if name in profile}
+    found = {}
+    for name, path in SCRIPT_FILES.items():
+        if name in profile:
+            (command_line,) = _commands(profile[name])
+            found[path] = str(command_line[command_line.index("-c") + 1])
+    return found
