@@ -135,9 +135,9 @@ def build_openapi() -> dict[str, Any]:
                            {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}}],
             "responses": {
                 "200": {"description": "Its bytes, Content-Type from its name, in a sandbox (CSP)", "headers": served,
-                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
                 "206": {"description": "The range asked for", "headers": served,
-                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
                 **_errors("401", "404")}}},
         "/runs": {"get": {
             "summary": "Runs, newest first", "operationId": "listRuns",
