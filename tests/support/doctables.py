@@ -63,7 +63,8 @@ def cells(row: str) -> list[str]:
 def routes(_: str) -> str:
     paths = {"/openapi.json": {"get": {"summary": "This API as an OpenAPI 3.1 document"}}, **build_openapi()["paths"]}
     rows = []
-    for method, path, _handler in ROUTES:
+    for method, route, _handler in ROUTES:
+        path = re.sub(r"\{(\w+):[^}]*\}", r"{\1}", route)  # {path:.+} → {path}, as the app's canonical form
         operation = paths[path][method.lower()]
         rows.append([f"[`{method} {path}`](#{slug(f'{method} {path}')})", operation["summary"]])
     return _table(["endpoint", "what"], rows)
@@ -74,7 +75,9 @@ def _json_type(schema: dict[str, Any]) -> str:
         return " or ".join(_json_type(option) for option in schema["anyOf"])
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
-        return {"RunState": "state", "LimitsOut": "object (limits)", "LimitsIn": "object (limits)"}.get(name, name)
+        return {"RunState": "state", "LimitsOut": "object (limits)", "LimitsIn": "object (limits)",
+                "LintMode": '"off", "before" or "only"', "InputFileIn": "object (input file)",
+                "DiagnosticOut": "object (diagnostic)", "FileOut": "object (file)"}.get(name, name)
     kind = schema.get("type", "any")
     if kind == "array":
         return f"array of {_json_type(schema.get('items', {}))}"

@@ -160,9 +160,9 @@ class FilesOut(BaseModel):
     id: str
     files: list[FileOut]
     skipped: list[dict[str, str]] = Field(description="Entries not collected and why (symlinks, FIFOs, over a "
-                                                      "cap); the first 100.")
+                                                      "cap); the first 20.")
     skipped_count: int
-    incomplete: bool = Field(description="Whether a cap (count, bytes, entries) stopped the collection.")
+    incomplete: bool = Field(description="Whether a cap on files or entries looked at stopped the collection.")
 
 
 class RunOut(BaseModel):

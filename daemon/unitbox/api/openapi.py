@@ -8,8 +8,10 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from unitbox import __version__
+from unitbox.api.files import FILE_SECURITY
 from unitbox.api.models import (
     ErrorOut,
+    FilesOut,
     HealthOut,
     OutputOut,
     RunOut,
@@ -66,7 +68,7 @@ def _wait_param() -> dict[str, Any]:
 
 def build_openapi() -> dict[str, Any]:
     models: list[type[BaseModel]] = [RunRequest, RunOut, SubmitOut, OutputOut, RunsPage, RuntimesOut, HealthOut,
-                                     ErrorOut]
+                                     FilesOut, ErrorOut]
     _, schemas = models_json_schema([(m, "serialization" if m is not RunRequest else "validation")
                                      for m in models], ref_template=_REF)
     submitted = {
@@ -79,7 +81,13 @@ def build_openapi() -> dict[str, Any]:
         "file": {"type": "string", "format": "binary"}, "stdin": {"type": "string"},
         "args": {"type": "string", "description": "JSON list of strings"},
         "limits": {"type": "string", "description": "JSON object, as in /run-json"},
-        "runtime": {"type": "string"}, "wait": {"type": "string", "enum": ["true", "false"]}}}
+        "runtime": {"type": "string"}, "wait": {"type": "string", "enum": ["true", "false"]},
+        "entrypoint": {"type": "string", "description": "As in /run-json"},
+        "lint": {"type": "string", "enum": ["true", "false"]},
+        "lint_only": {"type": "string", "enum": ["true", "false"]},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "Input files, one part each; its filename is the path (e.g. data/in.csv)"}}}
+    served = {name: {"schema": {"type": "string"}} for name in (*FILE_SECURITY, "Content-Disposition")}
     paths: dict[str, Any] = {
         "/run-json": {"post": {
             "summary": "Run code given as JSON", "operationId": "runJson", "parameters": [_wait_param()],
@@ -90,8 +98,11 @@ def build_openapi() -> dict[str, Any]:
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": multipart}}},
             "responses": submitted}},
         "/status/{id}": {"get": {
-            "summary": "A run's state and result", "operationId": "getStatus", "parameters": _id_param(),
-            "responses": {"200": _json_body(RunOut, "The run"), **_errors("401", "404")}}},
+            "summary": "A run's state and result", "operationId": "getStatus",
+            "parameters": [*_id_param(), {
+                "name": "include", "in": "query", "required": False, "schema": {"type": "string", "enum": ["output"]},
+                "description": "output: also its stdout and stderr, up to inline_output_kb each"}],
+            "responses": {"200": _json_body(RunOut, "The run"), **_errors("401", "404", "422")}}},
         "/output/{id}": {"get": {
             "summary": "A run's output so far", "operationId": "getOutput",
             "parameters": [*_id_param(), {"name": "stream", "in": "query", "required": False,
@@ -113,6 +124,21 @@ def build_openapi() -> dict[str, Any]:
             "parameters": [*_id_param(), *_resume_params()],
             "responses": {"200": {"description": _EVENTS, "content": {
                 "text/event-stream": {"schema": {"type": "string"}}}}, **_errors("401", "404", "422")}}},
+        "/runs/{id}/files": {"get": {
+            "summary": "The files a run left", "operationId": "listFiles", "parameters": _id_param(),
+            "responses": {"200": _json_body(FilesOut, "Its output files (none until it has ended)"),
+                          **_errors("401", "404")}}},
+        "/runs/{id}/files/{path}": {"get": {
+            "summary": "One file a run left", "operationId": "getFile",
+            "parameters": [*_id_param(), {"name": "path", "in": "path", "required": True,
+                                          "schema": {"type": "string"}, "description": "As listed, e.g. out/plot.png"},
+                           {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "Its bytes, Content-Type from its name, in a sandbox (CSP)", "headers": served,
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                "206": {"description": "The range asked for", "headers": served,
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
+                **_errors("401", "404")}}},
         "/runs": {"get": {
             "summary": "Runs, newest first", "operationId": "listRuns",
             "parameters": [
