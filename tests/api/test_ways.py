@@ -23,7 +23,8 @@ from tests.api.test_owners import TOKENS, as_, looks_unknown
 from tests.support.fake_systemd import FakeSystemd, until
 from unitbox import launcher
 from unitbox.api.state import ENGINE
-from unitbox.profile import LINT_SELECT, unit_name
+from unitbox.profile import unit_name
+from unitbox.unit_scripts import LINT_SELECT
 
 Client = TestClient[Any, web.Application]
 NEW_FIELDS = {"entrypoint": None, "lint": "off", "input_files": 0, "output_files": None, "result_bytes": None,
@@ -556,8 +557,6 @@ async def test_another_tokens_files_are_404_like_an_unknown_run(make_client: Mak
             assert (await client.get(path.format(run["id"]), headers=as_(token))).status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="runner._finish sets the concluded (terminal) record before "
-                   "take_leftovers has read the run's leftovers: a poller sees it ended without its result")
 async def test_a_run_is_not_seen_ended_before_its_leftovers_are_read(make_client: MakeClient,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     reading, go_on = threading.Event(), threading.Event()
