@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unitbox.collect import LINT_BYTES
-from unitbox.lint import Diagnostic, LintReport, parse_report
+from unitbox.lint import MAX_DIAGNOSTICS, Diagnostic, LintReport, parse_report
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord
 
@@ -184,6 +184,8 @@ def summarize(run_dir: RunDir, *, entrypoint: str | None, linted: bool, result_c
         lint_findings = len(report.diagnostics) if report.error is None else None
         if report.error is not None:
             errors.append(report.error)
+        elif report.truncated:
+            errors.append(f"lint: more than {MAX_DIAGNOSTICS} findings, the first {MAX_DIAGNOSTICS} kept")
         stored += _size(run_dir.lint_report)
     files = load_files(run_dir)
     if files is not None:

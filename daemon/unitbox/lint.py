@@ -63,8 +63,8 @@ def _reject_constant(name: str) -> Any:
 
 def parse_report(raw: bytes | None, cap: int) -> LintReport:
     """ruff's `--output-format json` report (at most `cap` bytes were read)."""
-    if raw is None:
-        return LintReport([], error="the linter left no report")
+    if not raw:  # it could not start, or died: its own errors are in the run's stderr
+        return LintReport([], error="the linter left no report (its errors, if any, are in stderr)")
     if len(raw) >= cap:
         return LintReport([], error=f"the linter's report is over {cap // 1024} KiB")
     try:

@@ -82,6 +82,12 @@ async def test_an_entrypoint_is_recorded_and_handed_to_the_sandbox_with_the_resu
     assert not (run_dir(client, plain["id"]) / "in" / "entry").exists()
 
 
+async def test_an_entrypoint_is_looked_up_as_python_spells_it(client: Client) -> None:
+    run = await ran(client, entrypoint="\ufb01t")  # "ﬁt": Python's parser stores `def ﬁt` as `fit` (NFKC)
+    assert run["entrypoint"] == "fit"
+    assert (run_dir(client, run["id"]) / "in" / "entry").read_text().startswith("fit ")
+
+
 async def test_lint_only_with_an_entrypoint_is_422(client: Client, ruff: str) -> None:
     status, body = await submit(client, {"code": "x = 1", "lint_only": True, "entrypoint": "main"})
     assert (status, the_422(body)) == (422, "entrypoint")
@@ -409,6 +415,7 @@ async def test_at_most_200_diagnostics(make_client: MakeClient, ruff: str) -> No
     _, run = await finished_with(make_client, {"lint.json": json.dumps(report).encode()}, lint=True,
                                  config={"lint": {"ruff": ruff}})
     assert run["lint_findings"] == len(run["diagnostics"]) == 200
+    assert "more than 200 findings, the first 200 kept" in run["error"]
     assert [d["line"] for d in run["diagnostics"]] == sorted(d["line"] for d in run["diagnostics"])
 
 

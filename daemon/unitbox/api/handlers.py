@@ -234,9 +234,8 @@ async def run_file(request: web.Request) -> web.Response:
     stdin = _text_part(parts, "stdin") or ""
     runtime = _text_part(parts, "runtime") or "default"
     wait = _flag(_text_part(parts, "wait"), "wait") or _flag(request.query.get("wait"), "wait")
-    entrypoint = _text_part(parts, "entrypoint") or None
     try:
-        check_entrypoint(entrypoint)
+        entrypoint = check_entrypoint(_text_part(parts, "entrypoint") or None)
     except ValueError as exc:
         raise InvalidInput(f"entrypoint: {exc}", details=[{"field": "entrypoint", "message": str(exc)}]) from None
     ways = _Ways(entrypoint=entrypoint, lint=_flag(_text_part(parts, "lint"), "lint"),

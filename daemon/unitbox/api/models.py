@@ -8,6 +8,7 @@ import binascii
 import io
 import keyword
 import tokenize
+import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -77,9 +78,14 @@ class InputFileIn(_Strict):
 
 
 def check_entrypoint(value: str | None) -> str | None:
-    if value is not None and not (value.isidentifier() and not keyword.iskeyword(value) and len(value) <= 100):
+    """A function name as Python itself stores it: identifiers are NFKC-normalised when
+    the program is parsed (`def ﬁ` defines `fi`), so the name looked up must be too."""
+    if value is None:
+        return None
+    name = unicodedata.normalize("NFKC", value)
+    if not (name.isidentifier() and not keyword.iskeyword(name) and len(name) <= 100):
         raise ValueError(f"{value[:100]!r} is not a Python function name")
-    return value
+    return name
 
 
 class RunRequest(_Strict):
