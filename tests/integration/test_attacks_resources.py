@@ -481,10 +481,12 @@ def test_writes_everywhere_but_the_private_tmpfs_dirs_are_refused(client: Client
     seen = report_of(run_hostile(client, code))
     assert seen["checked"] > 30
     # /run/unitbox/tmp and var-tmp are the capped tmpfs behind /tmp and /var/tmp
-    # (systemd < 256); /dev/mqueue is the run's own (PrivateIPC): see the cross-run tests.
-    allowed = {"/dev/shm", "/run/unitbox/work", "/tmp", "/var/tmp", "/dev/mqueue",
+    # (systemd < 256); /dev/mqueue is the run's own (PrivateIPC): see the cross-run tests;
+    # /run/unitbox/work and /run/unitbox/out are its box (one tmpfs of disk_mb).
+    allowed = {"/dev/shm", "/run/unitbox/work", "/run/unitbox/out", "/tmp", "/var/tmp", "/dev/mqueue",
                "/run/unitbox/tmp", "/run/unitbox/var-tmp"}
-    assert {"/dev/shm", "/run/unitbox/work", "/tmp", "/var/tmp"} <= set(seen["writable"]) <= allowed, seen
+    assert {"/dev/shm", "/run/unitbox/work", "/run/unitbox/out", "/tmp", "/var/tmp"} <= set(seen["writable"]) \
+        <= allowed, seen
 
 
 # -- output -------------------------------------------------------------------------------------
