@@ -31,6 +31,7 @@ from unitbox.leftovers import summarize
 from unitbox.lifecycle import STREAMS, RunLife, StoredStreams, with_leftovers
 from unitbox.outcome import Outcome
 from unitbox.profile import LintMode
+from unitbox.store import RunRecord
 from unitbox.systemd import NoAnswer
 
 log = logging.getLogger(__name__)
@@ -158,17 +159,18 @@ class Launcher:
         out, err = (stored_output(run.dir.output(stream)) for stream in STREAMS)
         return run.dir.read_outcome(), StoredStreams(out[0], err[0], out[1], err[1])
 
-    async def take_leftovers(self, run: RunLife) -> None:
+    async def take_leftovers(self, run: RunLife, record: RunRecord) -> RunRecord:
         """What the run left besides its output (leftovers.py), into its final
-        record and onto the disk budget. Most runs leave nothing: one stat."""
-        record = run.record
+        `record` and onto the disk budget. Most runs leave nothing: one stat.
+        `record` is not the run's yet: a reader that saw a final state before
+        its result and files were in it would take them for absent."""
         if record.entrypoint is None and record.lint == LintMode.OFF and not run.dir.manifest.exists():
-            return
+            return record
         summary = await asyncio.to_thread(summarize, run.dir, entrypoint=record.entrypoint,
                                           linted=record.lint != LintMode.OFF, result_cap=self.config.result_kb * 1024)
         if self.budget is not None:
             self.budget.charge(record.id, summary.stored_bytes)
-        run.record = with_leftovers(record, summary)
+        return with_leftovers(record, summary)
 
     @staticmethod
     def mark_lost(run: RunLife, streams: list[str]) -> None:

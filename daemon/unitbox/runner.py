@@ -230,8 +230,7 @@ class Runner:
         try:
             self._launcher.drain(run)
             found, streams = self._launcher.collect(run)  # ≈46 µs of stat/read: less than a thread hop (≈80)
-            run.record = conclude(run, found, streams)
-            await self._launcher.take_leftovers(run)
+            run.record = await self._launcher.take_leftovers(run, conclude(run, found, streams))
         except Exception as exc:
             log.exception("run %s: collecting its outcome failed", run.id)
             run.record = run.record.evolve(state=RunState.ERROR, error=f"collecting the outcome failed: {exc}",
