@@ -31,6 +31,7 @@ from unitbox.client import run as running
 from unitbox.client.commands import run_client
 from unitbox.client.files import LocalError, local_path
 from unitbox.client.http import Api, Event
+from unitbox.client.terminal import Terminal
 from unitbox.profile import unit_name
 
 Client = TestClient[Any, web.Application]
@@ -299,7 +300,8 @@ async def test_a_full_queue_says_when_to_come_back(make_client: MakeClient, cli:
     client = await make_client(FakeSystemd(auto_finish=False), max_concurrent=1, queue_size=0)
     await client.post("/run-json", json={"code": "x"})
     ran = await cli(client, "run", script)
-    assert ran.status == 125 and "cannot take it now (queue_full)" in ran.stderr and "try again in" in ran.stderr
+    assert ran.status == 125 and ran.stderr == ("unitbox: the server cannot take it now (queue_full): the queue is "
+                                                "full (0 runs waiting); try again later (Retry-After: 1 s)\n")
 
 
 async def test_an_unreachable_server_is_one_line(cli: Cli, script: str) -> None:
@@ -346,3 +348,28 @@ async def test_lint_findings_go_to_stderr_as_file_line_col(make_client: MakeClie
     client = await make_client(fake)
     ran = await cli(client, "run", option, script)
     assert (ran.status, ran.stdout, ran.stderr) == (status, stdout, f"{script}:5:12: F821 Undefined name `x`\n")
+
+
+async def test_a_queued_run_says_so_on_a_terminal_until_it_starts(make_client: MakeClient, cli: Cli, script: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeSystemd(auto_finish=False, stdout=b"")
+    client = await make_client(fake, max_concurrent=1)
+    await client.post("/run-json", json={"code": "x"})  # holds the only slot
+    await until(lambda: len(fake.units) == 1)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    shown: list[str | None] = []
+    show_status = Terminal.show_status
+    monkeypatch.setattr(Terminal, "show_status", lambda self, message: [shown.append(message),
+                                                                         show_status(self, message)])
+    running_cli = asyncio.ensure_future(cli(client, "run", script))
+    await until(lambda: shown)  # its follower has seen it queued
+    first = next(iter(fake.units))
+    fake.finish(first)
+    await until(lambda: len(fake.units) == 2)
+    second = next(name for name in fake.units if name != first)
+    fake.activate(second)
+    os.write(fake.units[second].fds["error"], b"from the program\n")
+    fake.finish(second)
+    ran = await running_cli
+    run_id = second.removeprefix("unitbox-run-").removesuffix(".service")
+    assert ran.stderr == f"unitbox: run {run_id} is queued, waiting for a free slot…\r\x1b[Kfrom the program\n"

@@ -101,7 +101,7 @@ def error_line(exc: ApiError | Unreachable, url: str, *, token: bool, files: lis
         problems = "; ".join(f"{field_label(str(d.get('field')), files)}: {d.get('message')}" for d in exc.details)
         return f"the server refused the request: {problems}"
     if exc.status == 503:
-        later = f"; try again in {exc.retry_after} s" if exc.retry_after else ""
+        later = f" (Retry-After: {exc.retry_after} s)" if exc.retry_after else ""
         return f"the server cannot take it now ({exc.code}): {exc.message}{later}"
     return f"{exc.message} ({exc.status} {exc.code})"
 
