@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -373,3 +374,17 @@ async def test_a_queued_run_says_so_on_a_terminal_until_it_starts(make_client: M
     ran = await running_cli
     run_id = second.removeprefix("unitbox-run-").removesuffix(".service")
     assert ran.stderr == f"unitbox: run {run_id} is queued, waiting for a free slot…\r\x1b[Kfrom the program\n"
+
+
+async def test_the_program_may_come_from_stdin_and_stdin_must_be_text(client: Client, cli: Cli, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"print('from a pipe')\n")))
+    run = json.loads((await cli(client, "run", "--json", "-")).stdout)
+    assert client.app is not None
+    assert client.app[ENGINE].run_dir(run["id"]).script.read_bytes() == b"print('from a pipe')\n"
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    ran = await cli(client, "run", "--stdin", str(tmp_path / "latin1.txt"), "-")
+    assert ran.status == 2 and ran.stderr == (f"unitbox: --stdin {tmp_path}/latin1.txt: not UTF-8 text (the API "
+                                              "takes stdin as text)\n")
+    ran = await cli(client, "run", "--stdin", "-", "-")
+    assert ran.status == 2 and "cannot both come from stdin" in ran.stderr
