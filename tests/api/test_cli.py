@@ -388,3 +388,15 @@ async def test_the_program_may_come_from_stdin_and_stdin_must_be_text(client: Cl
                                               "takes stdin as text)\n")
     ran = await cli(client, "run", "--stdin", "-", "-")
     assert ran.status == 2 and "cannot both come from stdin" in ran.stderr
+
+
+def test_a_reader_that_goes_away_stops_the_copying_not_the_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`unitbox run x.py | head -1`: the rest goes nowhere, the run is still followed to its exit status."""
+    read, write = os.pipe()
+    os.close(read)
+    with io.TextIOWrapper(io.BufferedWriter(io.FileIO(write, "w"))) as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        terminal = Terminal()
+        terminal.write("stdout", "nobody reads this\n")
+        terminal.sink("stdout").write(b"nor this\n")
+        assert os.readlink(f"/proc/self/fd/{write}") == "/dev/null"

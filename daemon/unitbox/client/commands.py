@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +102,8 @@ async def _status(api: Api, args: argparse.Namespace, terminal: Terminal) -> int
 async def _logs(api: Api, args: argparse.Namespace, terminal: Terminal) -> int:
     if args.follow:
         return running.exit_status(await running.follow_run(api, args.id, terminal))
-    for stream, into in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-        into.flush()
-        await api.copy(f"/output/{args.id}", into.buffer, params={"stream": stream})
-        into.buffer.flush()
+    for stream in ("stdout", "stderr"):
+        await api.copy(f"/output/{args.id}", terminal.sink(stream), params={"stream": stream})
     return 0
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -25,6 +25,10 @@ RECONNECT_FOR_S = 120.0  # how long a broken event stream is retried (a daemon r
 
 # Errors of the connection itself, as opposed to an answer: the server is down, restarting, or the network broke.
 CONNECTION_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+class Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
 
 
 class ApiError(Exception):
@@ -102,7 +106,7 @@ class Api:
     async def files(self, run_id: str) -> dict[str, Any]:
         return dict((await self._json("GET", f"/runs/{run_id}/files"))[1])
 
-    async def copy(self, path: str, into: BinaryIO, params: dict[str, str] | None = None) -> int:
+    async def copy(self, path: str, into: Sink, params: dict[str, str] | None = None) -> int:
         """The bytes served at `path` (an output stream, a file's url) into a file; how many."""
         copied = 0
         try:

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Any, BinaryIO, TextIO
 
-from unitbox.client.http import ApiError, Unreachable
+from unitbox.client.http import ApiError, Sink, Unreachable
 
 # The request's fields as the options that set them, for 422 answers (docs/api.md#errors).
 OPTION_OF_FIELD = {
@@ -31,8 +31,15 @@ class Terminal:
         self.transient = False  # a status line (queued…) is on stderr, to be erased
 
     def write(self, stream: str, text: str) -> None:
+        self.write_bytes(stream, text.encode("utf-8", "surrogateescape"))
+
+    def write_bytes(self, stream: str, data: bytes) -> None:
         self._erase_transient()
-        self._put(sys.stdout if stream == "stdout" else sys.stderr, text.encode("utf-8", "surrogateescape"))
+        self._put(sys.stdout if stream == "stdout" else sys.stderr, data)
+
+    def sink(self, stream: str) -> Sink:
+        """`stream` ("stdout" or "stderr") as a file bytes are copied into."""
+        return _StreamSink(self, stream)
 
     def say(self, message: str) -> None:
         self._erase_transient()
@@ -69,6 +76,14 @@ class Terminal:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, stream.fileno())
             os.close(devnull)
+
+
+class _StreamSink:
+    def __init__(self, terminal: Terminal, stream: str) -> None:
+        self.terminal, self.stream = terminal, stream
+
+    def write(self, data: bytes, /) -> None:
+        self.terminal.write_bytes(self.stream, data)
 
 
 def printable(name: str) -> str:
