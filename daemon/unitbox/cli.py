@@ -1,4 +1,5 @@
-"""The `unitbox` command: `serve` runs the daemon; `runtime` manages runtimes."""
+"""The `unitbox` command: `serve` runs the daemon; `runtime` manages runtimes;
+`run`, `status`, `logs`, `cancel`, `files`, `runs` are a server's clients (unitbox.client)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,20 @@ from unitbox.logs import setup_logging
 log = logging.getLogger(__name__)
 
 
+SERVER_COMMANDS = ("serve", "check-config", "runtime", "broker")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="unitbox", description="Run untrusted Python over HTTP, each run a hardened transient systemd unit.")
+        prog="unitbox", usage="%(prog)s [-h] [--version] [--config CONFIG] COMMAND ...",
+        description="Run untrusted Python over HTTP, each run a hardened transient systemd unit.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"unitbox {__version__}")
     parser.add_argument("--config", type=Path, default=None,
-                        help="config file (default /etc/unitbox/unitbox.toml, or $UNITBOX_CONFIG)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                        help="config file of the server commands (default /etc/unitbox/unitbox.toml, "
+                             "or $UNITBOX_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                                     prog="unitbox")
 
     serve = commands.add_parser("serve", help="run the daemon (normally started by unitbox.service)")
     serve.add_argument("--listen", action="append", metavar="ADDR",
@@ -45,7 +53,19 @@ def _parser() -> argparse.ArgumentParser:
 
     from unitbox.runtime_cli import add_runtime_commands
     add_runtime_commands(commands)
+    from unitbox.client.commands import CLIENT_COMMANDS, add_client_commands
+    add_client_commands(commands)
+    parser.epilog = "\n\n".join([
+        _command_list(commands, "server commands (on the server's host):", SERVER_COMMANDS),
+        _command_list(commands, "client commands (a server over HTTP: --url or $UNITBOX_URL, --token or "
+                                "$UNITBOX_TOKEN):", CLIENT_COMMANDS),
+        "`unitbox COMMAND --help` tells more; `man unitbox` all of it."])
     return parser
+
+
+def _command_list(commands: Any, title: str, names: tuple[str, ...]) -> str:
+    helps = {choice.dest: choice.help for choice in commands._choices_actions}  # what add_parser(help=) kept
+    return "\n".join([title, *(f"  {name:<14}{helps[name]}" for name in names)])
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -59,6 +79,9 @@ def load(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if hasattr(args, "client"):  # a client never reads the server's configuration
+        from unitbox.client.commands import client_main
+        return client_main(args)
     try:
         config = load(args)
     except ConfigError as exc:

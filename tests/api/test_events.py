@@ -260,3 +260,18 @@ async def test_a_follower_that_stops_reading_holds_a_bounded_buffer_then_is_drop
         assert written[0] < 8 << 20  # it stopped reading the output when the client stopped taking it
     finally:
         sock.close()
+
+
+async def test_a_final_state_is_never_shown_without_the_result_it_carries(make_client: MakeClient) -> None:
+    """The final record is published once its leftovers (result, lint, files) are in it."""
+    fake = FakeSystemd(auto_finish=False, stdout=b"")
+    fake.leftovers = {"return.json": b"[1, 2]"}
+    client = await make_client(fake)
+    run_id = (await (await client.post("/run-json", json={"code": "x", "entrypoint": "main"})).json())["id"]
+    stream = await open_events(client, run_id)
+    await until(lambda: unit_name(run_id) in fake.units)
+    fake.finish(unit_name(run_id))
+    found = [await stream.next(), *await stream.rest()]
+    final = [e for e in found if e and e.name in ("state", "end") and e.data["state"] == "succeeded"]
+    assert [e.name for e in final] == ["state", "end"]
+    assert [e.data["result_bytes"] for e in final] == [6, 6] and final[-1].data["result"] == [1, 2]
