@@ -11,12 +11,14 @@ const TERMINAL = new Set(["succeeded", "failed", "timed_out", "oom_killed", "can
 const CONSOLE_MAX = 4 * 1024 * 1024; // characters shown; the whole output stays at GET /output/<id>
 const EXAMPLE = `import sys
 
+
 def main():
-    """In main() mode this is called and its value shown as the result."""
-    return {"python": sys.version.split()[0], "squares": [n * n for n in range(5)]}
+    # main() mode calls this and shows what it returns
+    return {"squares": [n * n for n in range(5)]}
+
 
 if __name__ == "__main__":
-    print("hello from unitbox", sys.argv[1:])
+    print("hello from unitbox", sys.version.split()[0], sys.argv[1:])
     print(main())
 `;
 
@@ -138,10 +140,30 @@ async function watch(id, { fresh }) {
         appendOutput(type, data.text);
       }
     }, controller.signal);
-    if (final && current === mine) finish(final);
+    if (final && current === mine) finish(await settled(final));
   } catch (error) {
     if (current === mine) { showError(error); setRunning(false); stopClock(); }
   }
+}
+
+/**
+ * The final Run with what it left (result, diagnostics, files). The daemon can
+ * send `end` a moment before it has read those from the run's directory (the
+ * record turns final first): GET /status then, until a main() run that
+ * succeeded has its result and a linted run its findings (2 s at most).
+ */
+async function settled(run) {
+  let latest = run;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    if (attempt > 0 || latest.files == null) {
+      try { latest = await getJson(`/status/${encodeURIComponent(run.id)}`); } catch { return latest; }
+    }
+    const waitingResult = latest.entrypoint && latest.state === "succeeded" && latest.result_bytes == null;
+    const waitingLint = latest.lint !== "off" && latest.lint_findings == null && latest.state !== "error";
+    if (!waitingResult && !waitingLint) return latest;
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  return latest;
 }
 
 function finish(run) {
