@@ -119,6 +119,25 @@ def test_type_code_press_run_see_the_output(page: Page, shots: Path, client: Cli
     assert client.status(run_id(page))["state"] == "succeeded"
 
 
+def test_every_control_has_a_name_and_run_is_reached_by_keyboard(page: Page) -> None:
+    unnamed = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea, button, [contenteditable]')]
+        .filter(el => !el.closest('[hidden], dialog:not([open])'))
+        .filter(el => !(el.labels?.length || el.getAttribute('aria-label') || el.textContent.trim()))
+        .map(el => el.outerHTML.slice(0, 80))""")
+    assert unnamed == []
+    page.locator("#runtime").focus()
+    for _ in range(4):  # runtime → main() → lint → Run
+        if page.evaluate("document.activeElement.id") == "run":
+            break
+        page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "run"
+    set_code(page, "print('by keyboard')\n")
+    page.locator("#run").focus()
+    page.keyboard.press("Enter")
+    assert ended(page) == "succeeded"
+    expect(page.locator("#console")).to_have_text("by keyboard\n")
+
+
 def test_ctrl_enter_runs_and_main_mode_shows_the_result(page: Page, shots: Path) -> None:
     set_code(page, "def main():\n    return {'answer': 42, 'list': [1, 2]}\n")
     page.check("#entrypoint")
