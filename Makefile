@@ -4,6 +4,9 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd dbus curl util-linux iproute2
+# The browser tests (tests/integration/test_playground_live.py) drive Debian's chromium with Playwright.
+TEST_APT_PACKAGES := chromium
+PLAYGROUND := daemon/unitbox/playground/index.html
 PYTEST_ARGS ?=
 # Names this run's test hosts (ubx-<tag>-…) so the leftover check sees only its own.
 ifndef UBX_TEST_RUN
@@ -11,7 +14,7 @@ UBX_TEST_RUN := t$(shell date +%s%N | tail -c 10)
 endif
 export UBX_TEST_RUN
 
-.PHONY: help deps venv lint test test-fast docs run clean
+.PHONY: help deps test-deps venv lint playground test test-fast docs run clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -26,6 +29,30 @@ deps: .cache/apt.stamp  ## install the Debian packages the build and tests need
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 	@mkdir -p .cache && touch $@
+
+test-deps: .cache/test-apt.stamp  ## install the Debian packages only the tests need (chromium)
+.cache/test-apt.stamp: .cache/apt.stamp
+	@missing=$$(for p in $(TEST_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "==> apt-get install $$missing"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+# The playground page (web/): npm ci from the committed lock, then esbuild into
+# daemon/unitbox/playground/ (not committed; shipped in the package). npm only
+# at build time: the page fetches nothing at run time.
+playground: $(PLAYGROUND)  ## build the playground page (web/, esbuild) into daemon/unitbox/playground/
+web/node_modules/.installed: web/package.json web/package-lock.json
+	@command -v npm >/dev/null || { echo "==> apt-get install nodejs npm"; export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -q && apt-get install -y -q --no-install-recommends nodejs npm; }
+	@echo "==> npm ci (web/, from package-lock.json)"
+	@cd web && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+$(PLAYGROUND): web/node_modules/.installed web/build.mjs $(wildcard web/src/*)
+	@echo "==> esbuild: web/src → daemon/unitbox/playground/"
+	@cd web && node build.mjs
 
 venv: $(VENV)/.installed  ## create .venv with unitbox and its test tools
 $(VENV)/.installed: pyproject.toml .cache/apt.stamp
@@ -42,7 +69,7 @@ lint: venv  ## ruff and mypy --strict
 	@echo "==> mypy --strict daemon/"
 	@$(BIN)/mypy
 
-test: venv lint  ## everything: lint, unit, API, integration (systemd test host) and the Debian VM tier
+test: venv lint playground test-deps  ## everything: lint, unit, API, integration (systemd test host) and the Debian VM tier
 	@echo "==> pytest (unit, API, integration on the systemd test host)"
 	@$(BIN)/pytest -ra $(PYTEST_ARGS)
 	@echo "==> checking that no test host was left behind"
@@ -56,7 +83,7 @@ test-fast: venv lint  ## the inner loop, seconds: lint, unit and API tiers (no t
 docs: venv  ## rewrite the tables of docs/ generated from the code (tests/unit/test_docs.py checks them)
 	@PYTHONPATH=daemon $(BIN)/python -m tests.support.doctables --write
 
-run: venv  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not systemd)
+run: venv playground  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not systemd)
 	@bash scripts/run.sh
 
 # Debian package and VM tier (packaging/deb.mk), benchmark (bench/bench.mk).
@@ -64,4 +91,4 @@ run: venv  ## run the daemon on 127.0.0.1:8080 (in a test host when PID 1 is not
 -include bench/bench.mk
 
 clean:  ## remove the venv and caches
-	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache dist build
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache dist build web/node_modules daemon/unitbox/playground

@@ -43,7 +43,7 @@ $(WHEELHOUSE)/.complete: packaging/requirements.txt packaging/build-requirements
 deb: $(DEB)  ## build dist/unitbox_<version>_<arch>.deb (offline, from the wheelhouse) and lintian it
 DEB_INPUTS := $(shell find daemon/unitbox packaging units -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
 	pyproject.toml README.md SECURITY.md $(wildcard docs/*.md)
-$(DEB): $(WHEELHOUSE)/.complete $(DEB_INPUTS) | deb-deps
+$(DEB): $(WHEELHOUSE)/.complete $(DEB_INPUTS) $(PLAYGROUND) | deb-deps
 	@echo "==> checking versions: debian/changelog $(DEB_VERSION), pyproject.toml $$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
 	@[ "$(DEB_VERSION)" = "$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" ] || \
 	    { echo "packaging/debian/changelog and pyproject.toml disagree on the version" >&2; exit 1; }

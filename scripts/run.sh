@@ -9,12 +9,19 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 LISTEN=${UNITBOX_LISTEN:-127.0.0.1:8080}
 UNITBOX="$REPO/.venv/bin/unitbox"
+playground_url() {  # the page of `make playground` (daemon/unitbox/playground/), served at /
+  case "$LISTEN" in
+    unix:*) echo "==> playground: over the socket $LISTEN (no browser URL)";;
+    *) echo "==> playground: open http://$LISTEN/ in a browser";;
+  esac
+}
 
 if [ "$(readlink /proc/1/exe 2>/dev/null)" = /usr/lib/systemd/systemd ] || [ -d /run/systemd/system ]; then
   echo "==> systemd is PID 1: installing units/unitbox.slice"
   install -m 0644 units/unitbox.slice /etc/systemd/system/unitbox.slice
   systemctl daemon-reload
   echo "==> unitbox serve --listen $LISTEN (Ctrl-C to stop)"
+  playground_url
   exec "$UNITBOX" serve --listen "$LISTEN"
 fi
 
@@ -31,5 +38,6 @@ trap cleanup INT TERM EXIT
 nsenter -t "$PID" -a install -m 0644 "$REPO/units/unitbox.slice" /etc/systemd/system/unitbox.slice
 nsenter -t "$PID" -a systemctl daemon-reload
 echo "==> unitbox serve --listen $LISTEN inside $NAME (Ctrl-C to stop)"
+playground_url
 nsenter -t "$PID" -a "$UNITBOX" serve --listen "$LISTEN" &
 wait $! || true

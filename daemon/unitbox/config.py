@@ -150,6 +150,7 @@ class Config(BaseSettings):
     lint: LintSection = Field(default_factory=LintSection)
     result_kb: int = Field(default=1024, gt=0)  # an entrypoint's value, as JSON
     inline_output_kb: int = Field(default=64, ge=0)  # stdout and stderr each, in a waited answer
+    playground: bool = True  # GET / and /playground serve the page (api/playground.py); false: 404
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
     _ignored_env: tuple[str, ...] = PrivateAttr(default=())

@@ -41,7 +41,7 @@ async def looks_unknown(client: Client, method: str, path: str, run_id: str, tok
     assert (await reply.text()).replace(run_id, "ID") == (await unknown.text()).replace(UNKNOWN, "ID")
 
 
-READS = [("GET", "/status/{}"), ("GET", "/output/{}"), ("GET", "/output/{}?stream=stdout"),
+READS = [("GET", "/status/{}"), ("GET", "/output/{}"), ("GET", "/output/{}?stream=stdout"), ("GET", "/runs/{}/code"),
          ("GET", "/output/{}?stream=stderr")]
 CANCELS = [("POST", "/runs/{}/cancel"), ("DELETE", "/runs/{}")]
 

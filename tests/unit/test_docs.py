@@ -48,7 +48,8 @@ def test_every_config_key_is_documented_and_no_other() -> None:
 
 
 def registered_routes() -> set[tuple[str, str]]:
-    config = load_config(Path("/dev/null"), environ={}, cli={"state_dir": "/nonexistent"})
+    """The API's routes (the playground page's are not the API: docs/operations.md has it)."""
+    config = load_config(Path("/dev/null"), environ={"UNITBOX_PLAYGROUND": "false"}, cli={"state_dir": "/nonexistent"})
     app = create_app(SimpleNamespace(config=config), manage_engine=False)  # type: ignore[arg-type]
     routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
     bare = {(method, path) for method, path in routes if not path.endswith("/")}

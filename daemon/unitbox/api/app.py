@@ -1,5 +1,6 @@
 """The aiohttp application: routes (each also with a trailing slash), the
-error and auth middlewares, and the engine's startup/shutdown."""
+playground page (unless turned off), the error and auth middlewares, and the
+engine's startup/shutdown."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from unitbox.api import events, files, handlers, output
+from unitbox.api import events, files, handlers, output, playground
 from unitbox.api.auth import auth_middleware
 from unitbox.api.errors import Handler, error_middleware
 from unitbox.api.openapi import build_openapi
@@ -26,7 +27,9 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/runs", handlers.list_runs),
     ("GET", "/runs/{id}/files", files.list_files),
     ("GET", "/runs/{id}/files/{path:.+}", files.get_file),
+    ("GET", "/runs/{id}/code", files.code),
     ("GET", "/runtimes", handlers.runtimes),
+    ("GET", "/limits", handlers.limits),
     ("GET", "/healthz", handlers.healthz),
     ("GET", "/metrics", handlers.metrics),
     ("GET", "/openapi.json", handlers.openapi),
@@ -43,6 +46,8 @@ def create_app(engine: Engine, *, manage_engine: bool = True, shutdown_grace_s: 
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, path + "/", handler)
+    if config.playground:
+        playground.add_routes(app)
 
     if manage_engine:
         async def engine_lifetime(_: web.Application) -> AsyncIterator[None]:

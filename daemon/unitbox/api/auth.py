@@ -4,8 +4,8 @@
 The middleware is always installed, so a request that reaches a handler of
 runs always has its caller: without tokens configured that is EVERYONE
 (every run, as before tokens had owners); with tokens, a request without a
-valid one is a 401, except for the public liveness check, which gets no
-caller at all (caller_of fails closed there)."""
+valid one is a 401, except for the public liveness check and the playground
+page's static files, which get no caller at all (caller_of fails closed there)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from unitbox.api.errors import Handler
+from unitbox.api.playground import is_public
 from unitbox.errors import Unauthorized
 from unitbox.tokens import EVERYONE, Caller, TokenSection, TokenTable
 
@@ -27,7 +28,8 @@ def auth_middleware(tokens: dict[str, TokenSection]) -> Middleware:
     async def identify(request: web.Request, handler: Handler) -> web.StreamResponse:
         if table is None:
             request[CALLER] = EVERYONE
-        elif request.path not in PUBLIC_PATHS:  # a public path has no caller: it must not touch runs
+        # A public path has no caller: it must not touch runs.
+        elif request.path not in PUBLIC_PATHS and not is_public(request.path):
             request[CALLER] = _bearer(table, request)
         return await handler(request)
 

@@ -1,5 +1,6 @@
 """GET /runs/<id>/files and /runs/<id>/files/<path>: the files a run left in
-its working directory, as the collector took them (collect.py). A path is
+its working directory, as the collector took them (collect.py); and GET
+/runs/<id>/code, the source it was given (for the playground's shared links). A path is
 looked up in the run's manifest and its bytes served from the numbered blob:
 no name the run chose is ever used as a path on the host.
 
@@ -48,3 +49,14 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     headers = {**FILE_SECURITY, hdrs.CONTENT_TYPE: file.media_type,
                hdrs.CONTENT_DISPOSITION: f"{disposition}; filename*=UTF-8''{name}"}
     return web.FileResponse(engine.run_dir(record.id).blob(file.blob), headers=headers)
+
+
+async def code(request: web.Request) -> web.StreamResponse:
+    """The source as submitted: bytes, as the interpreter read them (UTF-8 unless a coding line says otherwise)."""
+    engine = request.app[ENGINE]
+    record = await engine.get(request.match_info["id"], caller_of(request))
+    script = engine.run_dir(record.id).script
+    if not script.is_file():  # a run refused before its directory was made
+        raise NotFound(f"run {record.id} has no code stored")
+    return web.FileResponse(script, headers={**FILE_SECURITY, hdrs.CONTENT_TYPE: "text/x-python",
+                                             hdrs.CONTENT_DISPOSITION: "inline; filename=main.py"})

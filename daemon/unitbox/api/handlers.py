@@ -23,11 +23,13 @@ from unitbox.api.inputs import check_files, decode_content
 from unitbox.api.models import (
     HealthOut,
     LimitsIn,
+    LimitsOut,
     RunOut,
     RunRequest,
     RunsPage,
     RuntimeOut,
     RuntimesOut,
+    ServerLimitsOut,
     SubmitOut,
     check_args,
     check_entrypoint,
@@ -297,6 +299,12 @@ async def runtimes(request: web.Request) -> web.Response:
     described = await request.app[ENGINE].runtimes()
     return _json(RuntimesOut(runtimes=[RuntimeOut(name=r.name, python=r.python, packages=r.packages)
                                        for r in described]))
+
+
+async def limits(request: web.Request) -> web.Response:
+    config = request.app[ENGINE].config
+    return _json(ServerLimitsOut(defaults=LimitsOut.model_validate(config.default_limits.as_dict()),
+                                 maxima=LimitsOut.model_validate(config.maximum_limits.as_dict())))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -274,6 +274,11 @@ class RuntimesOut(BaseModel):
     runtimes: list[RuntimeOut]
 
 
+class ServerLimitsOut(BaseModel):
+    defaults: LimitsOut = Field(description="What a run gets for each limit its request leaves out.")
+    maxima: LimitsOut = Field(description="The most a request may ask for; above is a 422.")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     systemd: str | None = None

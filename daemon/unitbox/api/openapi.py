@@ -18,6 +18,7 @@ from unitbox.api.models import (
     RunRequest,
     RunsPage,
     RuntimesOut,
+    ServerLimitsOut,
     SubmitOut,
 )
 
@@ -67,8 +68,8 @@ def _wait_param() -> dict[str, Any]:
 
 
 def build_openapi() -> dict[str, Any]:
-    models: list[type[BaseModel]] = [RunRequest, RunOut, SubmitOut, OutputOut, RunsPage, RuntimesOut, HealthOut,
-                                     FilesOut, ErrorOut]
+    models: list[type[BaseModel]] = [RunRequest, RunOut, SubmitOut, OutputOut, RunsPage, RuntimesOut,
+                                     ServerLimitsOut, HealthOut, FilesOut, ErrorOut]
     _, schemas = models_json_schema([(m, "serialization" if m is not RunRequest else "validation")
                                      for m in models], ref_template=_REF)
     submitted = {
@@ -150,6 +151,14 @@ def build_openapi() -> dict[str, Any]:
         "/runtimes": {"get": {
             "summary": "Runtimes this server offers", "operationId": "listRuntimes",
             "responses": {"200": _json_body(RuntimesOut, "The runtimes"), **_errors("401")}}},
+        "/limits": {"get": {
+            "summary": "The limits a run gets by default, and the most it may ask for", "operationId": "getLimits",
+            "responses": {"200": _json_body(ServerLimitsOut, "Defaults and maxima"), **_errors("401")}}},
+        "/runs/{id}/code": {"get": {
+            "summary": "A run's source, as submitted", "operationId": "getRunCode", "parameters": _id_param(),
+            "responses": {"200": {"description": "The source bytes (UTF-8 unless its coding line says otherwise)",
+                                  "content": {"text/x-python": {"schema": {"type": "string"}}}},
+                          **_errors("401", "404")}}},
         "/healthz": {"get": {
             "summary": "Liveness: can the daemon reach systemd", "operationId": "healthz",
             "responses": {"200": _json_body(HealthOut, "Healthy"), "503": _json_body(HealthOut, "Unhealthy")}}},
