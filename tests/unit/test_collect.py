@@ -29,7 +29,7 @@ def box(tmp_path: Path) -> Path:
 
 def run_collector(box: Path, caps: Caps = CAPS) -> dict[str, object]:
     """collect.py as ExecStopPost runs it; the manifest it wrote."""
-    numbers = [str(getattr(caps, name)) for name in Caps.__dataclass_fields__]
+    numbers = [str(getattr(caps, name)) for name in Caps.FIELDS]
     subprocess.run([sys.executable, "-I", "-S", collect.__file__, *numbers, str(box), str(box.parent / "run")],
                    check=True, timeout=60)
     manifest: dict[str, object] = json.loads((box.parent / "run" / "files" / "manifest.json").read_text())
