@@ -18,7 +18,7 @@ HOST_APT_PACKAGES := debootstrap python3-venv git
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils debootstrap e2fsprogs openssh-client
 VM_PYTEST_ARGS ?=
 
-.PHONY: deb deb-deps wheelhouse vm-deps vm-image vm-test deb-clean FORCE
+.PHONY: deb deb-deps wheelhouse vm-deps vm-image vm-test vm-dev-test deb-clean FORCE
 
 define apt_ensure
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -77,6 +77,28 @@ $(DEB_PREVIOUS): $(WHEELHOUSE)/.complete .cache/buildroot-bookworm.stamp
 	    | tar -x -C .cache/deb-previous/src
 	@nice -n 10 bash packaging/build-deb.sh bookworm "" .cache/deb-previous/src $@
 
+# The development tier in the Debian 13 VM (tests/vm/test_the_development_tier.py)
+# installs the checkout's test venv offline from these: the Python 3.13 wheels
+# of the daemon's and the tests' dependencies (and pystemd's: lxml, psutil), pystemd
+# built in the trixie root.
+DEV_WHEELS := .cache/devwheels-cp313
+$(DEV_WHEELS)/.complete: pyproject.toml $(WHEELHOUSE)/.complete .cache/buildroot-trixie.stamp
+	@echo "==> the test venv's wheels for Python 3.13 (Debian 13) into $(DEV_WHEELS)"
+	@rm -rf $(DEV_WHEELS) .cache/devbuild && mkdir -p $(DEV_WHEELS) .cache/devbuild
+	@.cache/pip-download/bin/pip download --disable-pip-version-check -q -d $(DEV_WHEELS) \
+	    --python-version 3.13 --implementation cp --abi cp313 $(WHEEL_PLATFORMS) --only-binary :all: \
+	    $$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
+	        print(*(d for d in p["build-system"]["requires"] + p["project"]["dependencies"] \
+	                + p["project"]["optional-dependencies"]["test"] if not d.startswith("pystemd")))') lxml psutil pip
+	@cp -r $(WHEELHOUSE) .cache/devbuild/wheelhouse
+	@bash packaging/buildroot.sh run trixie .cache/devbuild sh -c 'python3 -m venv --without-pip /tmp/v && \
+	    P="/tmp/v/bin/python $$(ls wheelhouse/pip-*.whl)/pip --isolated --no-cache-dir" && \
+	    $$P install -q --no-index -f wheelhouse setuptools wheel cython && \
+	    $$P wheel -q --no-index --no-build-isolation --no-deps -f wheelhouse -w out pystemd==$(PYSTEMD_VERSION)'
+	@cp .cache/devbuild/out/pystemd-*.whl $(DEV_WHEELS)/ && rm -rf .cache/devbuild
+	@echo "    $$(ls $(DEV_WHEELS) | wc -l) wheels" && touch $@
+PYSTEMD_VERSION = $(shell sed -n 's/^pystemd==//p' packaging/requirements.txt)
+
 vm-image: vm-deps  ## build (once per recipe; cached in .cache/vm/<dist>) the VM image of each release
 	@for dist in $(DEB_DISTS); do nice -n 10 bash tests/vm/image.sh $$dist || exit 1; done
 
@@ -87,6 +109,13 @@ vm-test: deb $(DEB_PREVIOUS) vm-image venv  ## the operator story in a Debian 12
 	    UNITBOX_DEBS="$(call deb_file,bookworm) $(call deb_file,trixie)" \
 	    $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm $(VM_PYTEST_ARGS) || exit 1; \
 	done
+	@bash tests/vm/vm.sh check-clean
+
+vm-dev-test: DEB_DISTS := trixie
+vm-dev-test: deb $(DEV_WHEELS)/.complete vm-image venv  ## development on Debian 13: make test-fast and an integration smoke (test host on pure cgroup v2) in the trixie VM
+	@echo "==> pytest -m vm tests/vm/test_the_development_tier.py on trixie (boots its VM: qemu, $$(bash tests/vm/vm.sh accel))"
+	@UNITBOX_VM_TEST=1 UNITBOX_VM_DEV=1 UNITBOX_VM_DIST=trixie UNITBOX_DEBS="$(call deb_file,trixie)" \
+	    $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm/test_the_development_tier.py $(VM_PYTEST_ARGS)
 	@bash tests/vm/vm.sh check-clean
 
 deb-clean:  ## remove the built packages, the wheelhouse, the build roots and the VM images

@@ -28,8 +28,10 @@ trap "umount_under '$rootfs'; rm -rf '$rootfs'" EXIT
 umount_under "$rootfs"
 rm -rf "$rootfs" "$STAMP" "$VM/base.img"
 mkdir -p "$VM"
+# Debian 13 is also the development machine of test_the_development_tier.py (make test-fast).
+extra=; [[ $DIST == trixie ]] && extra=,make
 debootstrap_root "$DIST" "$rootfs" \
-    systemd,systemd-sysv,dbus,libnss-systemd,udev,kmod,linux-image-amd64,python3,python3-lxml,openssh-server,curl,iproute2,procps
+    systemd,systemd-sysv,dbus,libnss-systemd,udev,kmod,linux-image-amd64,python3,python3-lxml,openssh-server,curl,iproute2,procps$extra
 
 echo "==> configuring the image (network, ssh key, fstab, no background apt)"
 echo unitbox-vm > "$rootfs/etc/hostname"
