@@ -102,7 +102,7 @@ PYSTEMD_VERSION = $(shell sed -n 's/^pystemd==//p' packaging/requirements.txt)
 vm-image: vm-deps  ## build (once per recipe; cached in .cache/vm/<dist>) the VM image of each release
 	@for dist in $(DEB_DISTS); do nice -n 10 bash tests/vm/image.sh $$dist || exit 1; done
 
-vm-test: deb $(DEB_PREVIOUS) vm-image venv  ## the operator story in a Debian 12 VM and a Debian 13 VM (qemu), each with its own .deb
+vm-test: deb $(if $(filter bookworm,$(DEB_DISTS)),$(DEB_PREVIOUS)) vm-image venv  ## the operator story in a Debian 12 VM and a Debian 13 VM (qemu), each with its own .deb
 	@for dist in $(DEB_DISTS); do \
 	  echo "==> pytest -m vm tests/vm on $$dist (boots its VM: qemu, $$(bash tests/vm/vm.sh accel))"; \
 	  UNITBOX_VM_TEST=1 UNITBOX_VM_DIST=$$dist UNITBOX_DEB_PREVIOUS=$(DEB_PREVIOUS) \
