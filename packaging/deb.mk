@@ -1,15 +1,24 @@
-# The Debian package (make deb) and the package tests in a Debian 12 VM
-# (make vm-test). Included by the Makefile.
+# The Debian packages (make deb), one per release, each built in a clean root
+# of its release, and their tests in a VM of that release (make vm-test).
+# DIST=bookworm or DIST=trixie for one. Included by the Makefile.
 DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' packaging/debian/changelog)
 DEB_ARCH := $(shell dpkg --print-architecture)
-DEB := dist/unitbox_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEB_DISTS := $(or $(DIST),bookworm trixie)
+deb_suffix = $(if $(filter bookworm,$1),deb12,$(if $(filter trixie,$1),deb13,$(error DIST=$1: bookworm or trixie)))
+deb_file = dist/unitbox_$(DEB_VERSION)~$(call deb_suffix,$1)_$(DEB_ARCH).deb
+DEBS := $(foreach d,$(DEB_DISTS),$(call deb_file,$d))
+# The package the upgrade test starts from: 0.1.0 as landed, built from its commit.
+DEB_PREVIOUS_COMMIT := 2bc55b6
+DEB_PREVIOUS := .cache/deb-previous/unitbox_0.1.0_$(DEB_ARCH).deb
 WHEELHOUSE := .cache/wheelhouse
-DEB_BUILD := .cache/deb-build
-DEB_APT_PACKAGES := dpkg-dev debhelper fakeroot lintian python3 python3-venv python3-dev python3-lxml libsystemd-dev pkg-config gcc
+# The Pythons of the releases: the wheelhouse holds wheels for each.
+WHEEL_PYTHONS := 3.11 3.13
+WHEEL_PLATFORMS := $(foreach v,5 12 17 28 31 34,--platform manylinux_2_$(v)_x86_64)
+HOST_APT_PACKAGES := debootstrap python3-venv git
 VM_APT_PACKAGES := qemu-system-x86 qemu-utils debootstrap e2fsprogs openssh-client
 VM_PYTEST_ARGS ?=
 
-.PHONY: deb deb-deps wheelhouse lintian vm-deps vm-image vm-test deb-clean
+.PHONY: deb deb-deps wheelhouse vm-deps vm-image vm-test vm-dev-test deb-clean FORCE
 
 define apt_ensure
 	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -20,60 +29,95 @@ define apt_ensure
 	else echo "==> Debian packages present: $(1)"; fi
 endef
 
-deb-deps:  ## install the Debian packages that build the .deb (dpkg-dev, debhelper, lintian, …)
-	$(call apt_ensure,$(DEB_APT_PACKAGES))
+deb-deps:  ## install what builds the .debs here (debootstrap; the rest is in each release's build root)
+	$(call apt_ensure,$(HOST_APT_PACKAGES))
 
 vm-deps:  ## install qemu, debootstrap and what the VM tests need
 	$(call apt_ensure,$(VM_APT_PACKAGES) curl)
 
-wheelhouse: $(WHEELHOUSE)/.complete  ## download the pinned wheels (and pystemd's sdist) the offline .deb build uses
+wheelhouse: $(WHEELHOUSE)/.complete  ## download the pinned wheels (for each release's Python) and pystemd's sdist
 $(WHEELHOUSE)/.complete: packaging/requirements.txt packaging/build-requirements.txt
-	$(call apt_ensure,python3-venv)
+	$(call apt_ensure,python3-venv git)
 	@echo "==> pip for downloading: .cache/pip-download (python3 -m venv)"
 	@test -x .cache/pip-download/bin/pip || python3 -m venv .cache/pip-download
-	@echo "==> downloading the wheelhouse into $(WHEELHOUSE) (packaging/requirements.txt, build-requirements.txt)"
 	@rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
-	@.cache/pip-download/bin/pip download --disable-pip-version-check --progress-bar on -d $(WHEELHOUSE) --no-deps \
-	    --only-binary :all: -r packaging/build-requirements.txt
-	@.cache/pip-download/bin/pip download --disable-pip-version-check --progress-bar on -d $(WHEELHOUSE) --no-deps \
-	    --only-binary :all: --no-binary pystemd -r packaging/requirements.txt
+	@git show $(DEB_PREVIOUS_COMMIT):packaging/requirements.txt > .cache/requirements-previous.txt
+	@for py in $(WHEEL_PYTHONS); do \
+	  echo "==> downloading the wheelhouse for Python $$py into $(WHEELHOUSE) (packaging/*requirements.txt, and 0.1.0's)"; \
+	  for req in packaging/build-requirements.txt packaging/requirements.txt .cache/requirements-previous.txt; do \
+	    .cache/pip-download/bin/pip download --disable-pip-version-check -q -d $(WHEELHOUSE) --no-deps \
+	      --python-version $$py --implementation cp --abi cp$${py/./} $(WHEEL_PLATFORMS) \
+	      --only-binary :all: --no-binary pystemd -r $$req || exit 1; \
+	  done; \
+	done
 	@ls $(WHEELHOUSE) | sed 's/^/    /'
 	@touch $@
 
-deb: $(DEB)  ## build dist/unitbox_<version>_<arch>.deb (offline, from the wheelhouse) and lintian it
+# A build root is remade only when its recipe changes; its stamp then changes
+# and so do the packages built in it.
+.cache/buildroot-%.stamp: FORCE | deb-deps
+	@nice -n 10 bash packaging/buildroot.sh ensure $*
+
+deb: $(DEBS)  ## build dist/unitbox_<version>~deb12 and ~deb13_<arch>.deb, each in its release's root, and lintian them
 DEB_INPUTS := $(shell find daemon/unitbox packaging units -type f ! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
 	pyproject.toml README.md SECURITY.md $(wildcard docs/*.md)
-$(DEB): $(WHEELHOUSE)/.complete $(DEB_INPUTS) $(PLAYGROUND) | deb-deps
-	@echo "==> checking versions: debian/changelog $(DEB_VERSION), pyproject.toml $$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
-	@[ "$(DEB_VERSION)" = "$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" ] || \
+define deb_rule
+$(call deb_file,$1): $(WHEELHOUSE)/.complete .cache/buildroot-$1.stamp $(DEB_INPUTS) $(PLAYGROUND)
+	@echo "==> checking versions: debian/changelog $(DEB_VERSION), pyproject.toml $$$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)"
+	@[ "$(DEB_VERSION)" = "$$$$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)" ] || \
 	    { echo "packaging/debian/changelog and pyproject.toml disagree on the version" >&2; exit 1; }
-	@echo "==> staging the source tree in $(DEB_BUILD)/unitbox-$(DEB_VERSION)"
-	@rm -rf $(DEB_BUILD) && mkdir -p $(DEB_BUILD)/unitbox-$(DEB_VERSION)
-	@tar -c --exclude=__pycache__ --exclude='*.egg-info' --exclude=packaging/debian \
-	    daemon units packaging pyproject.toml README.md SECURITY.md docs | tar -x -C $(DEB_BUILD)/unitbox-$(DEB_VERSION)
-	@cp -r packaging/debian $(DEB_BUILD)/unitbox-$(DEB_VERSION)/debian
-	@cp -r $(WHEELHOUSE) $(DEB_BUILD)/unitbox-$(DEB_VERSION)/wheelhouse
-	@echo "==> dpkg-buildpackage -b, with no network (unshare --net): building the venv and pystemd"
-	@cd $(DEB_BUILD)/unitbox-$(DEB_VERSION) && unshare --net -- \
-	    dpkg-buildpackage -b -us -uc > ../build.log 2>&1 \
-	    || { tail -n 40 ../build.log; echo "dpkg-buildpackage failed: $(DEB_BUILD)/build.log" >&2; exit 1; }
-	@grep -E '^(dh |\s+dh_|   dh_)' $(DEB_BUILD)/build.log | sed 's/^\s*/    /' | head -n 40 || true
-	@mkdir -p dist && cp $(DEB_BUILD)/unitbox_$(DEB_VERSION)_$(DEB_ARCH).deb $@
-	@echo "==> built $@ ($$(du -h $@ | cut -f1)); Depends: $$(dpkg-deb -f $@ Depends)"
-	@$(MAKE) --no-print-directory lintian
+	@nice -n 10 bash packaging/build-deb.sh $1 $(call deb_suffix,$1) . $$@
+endef
+$(foreach d,bookworm trixie,$(eval $(call deb_rule,$d)))
 
-lintian:  ## lintian the built .deb (fails on errors; warnings need an override with a reason)
-	@echo "==> lintian $(DEB)"
-	@lintian --fail-on error --tag-display-limit 0 $(DEB) 2>&1 | grep -v "root privileges" | sed 's/^/    /'; \
-	    rc=$${PIPESTATUS[0]}; [ $$rc -eq 0 ] && echo "    lintian: no errors" || { echo "    lintian failed ($$rc)"; exit $$rc; }
+$(DEB_PREVIOUS): $(WHEELHOUSE)/.complete .cache/buildroot-bookworm.stamp
+	@echo "==> the previous package: unitbox 0.1.0 from commit $(DEB_PREVIOUS_COMMIT) (git archive), for the upgrade test"
+	@rm -rf .cache/deb-previous && mkdir -p .cache/deb-previous/src
+	@git archive $(DEB_PREVIOUS_COMMIT) daemon units packaging pyproject.toml README.md SECURITY.md docs \
+	    | tar -x -C .cache/deb-previous/src
+	@nice -n 10 bash packaging/build-deb.sh bookworm "" .cache/deb-previous/src $@
 
-vm-image: vm-deps  ## build (once; cached in .cache/vm) the Debian 12 VM image
-	@bash tests/vm/image.sh
+# The development tier in the Debian 13 VM (tests/vm/test_the_development_tier.py)
+# installs the checkout's test venv offline from these: the Python 3.13 wheels
+# of the daemon's and the tests' dependencies (and pystemd's: lxml, psutil), pystemd
+# built in the trixie root.
+DEV_WHEELS := .cache/devwheels-cp313
+$(DEV_WHEELS)/.complete: pyproject.toml $(WHEELHOUSE)/.complete .cache/buildroot-trixie.stamp
+	@echo "==> the test venv's wheels for Python 3.13 (Debian 13) into $(DEV_WHEELS)"
+	@rm -rf $(DEV_WHEELS) .cache/devbuild && mkdir -p $(DEV_WHEELS) .cache/devbuild
+	@.cache/pip-download/bin/pip download --disable-pip-version-check -q -d $(DEV_WHEELS) \
+	    --python-version 3.13 --implementation cp --abi cp313 $(WHEEL_PLATFORMS) --only-binary :all: \
+	    $$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
+	        print(*(d for d in p["build-system"]["requires"] + p["project"]["dependencies"] \
+	                + p["project"]["optional-dependencies"]["test"] if not d.startswith("pystemd")))') lxml psutil pip
+	@cp -r $(WHEELHOUSE) .cache/devbuild/wheelhouse
+	@bash packaging/buildroot.sh run trixie .cache/devbuild sh -c 'python3 -m venv --without-pip /tmp/v && \
+	    P="/tmp/v/bin/python $$(ls wheelhouse/pip-*.whl)/pip --isolated --no-cache-dir" && \
+	    $$P install -q --no-index -f wheelhouse setuptools wheel cython && \
+	    $$P wheel -q --no-index --no-build-isolation --no-deps -f wheelhouse -w out pystemd==$(PYSTEMD_VERSION)'
+	@cp .cache/devbuild/out/pystemd-*.whl $(DEV_WHEELS)/ && rm -rf .cache/devbuild
+	@echo "    $$(ls $(DEV_WHEELS) | wc -l) wheels" && touch $@
+PYSTEMD_VERSION = $(shell sed -n 's/^pystemd==//p' packaging/requirements.txt)
 
-vm-test: deb vm-image venv  ## install the .deb in a Debian 12 VM under qemu and check the operator story
-	@echo "==> pytest -m vm tests/vm (boots the VM: qemu, $$(bash tests/vm/vm.sh accel))"
-	@UNITBOX_VM_TEST=1 UNITBOX_DEB=$(DEB) $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm $(VM_PYTEST_ARGS)
+vm-image: vm-deps  ## build (once per recipe; cached in .cache/vm/<dist>) the VM image of each release
+	@for dist in $(DEB_DISTS); do nice -n 10 bash tests/vm/image.sh $$dist || exit 1; done
+
+vm-test: deb $(if $(filter bookworm,$(DEB_DISTS)),$(DEB_PREVIOUS)) vm-image venv  ## the operator story in a Debian 12 VM and a Debian 13 VM (qemu), each with its own .deb
+	@for dist in $(DEB_DISTS); do \
+	  echo "==> pytest -m vm tests/vm on $$dist (boots its VM: qemu, $$(bash tests/vm/vm.sh accel))"; \
+	  UNITBOX_VM_TEST=1 UNITBOX_VM_DIST=$$dist UNITBOX_DEB_PREVIOUS=$(DEB_PREVIOUS) \
+	    UNITBOX_DEBS="$(call deb_file,bookworm) $(call deb_file,trixie)" \
+	    $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm $(VM_PYTEST_ARGS) || exit 1; \
+	done
 	@bash tests/vm/vm.sh check-clean
 
-deb-clean:  ## remove the built package, the wheelhouse and the VM image
-	rm -rf $(DEB_BUILD) $(WHEELHOUSE) .cache/pip-download .cache/vm dist/unitbox_*.deb
+vm-dev-test: DEB_DISTS := trixie
+vm-dev-test: deb $(DEV_WHEELS)/.complete vm-image venv  ## development on Debian 13: make test-fast and an integration smoke (test host on pure cgroup v2) in the trixie VM
+	@echo "==> pytest -m vm tests/vm/test_the_development_tier.py on trixie (boots its VM: qemu, $$(bash tests/vm/vm.sh accel))"
+	@UNITBOX_VM_TEST=1 UNITBOX_VM_DEV=1 UNITBOX_VM_DIST=trixie UNITBOX_DEBS="$(call deb_file,trixie)" \
+	    $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm/test_the_development_tier.py $(VM_PYTEST_ARGS)
+	@bash tests/vm/vm.sh check-clean
+
+deb-clean:  ## remove the built packages, the wheelhouse, the build roots and the VM images
+	@for root in .cache/buildroot-*/; do [ -d "$$root" ] && bash -c '. packaging/bootstrap.sh; umount_under "$$1"' _ "$$root"; done; true
+	rm -rf .cache/deb-build .cache/deb-previous $(WHEELHOUSE) .cache/pip-download .cache/buildroot-* .cache/debs .cache/vm dist/unitbox_*.deb

@@ -1,6 +1,8 @@
-"""The VM tier: the .deb installed in a real Debian 12 VM (systemd as PID 1,
-cgroup v2) booted under qemu. `make vm-test` (and so `make test`) builds the
-package and the image and runs it; elsewhere it is skipped."""
+"""The VM tier: the .deb of a Debian release installed in a real VM of that
+release (systemd as PID 1, cgroup v2) booted under qemu: Debian 12 (bookworm,
+systemd 252) or Debian 13 (trixie, systemd 257), as $UNITBOX_VM_DIST says.
+`make vm-test` (and so `make test`) builds the packages and images and runs
+this tier once per release; elsewhere it is skipped."""
 
 from __future__ import annotations
 
@@ -18,6 +20,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 VM_SH = REPO / "tests" / "vm" / "vm.sh"
 TERMINAL = {"succeeded", "failed", "timed_out", "oom_killed", "cancelled", "error"}
+# The release of this session's VM, and the Debian version each release's
+# package carries in its own (unitbox_0.2.0~deb12_amd64.deb).
+DIST = os.environ.get("UNITBOX_VM_DIST", "bookworm")
+RELEASES = {"bookworm": 12, "trixie": 13}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -77,11 +83,41 @@ class VM:
             time.sleep(1)
 
 
+def _package_for(release: str) -> Path | None:
+    """The package built for `release` among $UNITBOX_DEBS (make vm-test lists every release's)."""
+    for name in os.environ.get("UNITBOX_DEBS", "").split():
+        if f"~deb{RELEASES[release]}_" in name and (REPO / name).is_file():
+            return REPO / name
+    return None
+
+
 @pytest.fixture(scope="session")
 def deb() -> Path:
-    path = REPO / os.environ.get("UNITBOX_DEB", "")
+    path = _package_for(DIST)
+    if path is None:
+        pytest.fail(f"no package for {DIST} in UNITBOX_DEBS={os.environ.get('UNITBOX_DEBS')!r}: "
+                    "run `make deb` (make vm-test does)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def other_deb() -> Path:
+    """The package of the other release, which this VM must refuse."""
+    other = next(release for release in RELEASES if release != DIST)
+    path = _package_for(other)
+    if path is None:
+        pytest.skip(f"the {other} package is not built (make vm-test DIST={DIST})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def previous_deb() -> Path:
+    """unitbox 0.1.0 as landed (built from its commit for Debian 12): the upgrade's start."""
+    if DIST != "bookworm":
+        pytest.skip("0.1.0 was built for Debian 12 only")
+    path = REPO / os.environ.get("UNITBOX_DEB_PREVIOUS", "")
     if not path.is_file():
-        pytest.fail(f"no package at {path}: run `make deb` (make vm-test does)")
+        pytest.fail(f"no previous package at {path}: make vm-test builds it")
     return path
 
 

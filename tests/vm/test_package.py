@@ -1,6 +1,8 @@
-"""The operator story of the Debian package, on a real Debian 12 VM: install,
-systemctl/journalctl, runs and their limits on cgroup v2, restart, upgrade,
-remove, purge. The steps run in this order and build on each other."""
+"""The operator story of the Debian package, on a real VM of the release it
+was built for (Debian 12 or 13, conftest.DIST): the other release's package
+refused, install, systemctl/journalctl, runs and their limits on cgroup v2,
+restart, upgrade, remove, purge, and on Debian 12 the upgrade from 0.1.0. The
+steps run in this order and build on each other."""
 
 from __future__ import annotations
 
@@ -12,17 +14,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import REPO, VM, step
+from tests.vm.conftest import DIST, REPO, VM, step
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
 CONFFILE = "/etc/unitbox/unitbox.toml"
+# Debian 13 ships every file under /usr; on 12 the units stay where 0.1.0 put them.
+UNIT_DIR = "/lib/systemd/system" if DIST == "bookworm" else "/usr/lib/systemd/system"
 
 
 def _exposure(text: str) -> float:
     found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", text)
     assert found, text
     return float(found.group(1))
+
+
+def test_the_other_releases_package_is_refused(vm: VM, other_deb: Path) -> None:
+    vm.put(other_deb, f"/root/{other_deb.name}")
+    done = vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{other_deb.name}", check=False)
+    why = [line.strip() for line in done.stdout.splitlines() if "Depends:" in line]
+    dpkg = vm.out("dpkg-query -W -f='${Status}' unitbox 2>&1", check=False)
+    units = vm.out("systemctl list-unit-files --no-legend 'unitbox*'", check=False)
+    step(f"apt install ./{other_deb.name} (the other release's package)",
+         f"exit {done.returncode}: {' | '.join(why)}; dpkg: {dpkg}; unit files: {units or 'none'}")
+    assert done.returncode != 0
+    assert any("python3.1" in line and "not installable" in line for line in why), done.stdout + done.stderr
+    assert "installed" not in dpkg and units == ""
+    vm.sh(f"rm /root/{other_deb.name}")
 
 
 def test_apt_install_succeeds(vm: VM, deb: Path) -> None:
@@ -49,10 +67,10 @@ def test_status_shows_the_status_text(vm: VM) -> None:
     assert line is not None and line.startswith('Status: "Serving'), status
 
 
-def test_installed_files_and_commands(vm: VM) -> None:
+def test_installed_files_and_commands(vm: VM, deb: Path) -> None:
     outside_venv = vm.out("dpkg -L unitbox | grep -v '^/usr/lib/unitbox/' | sort")
     step("dpkg -L unitbox (without the venv's files)", " ".join(outside_venv.split()))
-    for path in ("/usr/bin/unitbox", "/lib/systemd/system/unitbox.service", "/lib/systemd/system/unitbox.slice",
+    for path in ("/usr/bin/unitbox", f"{UNIT_DIR}/unitbox.service", f"{UNIT_DIR}/unitbox.slice",
                  CONFFILE, "/usr/share/man/man1/unitbox.1.gz"):
         assert path in outside_venv.split()
     conffiles = vm.out("dpkg-query -W -f='${Conffiles}' unitbox")
@@ -61,7 +79,7 @@ def test_installed_files_and_commands(vm: VM) -> None:
     version = vm.out("unitbox --version")
     check = vm.out("unitbox check-config")
     step("unitbox --version; unitbox check-config", f"{version}; {check}")
-    assert version.startswith("unitbox ") and check == "configuration is valid"
+    assert version == f"unitbox {deb.name.split('_')[1].split('~')[0]}" and check == "configuration is valid"
     perms = vm.out(f"stat -c '%a %U' {CONFFILE} /var/lib/unitbox")
     step(f"stat {CONFFILE} /var/lib/unitbox", " | ".join(perms.splitlines()))
     assert perms.splitlines() == ["640 root", "700 root"]
@@ -123,21 +141,79 @@ def test_cpu_quota_holds(vm: VM) -> None:
     # 20 %: the run's privileged ExecStopPost= (which records its outcome)
     # runs under the same quota; it used to be cut short by a 1 s stop bound
     # under TCG and the run ended as `error`. Its bound is now its own (30 s).
-    code = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 3:\n    pass\n"
-    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"cpu_percent": 20, "timeout_s": 60}})
+    code = ("import time\nt, c = time.monotonic(), time.process_time()\n"
+            "while time.monotonic() - t < 3:\n    pass\nprint(time.process_time() - c)\n")
+    run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"cpu_percent": 20, "timeout_s": 120}})
+    loop_cpu = float(vm.curl("GET", f"/output/{run['id']}")["stdout"] or "nan")
     step("a 3 s busy loop with cpu_percent 20",
-         f"{run['state']}, cpu_ms {run['cpu_ms']} in {run['duration_ms']} ms {run['error'] or ''}")
+         f"{run['state']}, the loop's own CPU {loop_cpu:.2f} s; the unit's cpu_ms {run['cpu_ms']} "
+         f"in {run['duration_ms']} ms {run['error'] or ''}")
     assert run["state"] == "succeeded", (run, vm.out(f"journalctl -u unitbox-run-{run['id']} -o cat", check=False))
-    # A fifth of the wall time, plus the stop-post script's share. Unthrottled, a
-    # busy loop would use about all of it.
-    assert run["cpu_ms"] is not None and run["cpu_ms"] <= 0.2 * run["duration_ms"] + 1000
+    # A fifth of the loop's 3 s; unthrottled it would use all of them. The
+    # unit's own cpu_ms is no measure of the quota: systemd 257 spawns every
+    # Exec*= through systemd-executor, whose CPU (seconds under TCG) falls
+    # partly outside the recorded start and end. Under TCG the quota's periods
+    # overrun a little (about 26 % measured on both releases).
+    assert loop_cpu <= 0.35 * 3, run
 
 
 def test_timeout_holds(vm: VM) -> None:
     run = vm.curl("POST", "/run-json?wait=true", {"code": "while True:\n    pass\n", "limits": {"timeout_s": 2}})
     step("while True: pass with timeout_s 2", f"{run['state']} after {run['duration_ms']} ms")
     assert run["state"] == "timed_out", run
-    assert 1900 <= run["duration_ms"] <= 4000
+    # Killed at 2 s; the rest is the stop under TCG (4.6 s in all on Debian 13,
+    # whose systemd-executor makes each Exec*= spawn slower).
+    assert 1900 <= run["duration_ms"] <= 6000
+
+
+@pytest.mark.xfail(DIST == "trixie", strict=True, reason=(
+    "systemd 257 (Debian 13): DynamicUser= implies a private tmpfs of its own (PrivateTmp=disconnected, "
+    "10 % of RAM) on /tmp and /var/tmp, which wins over TemporaryFileSystem= and BindPaths= at those paths; "
+    "disk_mb does not cap them there (memory_mb does: test_tmp_is_bounded_by_memory_mb)"))
+def test_tmp_and_var_tmp_are_capped(vm: VM) -> None:
+    """/tmp and /var/tmp are tmpfs capped at disk_mb: on systemd 252 (Debian
+    12) by the legacy bind mounts over DynamicUser's PrivateTmp=; on >= 256
+    the profile relies on TemporaryFileSystem= alone (profile.build_profile),
+    which systemd 257 does not honour there (the xfail above)."""
+    code = ("import json, os, time\ntime.sleep(8)\nseen = {}\n"
+            "for d in ('/tmp', '/var/tmp'):\n"
+            "    st, written, err = os.statvfs(d), 0, 0\n"
+            "    try:\n"
+            "        while written < 64 << 20:\n"  # 1 MiB files: the file size limit (disk_mb) is not the test
+            "            with open(f'{d}/fill{written}', 'wb', buffering=0) as f:\n"
+            "                written += f.write(b'x' * (1 << 20))\n"
+            "    except OSError as e:\n"
+            "        err = e.errno\n"
+            "    seen[d] = [st.f_blocks * st.f_frsize, written, err]\n"
+            "print(json.dumps(seen))\n")
+    accepted = vm.curl("POST", "/run-json", {"code": code, "limits": {"disk_mb": 16, "timeout_s": 60}})
+    unit = f"unitbox-run-{accepted['id']}.service"
+    deadline = time.monotonic() + 60
+    while vm.curl("GET", f"/status/{accepted['id']}")["state"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    binds = vm.out(f"systemctl show -p BindPaths --value {unit}")
+    run = vm.wait_run(accepted["id"])
+    seen = json.loads(vm.curl("GET", f"/output/{accepted['id']}")["stdout"])
+    systemd = vm.out("systemctl --version | head -n1")
+    step(f"a run fills /tmp and /var/tmp with disk_mb 16 ({systemd})",
+         f"{run['state']}; [size, bytes written, errno]: {seen}; BindPaths: {binds or 'none (native path)'}")
+    assert run["state"] == "succeeded", run
+    for size, written, err in seen.values():
+        assert size == 16 << 20 and written <= 16 << 20 and err == 28, seen  # ENOSPC
+    # Which path the broker took, by the systemd it found.
+    assert ("/tmp" in binds) == (DIST == "bookworm"), binds
+
+
+def test_tmp_is_bounded_by_memory_mb(vm: VM) -> None:
+    """Whatever /tmp is (capped tmpfs, or systemd 257's private one), its
+    pages are charged to the run's memory cgroup with no swap: a run filling
+    it past memory_mb ends oom_killed, however large disk_mb."""
+    code = "with open('/tmp/fill', 'wb', buffering=0) as f:\n    for _ in range(192):\n        f.write(b'x' * (1 << 20))\n"
+    run = vm.curl("POST", "/run-json?wait=true",
+                  {"code": code, "limits": {"memory_mb": 64, "disk_mb": 1024, "timeout_s": 60}})
+    step("a run writes 192 MiB to /tmp with memory_mb 64, disk_mb 1024",
+         f"{run['state']}, memory_peak_bytes {run['memory_peak_bytes']} {run['error'] or ''}")
+    assert run["state"] == "oom_killed", run
 
 
 def _records(vm: VM) -> dict[str, str]:
@@ -218,6 +294,8 @@ def _next_version(deb: Path, workdir: Path) -> Path:
 
 
 def test_upgrade_restarts_and_keeps_records_and_config(vm: VM, deb: Path) -> None:
+    if DIST == "bookworm":
+        pytest.skip("on Debian 12 the upgrade is the real one, from 0.1.0 (the last step)")
     vm.sh(f"sed -i 's/^#queue_size = 1000$/queue_size = 500  # edited by the operator/' {CONFFILE}")
     before = _records(vm)
     old_pid = vm.out("systemctl show -p MainPID --value unitbox")
@@ -263,3 +341,33 @@ def test_apt_purge_leaves_nothing_behind(vm: VM) -> None:
          f"user/group: {users or 'none'}; dpkg: {dpkg}")
     assert files == "" and units == "" and users == ""
     assert not dpkg.startswith(("ii", "rc"))
+
+
+def test_upgrade_from_0_1_0_keeps_records_and_config(vm: VM, deb: Path, previous_deb: Path) -> None:
+    """Issue 15: 0.1.0 (as landed, Debian 12 only) upgraded to this package
+    keeps the records and the conffile the operator edited (Debian 12 only:
+    the fixture skips elsewhere)."""
+    vm.put(previous_deb, f"/root/{previous_deb.name}")
+    vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{previous_deb.name}")
+    vm.wait_healthy()
+    old_version = vm.out("dpkg-query -W -f='${Version}' unitbox")
+    first = vm.curl("POST", "/run-json?wait=true", {"code": "print('from 0.1.0')"})
+    vm.sh(f"sed -i 's/^#queue_size = 1000$/queue_size = 500  # edited by the operator/' {CONFFILE}")
+    before = _records(vm)
+    old_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{deb.name}")
+    vm.wait_healthy()
+    version = vm.out("dpkg-query -W -f='${Version}' unitbox")
+    new_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    after = _records(vm)
+    output = vm.curl("GET", f"/output/{first['id']}")
+    kept = vm.out(f"grep -c 'edited by the operator' {CONFFILE}")
+    again = vm.curl("POST", "/run-json?wait=true", {"code": "print('after the upgrade')"})
+    step(f"apt install ./{previous_deb.name}, a run, the conffile edited; then apt install ./{deb.name}",
+         f"version {old_version} -> {version}; pid {old_pid} -> {new_pid}; records {len(before)} -> {len(after)}; "
+         f"the 0.1.0 run's stdout {output['stdout']!r}; edited conffile kept: {kept == '1'}; "
+         f"a new run: {again['state']}")
+    assert old_version == "0.1.0" and version == deb.name.split("_")[1] and old_pid != new_pid
+    assert first["state"] == "succeeded" and {k: v for k, v in after.items() if k in before} == before
+    assert output["stdout"] == "from 0.1.0\n" and kept == "1" and again["state"] == "succeeded"
+    assert vm.out("systemctl show -p FragmentPath --value unitbox") == f"{UNIT_DIR}/unitbox.service"

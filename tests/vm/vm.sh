@@ -1,5 +1,6 @@
 #!/bin/bash
-# The Debian 12 VM of the package tests (image: tests/vm/image.sh).
+# The Debian VM of the package tests (image: tests/vm/image.sh), of the
+# release $UNITBOX_VM_DIST (bookworm, the default, or trixie).
 #   vm.sh accel          kvm where a real KVM is usable, else tcg
 #   vm.sh start          boot a throw-away qcow2 overlay of the image under
 #                        qemu; root's ssh on 127.0.0.1:<port> (qemu user
@@ -11,8 +12,9 @@
 # One VM at a time per checkout; its files are in .cache/vm/run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-VM=.cache/vm
-RUN=$VM/run
+DIST=${UNITBOX_VM_DIST:-bookworm}
+VM=.cache/vm/$DIST
+RUN=.cache/vm/run
 KEY=$VM/id_ed25519
 
 accel() {
@@ -40,7 +42,7 @@ stop() {
 }
 
 start() {
-    [[ -f $VM/base.img ]] || { echo "no VM image: run make vm-image" >&2; exit 1; }
+    [[ -f $VM/base.img ]] || { echo "no $DIST VM image: run make vm-image" >&2; exit 1; }
     stop
     mkdir -p "$RUN"
     qemu-img create -q -f qcow2 -b "$(realpath "$VM/base.img")" -F raw "$RUN/overlay.qcow2"
@@ -49,7 +51,7 @@ start() {
     echo "$port" > "$RUN/port"
     mode=$(accel)
     cpu=max; [[ $mode == kvm ]] && cpu=host
-    echo "==> booting the Debian 12 VM (qemu -accel $mode, 2 CPUs, 2 GiB; ssh on 127.0.0.1:$port; console: $RUN/console.log)"
+    echo "==> booting the $DIST VM (qemu -accel $mode, 2 CPUs, 2 GiB; ssh on 127.0.0.1:$port; console: $RUN/console.log)"
     qemu-system-x86_64 -accel "$mode" -cpu "$cpu" -smp 2 -m 2048 -nodefaults -no-reboot \
         -kernel "$VM/vmlinuz" -initrd "$VM/initrd.img" \
         -append "root=/dev/vda rw console=ttyS0 systemd.show_status=0 quiet mitigations=off" \

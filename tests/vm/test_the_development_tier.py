@@ -1,0 +1,78 @@
+"""Development on a Debian 13 machine (issue 15), in the trixie VM: the
+checkout's `make test-fast`, and a smoke of the integration tier whose test
+host boots systemd on pure cgroup v2 (the cgroup2 branch of
+tests/testhost/testhost.sh). The VM has no network: the Python 3.13 wheels
+of the daemon and its tests come from the host (.cache/devwheels-cp313,
+pystemd built in the trixie build root). `make vm-dev-test` runs it, apart
+from `make vm-test`: about 15 minutes under TCG, and the smoke is red so far:
+18 of 39 fail (deadline, OOM, tasks, CPU and /tmp tests). /tmp is systemd
+257's (test_package.py's xfail); the rest is not diagnosed yet — the first
+suspect is that testhost.sh's cgroup2 branch enables no controller in the
+test host's cgroup, which it creates inside the caller's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from tests.vm.conftest import DIST, REPO, VM, step
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
+
+WHEELS = REPO / ".cache" / "devwheels-cp313"
+CHECKOUT = "/root/unitbox"
+# The integration smoke: the daemon over HTTP in a test host, and the limits
+# its runs get from the test host's delegated cgroup.
+SMOKE = ["tests/integration/test_api_live.py", "tests/integration/test_attacks_resources.py"]
+
+
+@pytest.fixture(scope="module")
+def checkout(vm: VM) -> str:
+    if DIST != "trixie" or not os.environ.get("UNITBOX_VM_DEV"):
+        pytest.skip("the development tier runs on the Debian 13 VM, under `make vm-dev-test`")
+    if not (WHEELS / ".complete").is_file():
+        pytest.fail(f"no {WHEELS}: make vm-test gathers it")
+    work = REPO / ".cache" / "vm" / "run"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split()
+    subprocess.run(["tar", "-cf", str(work / "checkout.tar"), "-C", str(REPO), *[f for f in files if (REPO / f).exists()]],
+                   check=True)
+    subprocess.run(["tar", "-cf", str(work / "wheels.tar"), "-C", str(WHEELS), "."], check=True)
+    vm.put(work / "checkout.tar", "/root/checkout.tar")
+    vm.put(work / "wheels.tar", "/root/wheels.tar")
+    started = time.monotonic()
+    vm.sh(f"mkdir -p {CHECKOUT} /root/wheels && tar -xf /root/checkout.tar -C {CHECKOUT} && tar -xf /root/wheels.tar -C /root/wheels")
+    # The venv as `make venv` makes it, offline: pip from its wheel, everything
+    # from the wheelhouse; the stamps tell make it is there.
+    pip = "/root/unitbox/.venv/bin/python $(ls /root/wheels/pip-*.whl)/pip --isolated --disable-pip-version-check"
+    vm.sh(f"cd {CHECKOUT} && python3 -m venv --without-pip .venv && "
+          f"{pip} install -q --no-index --find-links /root/wheels pip -e '.[test]' && "
+          "mkdir -p .cache && touch .cache/apt.stamp .venv/.installed", timeout=1200)
+    step(f"the checkout and a .venv of Python {vm.out('python3 --version').split()[1]} in {CHECKOUT} "
+         f"({len(list(WHEELS.glob('*.whl')))} wheels, offline)", f"ok in {time.monotonic() - started:.0f} s")
+    return CHECKOUT
+
+
+def test_make_test_fast_passes_on_debian_13(vm: VM, checkout: str) -> None:
+    started = time.monotonic()
+    done = vm.sh(f"cd {checkout} && make test-fast 2>&1", check=False, timeout=1500)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
+    step("make test-fast (lint, unit and API tiers) on Debian 13",
+         f"exit {done.returncode} in {time.monotonic() - started:.0f} s: {summary}")
+    assert done.returncode == 0, done.stdout[-6000:]
+
+
+def test_integration_smoke_on_pure_cgroup_v2(vm: VM, checkout: str) -> None:
+    cgroup = vm.out("stat -fc %T /sys/fs/cgroup")
+    started = time.monotonic()
+    done = vm.sh(f"cd {checkout} && UBX_TEST_RUN=vm{int(time.time()) % 100000} "
+                 f".venv/bin/pytest -q -p no:cacheprovider {' '.join(SMOKE)} 2>&1", check=False, timeout=1500)
+    left = vm.out("ls /run/unitbox-testhost/ 2>/dev/null | wc -l", check=False)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
+    step(f"pytest {' '.join(SMOKE)} (the test host on {cgroup})",
+         f"exit {done.returncode} in {time.monotonic() - started:.0f} s: {summary}; test hosts left: {left}")
+    assert cgroup == "cgroup2fs"
+    assert done.returncode == 0, done.stdout[-8000:]
