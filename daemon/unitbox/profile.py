@@ -177,10 +177,11 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
     if legacy:
         # systemd < 256: DynamicUser= implies PrivateTmp=, whose /tmp and
         # /var/tmp (directories on the host's /tmp and /var/tmp: uncapped, on
-        # its disk) win over TemporaryFileSystem= at the same path (systemd
-        # PR #32724 changed that in 256). A bind mount wins over both, and its
-        # source resolves while the namespace is assembled under the unit root
-        # (/run/systemd/unit-root on 252), where the capped tmpfs is mounted.
+        # its disk) win over TemporaryFileSystem= at the same path. A bind
+        # mount wins over both, and its source resolves while the namespace
+        # is assembled under the unit root (/run/systemd/unit-root on 252),
+        # where the capped tmpfs is mounted. (On 257 DynamicUser='s own tmpfs
+        # wins over all of these: /tmp is bounded by memory_mb only; SECURITY.md.)
         writable += [f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]
     program = [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP]
     start_pre = [[*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(run_dir), str(limits.disk_mb)]]

@@ -37,7 +37,7 @@ from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd,
 
 log = logging.getLogger(__name__)
 
-NATIVE_PRIVATE_TMPFS_SINCE = 256  # TemporaryFileSystem=/tmp beats DynamicUser's PrivateTmp (systemd PR #32724)
+NATIVE_PRIVATE_TMPFS_SINCE = 256  # no unit root to bind from; /tmp then DynamicUser's own tmpfs (SECURITY.md)
 NATIVE_PRIVATE_CGROUPS_SINCE = 257  # ProtectControlGroups=private
 SLICE_PROPERTIES: Mapping[str, Any] = {
     "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
