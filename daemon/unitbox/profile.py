@@ -18,6 +18,7 @@ from unitbox.unit_scripts import (
     CODE_DIR,
     LINT_SCRIPT,
     LINT_TAKE_SCRIPT,
+    LINTER_PATH,
     ON_HOST,
     OUT_DIR,
     START_PRE_SCRIPT,
@@ -188,7 +189,9 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
     if lint is not LintMode.OFF:
         if linter is None:
             raise ValueError("lint asked for without a linter")
-        check = [":/bin/sh", "-c", LINT_SCRIPT, "unitbox-lint", linter]
+        # Bound in: the host path may be one runs cannot see (a venv under /tmp, /root, /home).
+        read_only.append(f"{linter}:{LINTER_PATH}")
+        check = [":/bin/sh", "-c", LINT_SCRIPT, "unitbox-lint"]
         if lint is LintMode.ONLY:
             program = check
         else:  # a failed lint must not stop the program: `-`

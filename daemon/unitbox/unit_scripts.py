@@ -10,6 +10,7 @@ from __future__ import annotations
 CODE_DIR = "/run/unitbox/code"
 WORK_DIR = "/run/unitbox/work"
 OUT_DIR = "/run/unitbox/out"  # the run's channel back: its entrypoint's value, its lint report
+LINTER_PATH = "/run/unitbox/ruff"  # the host's ruff, bound read-only: wherever it lives, runs see it here
 SCRIPT_PATH = f"{CODE_DIR}/main.py"
 ARGV_PATH = f"{CODE_DIR}/argv"
 FILES_PATH = f"{CODE_DIR}/files"  # input files, copied into WORK_DIR before the program starts
@@ -93,7 +94,7 @@ LINT_CPU_S = 10
 LINT_MEMORY_KB = 1 << 20
 LINT_REPORT_BLOCKS = 2048  # ulimit -f: 1 MiB in dash's 512-byte blocks (collect.LINT_BYTES)
 LINT_SCRIPT = (f"ulimit -t {LINT_CPU_S}; ulimit -v {LINT_MEMORY_KB}; ulimit -f {LINT_REPORT_BLOCKS}; "
-               f'exec "$1" check --isolated --no-cache --exit-zero --quiet --output-format json '
+               f'exec {LINTER_PATH} check --isolated --no-cache --exit-zero --quiet --output-format json '
                f'--select {LINT_SELECT} -- {SCRIPT_PATH} > {OUT_DIR}/lint.json')
 # After a lint that precedes the program: the report leaves the box before
 # the program starts, so the program cannot rewrite it.

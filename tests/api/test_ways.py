@@ -24,7 +24,7 @@ from tests.support.fake_systemd import FakeSystemd, until
 from unitbox import launcher
 from unitbox.api.state import ENGINE
 from unitbox.profile import unit_name
-from unitbox.unit_scripts import LINT_SELECT
+from unitbox.unit_scripts import LINT_SCRIPT, LINT_SELECT, LINTER_PATH
 
 Client = TestClient[Any, web.Application]
 NEW_FIELDS = {"entrypoint": None, "lint": "off", "input_files": 0, "output_files": None, "result_bytes": None,
@@ -114,12 +114,16 @@ async def test_lint_runs_ruff_before_the_program_and_lint_only_instead_of_it(mak
     assert (before["lint"], only["lint"]) == ("before", "only")
     assert (before["lint_findings"], before["diagnostics"]) == (0, [])
     before_unit, only_unit = (fake.properties[unit_name(r["id"])] for r in (before, only))
-    assert [step[-1] for step in before_unit["ExecStartPre"][1:]] == [ruff, before_unit["ExecStopPost"][8]]
+    assert [step[-1] for step in before_unit["ExecStartPre"][1:]] == ["unitbox-lint",
+                                                                       before_unit["ExecStopPost"][8]]
     assert LINT_SELECT in before_unit["ExecStartPre"][1][2]
-    assert only_unit["ExecStart"][-1] == ruff and len(only_unit["ExecStartPre"]) == 1
+    # The host's ruff is bound in at a fixed path: runs may not see where it lives (a venv under /tmp).
+    for unit in (before_unit, only_unit):
+        assert f"{ruff}:{LINTER_PATH}" in unit["BindReadOnlyPaths"]
+    assert only_unit["ExecStart"][2] == LINT_SCRIPT and len(only_unit["ExecStartPre"]) == 1
     plain = await ran(client)
     assert (plain["lint"], plain["lint_findings"]) == ("off", None)
-    assert fake.properties[unit_name(plain["id"])]["ExecStart"][-1] != ruff
+    assert not any(LINTER_PATH in path for path in fake.properties[unit_name(plain["id"])]["BindReadOnlyPaths"])
 
 
 # --- input files ------------------------------------------------------------------------------------------------
