@@ -355,7 +355,10 @@ def test_upgrade_from_0_1_0_keeps_records_and_config(vm: VM, deb: Path, previous
     vm.sh(f"sed -i 's/^#queue_size = 1000$/queue_size = 500  # edited by the operator/' {CONFFILE}")
     before = _records(vm)
     old_pid = vm.out("systemctl show -p MainPID --value unitbox")
-    vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y ./{deb.name}")
+    # 0.2.0 ships a conffile with new keys: dpkg asks whether to keep the edited one. Unattended, an
+    # operator says keep (confold), as apt's prompt does by default; the new keys take their defaults.
+    vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y -o Dpkg::Options::=--force-confold "
+          f"./{deb.name}")
     vm.wait_healthy()
     version = vm.out("dpkg-query -W -f='${Version}' unitbox")
     new_pid = vm.out("systemctl show -p MainPID --value unitbox")
