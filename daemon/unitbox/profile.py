@@ -26,13 +26,9 @@ from unitbox.unit_scripts import (
     WORK_DIR,
 )
 
-# Where a run sees its own files. Everything lives under the private /run
-# tmpfs, so systemd never has to create mount points on the host's disk.
-TMP_DIR = "/run/unitbox/tmp"  # bound onto /tmp on systemd < 256 (see BindPaths below)
-VAR_TMP_DIR = "/run/unitbox/var-tmp"  # bound onto /var/tmp
-LEGACY_UNIT_ROOT = "/run/systemd/unit-root"  # where systemd 252 assembles a unit's mount namespace
-SYS_DIR = "/run/unitbox/sys"  # an empty tmpfs bound onto /sys on systemd < 256 (see BindReadOnlyPaths)
-EMPTY_DIR = "/run/unitbox/empty"  # bound onto /sys/fs/cgroup there
+# The writable places a run sees, each a directory of its box (one tmpfs of
+# disk_mb, see unit_scripts.START_PRE_SCRIPT): one budget for all of them.
+BOX_BINDS = (("work", WORK_DIR), ("out", OUT_DIR), ("tmp", "/tmp"), ("var-tmp", "/var/tmp"), ("shm", "/dev/shm"))
 SYS_KEPT = "/sys/devices/system/cpu"  # all of /sys a run sees: CPU counts (glibc's get_nprocs)
 STAGE_ROOT = "/run/unitbox-runs"
 """On the host: each run's inputs are copied to STAGE_ROOT/<id> when its unit
@@ -148,42 +144,31 @@ class Collector:
 
 def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
                   slice_name: str, runtime: Runtime, collector: Collector, lint: LintMode = LintMode.OFF,
-                  linter: str | None = None, native_private_tmpfs: bool = False,
-                  native_private_cgroups: bool = False, secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
+                  linter: str | None = None, native_private_cgroups: bool = False,
+                  secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
     """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
     directory on the host (its `in/`, staged on /run, is mounted read-only at
     CODE_DIR). `collector`: what ExecStopPost runs to take the run's files.
     `lint`, `linter` (ruff's path): a static check before the program, or
-    instead of it. `native_private_tmpfs`: systemd >= 256, where
-    TemporaryFileSystem=/tmp and /var/tmp alone replace DynamicUser's implied
-    PrivateTmp= (and the legacy unit root is gone: /sys stays the host's,
-    read-only). `native_private_cgroups`: systemd >= 257, whose
+    instead of it. `native_private_cgroups`: systemd >= 257, whose
     ProtectControlGroups=private shows a run its own cgroup only.
     `secret_paths`: more host paths runs must not see (e.g. a config file
     given with --config outside /etc/unitbox)."""
-    disk = f"mode=1777,size={limits.disk_mb}M"
-    legacy = not native_private_tmpfs
     stage = stage_dir(run_id)
     # `-`: ExecStartPre= (privileged, but given the unit's bind mounts) starts
-    # before the staged files exist; the run itself only starts if it made them.
-    read_only = [f"-{stage}/in:{CODE_DIR}", f"-{stage}/machine-id:/etc/machine-id"]
-    if legacy:  # /sys: an empty tmpfs holding only the CPU topology; an empty /sys/fs/cgroup
-        read_only += [f"{LEGACY_UNIT_ROOT}{SYS_DIR}:/sys", f"{LEGACY_UNIT_ROOT}{EMPTY_DIR}:/sys/fs/cgroup",
-                      f"{SYS_KEPT}:{SYS_KEPT}"]
+    # before the staged files and the box exist; the run itself only starts
+    # if it made them (a `set -e` script). /sys: an empty skeleton holding
+    # only the CPU topology and an empty /sys/fs/cgroup.
+    read_only = [f"-{stage}/in:{CODE_DIR}", f"-{stage}/machine-id:/etc/machine-id",
+                 f"-{stage}/sys:/sys", f"{SYS_KEPT}:{SYS_KEPT}"]
     if runtime.path is not None:
         read_only.append(f"{runtime.path}:{runtime.target or runtime.path}")
     state_tmpfs, state_inaccessible = hide_state_dir(state_dir)
-    # The box (ExecStartPre mounts it): the working directory and the channel back.
-    writable = [f"-{stage}/box/work:{WORK_DIR}", f"-{stage}/box/out:{OUT_DIR}"]
-    if legacy:
-        # systemd < 256: DynamicUser= implies PrivateTmp=, whose /tmp and
-        # /var/tmp (directories on the host's /tmp and /var/tmp: uncapped, on
-        # its disk) win over TemporaryFileSystem= at the same path. A bind
-        # mount wins over both, and its source resolves while the namespace
-        # is assembled under the unit root (/run/systemd/unit-root on 252),
-        # where the capped tmpfs is mounted. (On 257 DynamicUser='s own tmpfs
-        # wins over all of these: /tmp is bounded by memory_mb only; SECURITY.md.)
-        writable += [f"-{LEGACY_UNIT_ROOT}{TMP_DIR}:/tmp", f"-{LEGACY_UNIT_ROOT}{VAR_TMP_DIR}:/var/tmp"]
+    # The box: the working directory, the channel back, /tmp, /var/tmp and
+    # /dev/shm. A bind mount wins over the private /tmp that DynamicUser=
+    # implies (PrivateTmp=yes, below), on every systemd version; a
+    # TemporaryFileSystem= there loses to it (docs/sandbox.md).
+    writable = [f"-{stage}/box/{name}:{target}" for name, target in BOX_BINDS]
     program = [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP]
     start_pre = [[*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(run_dir), str(limits.disk_mb)]]
     if lint is not LintMode.OFF:
@@ -226,13 +211,11 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "ProtectHome": "yes",
         "PrivateDevices": True,
         "PrivateIPC": True,
+        # Named, not implied: from 257 DynamicUser= implies a "disconnected"
+        # private /tmp whose bind wins over ours; PrivateTmp=yes loses to it.
+        "PrivateTmp": True,
         "TemporaryFileSystem": [
             "/run:mode=755",  # hides the D-Bus socket and /run/systemd/transient
-            f"/tmp:{disk}",
-            f"/var/tmp:{disk}",
-            f"/dev/shm:{disk}",  # PrivateDevices shares the host's /dev/shm otherwise
-            *([f"{TMP_DIR}:{disk}", f"{VAR_TMP_DIR}:{disk}", f"{SYS_DIR}:mode=555", f"{EMPTY_DIR}:mode=555"]
-              if legacy else []),
             *state_tmpfs,
         ],
         "BindPaths": writable,

@@ -66,25 +66,16 @@ def test_profile_exact_output() -> None:
         "ProtectHome": "yes",
         "PrivateDevices": True,
         "PrivateIPC": True,
-        "TemporaryFileSystem": [
-            "/run:mode=755",
-            "/tmp:mode=1777,size=16M",
-            "/var/tmp:mode=1777,size=16M",
-            "/dev/shm:mode=1777,size=16M",
-            "/run/unitbox/tmp:mode=1777,size=16M",
-            "/run/unitbox/var-tmp:mode=1777,size=16M",
-            "/run/unitbox/sys:mode=555",
-            "/run/unitbox/empty:mode=555",
-            "/var/lib:mode=755",
-        ],
+        "PrivateTmp": True,
+        "TemporaryFileSystem": ["/run:mode=755", "/var/lib:mode=755"],
         "BindPaths": ["-/run/unitbox-runs/abc123/box/work:/run/unitbox/work",
                       "-/run/unitbox-runs/abc123/box/out:/run/unitbox/out",
-                      "-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
-                      "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"],
+                      "-/run/unitbox-runs/abc123/box/tmp:/tmp",
+                      "-/run/unitbox-runs/abc123/box/var-tmp:/var/tmp",
+                      "-/run/unitbox-runs/abc123/box/shm:/dev/shm"],
         "BindReadOnlyPaths": ["-/run/unitbox-runs/abc123/in:/run/unitbox/code",
                               "-/run/unitbox-runs/abc123/machine-id:/etc/machine-id",
-                              "/run/systemd/unit-root/run/unitbox/sys:/sys",
-                              "/run/systemd/unit-root/run/unitbox/empty:/sys/fs/cgroup",
+                              "-/run/unitbox-runs/abc123/sys:/sys",
                               "/sys/devices/system/cpu:/sys/devices/system/cpu"],
         "InaccessiblePaths": ["-/etc/unitbox"],
         "ProtectKernelTunables": True,
@@ -138,25 +129,16 @@ def test_runtime_directory_is_mounted_read_only() -> None:
     assert "/var/lib/unitbox/runtimes/sci:/var/lib/unitbox/runtimes/sci" in props["BindReadOnlyPaths"]  # type: ignore[operator]
 
 
-def test_tmp_and_var_tmp_are_capped_tmpfs_on_every_systemd() -> None:
-    # systemd < 256: the implied PrivateTmp= wins over TemporaryFileSystem=/tmp,
-    # so the capped tmpfs is bound over it from the namespace being assembled.
-    legacy = profile()
-    assert "/tmp:mode=1777,size=16M" in legacy["TemporaryFileSystem"]  # type: ignore[operator]
-    assert legacy["BindPaths"][2:] == ["-/run/systemd/unit-root/run/unitbox/tmp:/tmp",
-                                       "-/run/systemd/unit-root/run/unitbox/var-tmp:/var/tmp"]
-    native = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
-                           collector=COLLECTOR,
-                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
-                           runtime=Runtime("default", "/usr/bin/python3"), native_private_tmpfs=True)
-    assert native["BindPaths"] == ["-/run/unitbox-runs/abc123/box/work:/run/unitbox/work",
-                                   "-/run/unitbox-runs/abc123/box/out:/run/unitbox/out"]  # the box only
-    assert native["TemporaryFileSystem"] == ["/run:mode=755",
-                                             "/tmp:mode=1777,size=16M", "/var/tmp:mode=1777,size=16M",
-                                             "/dev/shm:mode=1777,size=16M", "/var/lib:mode=755"]
-    # no legacy unit root on systemd >= 256: /sys stays the host's (read-only), only the staged inputs are bound
-    assert native["BindReadOnlyPaths"] == ["-/run/unitbox-runs/abc123/in:/run/unitbox/code",
-                                           "-/run/unitbox-runs/abc123/machine-id:/etc/machine-id"]
+def test_every_writable_place_is_a_bind_of_the_box_over_a_named_private_tmp() -> None:
+    # From systemd 257 DynamicUser= implies PrivateTmp=disconnected unless
+    # PrivateTmp= is named, and that bind wins over any TemporaryFileSystem=
+    # /tmp; a named PrivateTmp=yes loses to a bind, on 252 and 257 alike.
+    props = profile()
+    assert props["PrivateTmp"] is True
+    assert not [fs for fs in props["TemporaryFileSystem"] if fs.startswith(("/tmp", "/var/tmp", "/dev/shm"))]  # type: ignore[union-attr]
+    targets = [bind.split(":")[1] for bind in props["BindPaths"]]  # type: ignore[union-attr]
+    assert targets == ["/run/unitbox/work", "/run/unitbox/out", "/tmp", "/var/tmp", "/dev/shm"]
+    assert all(bind.startswith("-/run/unitbox-runs/abc123/box/") for bind in props["BindPaths"])  # type: ignore[union-attr]
 
 
 def test_secret_paths_are_made_inaccessible() -> None:
@@ -222,8 +204,7 @@ def test_native_cgroup_privacy_on_new_systemd() -> None:
     props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
                            collector=COLLECTOR,
                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
-                          runtime=Runtime("default", "/usr/bin/python3"), native_private_tmpfs=True,
-                          native_private_cgroups=True)
+                          runtime=Runtime("default", "/usr/bin/python3"), native_private_cgroups=True)
     assert props["ProtectControlGroupsEx"] == "private" and "ProtectControlGroups" not in props
     assert encode_properties(props)  # it has a D-Bus signature
 

@@ -166,17 +166,13 @@ def test_timeout_holds(vm: VM) -> None:
     assert 1900 <= run["duration_ms"] <= 6000
 
 
-@pytest.mark.xfail(DIST == "trixie", strict=True, reason=(
-    "systemd 257 (Debian 13): DynamicUser= implies a private tmpfs of its own (PrivateTmp=disconnected, "
-    "10 % of RAM) on /tmp and /var/tmp, which wins over TemporaryFileSystem= and BindPaths= at those paths; "
-    "disk_mb does not cap them there (memory_mb does: test_tmp_is_bounded_by_memory_mb)"))
 def test_tmp_and_var_tmp_are_capped(vm: VM) -> None:
-    """/tmp and /var/tmp are tmpfs capped at disk_mb: on systemd 252 (Debian
-    12) by the legacy bind mounts over DynamicUser's PrivateTmp=; on >= 256
-    the profile relies on TemporaryFileSystem= alone (profile.build_profile),
-    which systemd 257 does not honour there (the xfail above)."""
+    """/tmp, /var/tmp and /dev/shm are directories of the run's box, one tmpfs
+    of disk_mb bound over the PrivateTmp= the profile names: on systemd 252 and
+    257 alike (257's implied PrivateTmp=disconnected would win over a tmpfs or
+    a bind there). Its /sys is the empty skeleton on both."""
     code = ("import json, os, time\ntime.sleep(8)\nseen = {}\n"
-            "for d in ('/tmp', '/var/tmp'):\n"
+            "for d in ('/tmp', '/var/tmp', '/dev/shm'):\n"
             "    st, written, err = os.statvfs(d), 0, 0\n"
             "    try:\n"
             "        while written < 64 << 20:\n"  # 1 MiB files: the file size limit (disk_mb) is not the test
@@ -185,7 +181,7 @@ def test_tmp_and_var_tmp_are_capped(vm: VM) -> None:
             "    except OSError as e:\n"
             "        err = e.errno\n"
             "    seen[d] = [st.f_blocks * st.f_frsize, written, err]\n"
-            "print(json.dumps(seen))\n")
+            "print(json.dumps({'fill': seen, 'sys': sorted(os.listdir('/sys'))}))\n")
     accepted = vm.curl("POST", "/run-json", {"code": code, "limits": {"disk_mb": 16, "timeout_s": 60}})
     unit = f"unitbox-run-{accepted['id']}.service"
     deadline = time.monotonic() + 60
@@ -195,19 +191,20 @@ def test_tmp_and_var_tmp_are_capped(vm: VM) -> None:
     run = vm.wait_run(accepted["id"])
     seen = json.loads(vm.curl("GET", f"/output/{accepted['id']}")["stdout"])
     systemd = vm.out("systemctl --version | head -n1")
-    step(f"a run fills /tmp and /var/tmp with disk_mb 16 ({systemd})",
-         f"{run['state']}; [size, bytes written, errno]: {seen}; BindPaths: {binds or 'none (native path)'}")
+    step(f"a run fills /tmp, /var/tmp, /dev/shm with disk_mb 16 ({systemd})",
+         f"{run['state']}; [size, bytes written, errno]: {seen['fill']}; /sys holds {seen['sys']}; "
+         f"BindPaths: {binds}")
     assert run["state"] == "succeeded", run
-    for size, written, err in seen.values():
-        assert size == 16 << 20 and written <= 16 << 20 and err == 28, seen  # ENOSPC
-    # Which path the broker took, by the systemd it found.
-    assert ("/tmp" in binds) == (DIST == "bookworm"), binds
+    fill = seen["fill"]
+    assert all(size == 16 << 20 and err == 28 for size, _, err in fill.values()), fill  # ENOSPC
+    assert fill["/tmp"][1] >= 14 << 20 and sum(written for _, written, _ in fill.values()) <= 16 << 20, fill
+    assert seen["sys"] == ["devices", "fs"], seen
+    assert "/run/unitbox-runs/" in binds and ":/tmp" in binds, binds
 
 
 def test_tmp_is_bounded_by_memory_mb(vm: VM) -> None:
-    """Whatever /tmp is (capped tmpfs, or systemd 257's private one), its
-    pages are charged to the run's memory cgroup with no swap: a run filling
-    it past memory_mb ends oom_killed, however large disk_mb."""
+    """The box's pages are charged to the run's memory cgroup with no swap: a
+    run filling /tmp past memory_mb ends oom_killed, however large disk_mb."""
     code = "with open('/tmp/fill', 'wb', buffering=0) as f:\n    for _ in range(192):\n        f.write(b'x' * (1 << 20))\n"
     run = vm.curl("POST", "/run-json?wait=true",
                   {"code": code, "limits": {"memory_mb": 64, "disk_mb": 1024, "timeout_s": 60}})

@@ -37,7 +37,6 @@ from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd,
 
 log = logging.getLogger(__name__)
 
-NATIVE_PRIVATE_TMPFS_SINCE = 256  # no unit root to bind from; /tmp then DynamicUser's own tmpfs (SECURITY.md)
 NATIVE_PRIVATE_CGROUPS_SINCE = 257  # ProtectControlGroups=private
 SLICE_PROPERTIES: Mapping[str, Any] = {
     "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
@@ -88,7 +87,6 @@ class BrokerServer:
         self._secret_paths = (str(source),) if source and not source.is_relative_to("/etc/unitbox") else ()
         self._collector = collector_of(config)
         self._linter = find_linter(config)
-        self._native_private_tmpfs = False
         self._native_private_cgroups = False
         self._channel: Channel | None = None
         self.done = asyncio.Event()
@@ -103,7 +101,6 @@ class BrokerServer:
             self._systemd.open(self._on_event, self._on_lost, UNIT_PREFIX)
             version = self._systemd.version()
             major = systemd_major(version)
-            self._native_private_tmpfs = major >= NATIVE_PRIVATE_TMPFS_SINCE
             self._native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE
             if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
                 log.info("created transient %s (install units/unitbox.slice for the shipped caps)",
@@ -146,7 +143,7 @@ class BrokerServer:
         profile = build_profile(order.run_id, order.limits, run_dir=PurePosixPath(order.run_dir),
                                 state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
                                 runtime=order.runtime, collector=self._collector, lint=order.lint,
-                                linter=self._linter, native_private_tmpfs=self._native_private_tmpfs,
+                                linter=self._linter,
                                 native_private_cgroups=self._native_private_cgroups,
                                 secret_paths=self._secret_paths)
         stdio = dict(zip(checks.STDIO, fds, strict=True))
