@@ -378,23 +378,30 @@ def test_healthz_answers_fast_while_twenty_busy_runs_execute(client: Client, dae
 
 # -- disk ---------------------------------------------------------------------------------------
 
+def fill_code(places: tuple[str, ...], per_place: int) -> str:
+    """A program writing 256 KiB files to each place in turn (at most
+    `per_place` bytes there) until ENOSPC; it reports the error, the bytes
+    written and each place's used bytes (statvfs)."""
+    return (
+        "chunk = b'x' * (256 << 10)\n"
+        "total, error, used = 0, None, {}\n"
+        f"for where in {places!r}:\n"
+        f"    for i in range({per_place} // len(chunk)):\n"
+        "        try:\n"
+        "            with open(os.path.join(where, f'fill{i}'), 'wb') as f: f.write(chunk)\n"
+        "        except OSError as e:\n"
+        "            error = errno.errorcode[e.errno]; break\n"
+        "        total += len(chunk)\n"
+        "    fs = os.statvfs(where)\n"
+        "    used[where] = (fs.f_blocks - fs.f_bfree) * fs.f_frsize\n"
+        "report(error=error, total=total, used=used)\n"
+    )
+
+
 @pytest.mark.parametrize("where", [".", "/tmp", "/var/tmp", "/dev/shm"],
                          ids=["work_dir", "tmp", "var_tmp", "dev_shm"])
 def test_filling_a_writable_dir_stops_with_enospc_at_disk_mb(client: Client, where: str) -> None:
-    code = (
-        f"where = {where!r}\n"
-        "chunk = b'x' * (256 << 10)\n"
-        "total, i, error = 0, 0, None\n"
-        "while total < (256 << 20):\n"
-        "    try:\n"
-        "        with open(os.path.join(where, f'fill{i}'), 'wb') as f:\n"
-        "            f.write(chunk)\n"
-        "    except OSError as e:\n"
-        "        error = errno.errorcode[e.errno]; break\n"
-        "    total += len(chunk); i += 1\n"
-        "report(error=error, total=total)\n"
-    )
-    run = run_hostile(client, code, disk_mb=8, memory_mb=128)
+    run = run_hostile(client, fill_code((where,), 256 * MiB), disk_mb=8, memory_mb=128)
     assert run["state"] == "succeeded", run
     seen = report_of(run)
     assert seen["error"] == "ENOSPC", seen
@@ -405,21 +412,8 @@ def test_one_disk_budget_holds_for_every_writable_place(client: Client) -> None:
     # /tmp, /var/tmp, /dev/shm, the working directory and out/ are directories
     # of one tmpfs of disk_mb (the box): filling them in turn never gets more
     # than disk_mb in all, and each sees the others' bytes in its statvfs.
-    code = (
-        "chunk = b'x' * (256 << 10)\n"
-        "total, error, used = 0, None, {}\n"
-        "for where in ('/tmp', '/var/tmp', '/dev/shm', '.', '/run/unitbox/out'):\n"
-        "    for i in range(8):\n"
-        "        try:\n"
-        "            with open(os.path.join(where, f'fill{i}'), 'wb') as f: f.write(chunk)\n"
-        "        except OSError as e:\n"
-        "            error = errno.errorcode[e.errno]; break\n"
-        "        total += len(chunk)\n"
-        "    fs = os.statvfs(where)\n"
-        "    used[where] = (fs.f_blocks - fs.f_bfree) * fs.f_frsize\n"
-        "report(error=error, total=total, used=used)\n"
-    )
-    run = run_hostile(client, code, disk_mb=8, memory_mb=128)
+    places = ("/tmp", "/var/tmp", "/dev/shm", ".", "/run/unitbox/out")
+    run = run_hostile(client, fill_code(places, 2 * MiB), disk_mb=8, memory_mb=128)
     assert run["state"] == "succeeded", run
     seen = report_of(run)
     assert seen["error"] == "ENOSPC", seen
