@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from unitbox.collect import LINT_BYTES
-from unitbox.lint import MAX_DIAGNOSTICS, Diagnostic, LintReport, parse_report
+from unitbox.lint import MAX_DIAGNOSTICS, Diagnostic, LintReport, parse_report, strict_json
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord
 
@@ -70,7 +70,7 @@ class RunDetails:
 
 def load_details(run_dir: RunDir, record: RunRecord, *, result_cap: int, inline_cap: int | None) -> RunDetails:
     """`inline_cap`: bytes of stdout and stderr each to include (None: no output)."""
-    result = load_value(run_dir, result_cap)[0] if record.result_bytes is not None else None
+    result = load_value(run_dir, result_cap) if record.result_bytes is not None else None
     diagnostics = load_lint(run_dir).diagnostics if record.lint_findings is not None else None
     found = load_files(run_dir) if record.output_files is not None else None
     out = err = None
@@ -109,16 +109,12 @@ def read_capped(path: Path, cap: int) -> bytes | None:
         os.close(fd)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_value(raw: bytes, cap: int) -> Any:
     """The entrypoint's value; ValueError saying why it cannot be taken."""
     if len(raw) > cap:
         raise ValueError(f"the result is over the result_kb limit ({cap // 1024} KiB)")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return strict_json(raw)
     except (ValueError, RecursionError):
         raise ValueError("the result is not valid JSON") from None
 
@@ -146,15 +142,15 @@ def load_files(run_dir: RunDir) -> OutputFiles | None:
         return OutputFiles(incomplete=True)
 
 
-def load_value(run_dir: RunDir, result_cap: int) -> tuple[Any, bool]:
-    """(value, whether there is one)."""
+def load_value(run_dir: RunDir, result_cap: int) -> Any:
+    """The entrypoint's value, None if there is none to take."""
     raw = read_capped(run_dir.returned, result_cap + 1)
     if raw is None:
-        return None, False
+        return None
     try:
-        return parse_value(raw, result_cap), True
+        return parse_value(raw, result_cap)
     except ValueError:
-        return None, False
+        return None
 
 
 def load_lint(run_dir: RunDir) -> LintReport:

@@ -61,6 +61,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def strict_json(raw: bytes) -> Any:
+    """JSON as RFC 8259 has it: NaN and Infinity, which Python would take, are
+    refused (ValueError), so what a run wrote is answered as valid JSON."""
+    return json.loads(raw, parse_constant=_reject_constant)
+
+
 def parse_report(raw: bytes | None, cap: int) -> LintReport:
     """ruff's `--output-format json` report (at most `cap` bytes were read)."""
     if not raw:  # it could not start, or died: its own errors are in the run's stderr
@@ -68,7 +74,7 @@ def parse_report(raw: bytes | None, cap: int) -> LintReport:
     if len(raw) >= cap:
         return LintReport([], error=f"the linter's report is over {cap // 1024} KiB")
     try:
-        findings = json.loads(raw, parse_constant=_reject_constant)
+        findings = strict_json(raw)
     except (ValueError, RecursionError):
         return LintReport([], error="the linter's report is not valid JSON")
     if not isinstance(findings, list):
