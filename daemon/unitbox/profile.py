@@ -40,6 +40,13 @@ list in /proc/self/mountinfo names the state directory."""
 # must never be cut short on a loaded host: a run that did nothing wrong
 # would end as `error`. START_BOUND_S bounds set-up to exec.
 START_BOUND_S = 30.0
+# `tasks` is held per run by LimitNPROC= (the run's dynamic UID is its own);
+# TasksMax= is that plus room for the privileged steps. On cgroup v2 systemd
+# 257 spawns ExecStopPost= straight into the unit's cgroup (CLONE_INTO_CGROUP),
+# where a fork bomb's killed but not yet reaped tasks still count: with
+# TasksMax= = tasks the outcome recorder failed to spawn (EAGAIN) and the run
+# ended without an outcome.
+STEP_TASKS = 8
 STOP_BOUND_S = 30.0
 
 UNIT_PREFIX = "unitbox-run-"
@@ -251,11 +258,12 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "CPUQuota": limits.cpu_percent,
         "MemoryMax": limits.memory_mb * MiB,
         "MemorySwapMax": 0,
-        "TasksMax": limits.tasks,
+        "TasksMax": limits.tasks + STEP_TASKS,
         "RuntimeMaxSec": limits.timeout_s,
         "TimeoutStartSec": START_BOUND_S,
         "TimeoutStopSec": STOP_BOUND_S,
         "LimitFSIZE": limits.disk_mb * MiB,
         "LimitNOFILE": 1024,
         "LimitCORE": 0,
+        "LimitNPROC": limits.tasks,
     }

@@ -107,13 +107,14 @@ def test_profile_exact_output() -> None:
         "CPUQuota": 50,
         "MemoryMax": 128 * 1024 * 1024,
         "MemorySwapMax": 0,
-        "TasksMax": 32,
+        "TasksMax": 40,
         "RuntimeMaxSec": 2.5,
         "TimeoutStartSec": 30.0,
         "TimeoutStopSec": 30.0,
         "LimitFSIZE": 16 * 1024 * 1024,
         "LimitNOFILE": 1024,
         "LimitCORE": 0,
+        "LimitNPROC": 32,
     }
 
 

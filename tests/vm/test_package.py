@@ -230,6 +230,20 @@ def test_oom_flood_ends_at_the_first_kill_on_cgroup_v2(vm: VM) -> None:
     assert run["duration_ms"] < 10_000, run  # at the first kill, not at the 30 s deadline
 
 
+def test_fork_bombs_end_timed_out_with_their_outcome(vm: VM) -> None:
+    """Found in the Debian 13 VM: systemd 257 spawns ExecStopPost= into the
+    unit's cgroup, where a fork bomb's killed, unreaped tasks still count, so
+    at TasksMax=<tasks> the outcome recorder could not start (half the bombs
+    ended `error`). LimitNPROC= holds `tasks`; TasksMax= leaves room above it."""
+    code = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    states = []
+    for _ in range(4):
+        run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"tasks": 24, "timeout_s": 2}})
+        states.append((run["state"], run["error"]))
+    step("4 fork bombs (tasks 24, timeout_s 2) one after another", f"{states}")
+    assert states == [("timed_out", None)] * 4, states
+
+
 def test_a_run_sees_no_other_run_nor_the_hosts_services_on_cgroup_v2(vm: VM) -> None:
     """Issue 12 finding 4 on pure cgroup v2: the cgroup tree a run can list
     names no other run and no host service; io_uring is refused (finding 3)."""
