@@ -112,10 +112,12 @@ vm-test: deb $(if $(filter bookworm,$(DEB_DISTS)),$(DEB_PREVIOUS)) vm-image venv
 	done
 	@bash tests/vm/vm.sh check-clean
 
+# No package: the tier installs the checkout (a deb prerequisite also built
+# the bookworm one, its list being made before DEB_DISTS := trixie applies).
 vm-dev-test: DEB_DISTS := trixie
-vm-dev-test: deb $(DEV_WHEELS)/.complete vm-image venv  ## development on Debian 13: make test-fast and an integration smoke (test host on pure cgroup v2) in the trixie VM
+vm-dev-test: $(DEV_WHEELS)/.complete vm-image venv  ## development on Debian 13: make test-fast and an integration smoke (test host on pure cgroup v2) in the trixie VM
 	@echo "==> pytest -m vm tests/vm/test_the_development_tier.py on trixie (boots its VM: qemu, $$(bash tests/vm/vm.sh accel))"
-	@UNITBOX_VM_TEST=1 UNITBOX_VM_DEV=1 UNITBOX_VM_DIST=trixie UNITBOX_DEBS="$(call deb_file,trixie)" \
+	@UNITBOX_VM_TEST=1 UNITBOX_VM_DEV=1 UNITBOX_VM_DIST=trixie \
 	    $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm/test_the_development_tier.py $(VM_PYTEST_ARGS)
 	@bash tests/vm/vm.sh check-clean
 
