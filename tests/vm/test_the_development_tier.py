@@ -74,7 +74,7 @@ def test_integration_smoke_on_pure_cgroup_v2(vm: VM, checkout: str) -> None:
     scale = TCG_TIME_SCALE if accel == "tcg" else 1
     started = time.monotonic()
     done = vm.sh(f"cd {checkout} && UBX_TEST_RUN=vm{int(time.time()) % 100000} UNITBOX_TEST_TIME_SCALE={scale} "
-                 f".venv/bin/pytest -q -rs -p no:cacheprovider {' '.join(SMOKE)} 2>&1", check=False, timeout=1500)
+                 f".venv/bin/pytest -q -rfEs -p no:cacheprovider {' '.join(SMOKE)} 2>&1", check=False, timeout=1500)
     left = vm.out("ls /run/unitbox-testhost/ 2>/dev/null | wc -l", check=False)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
     step(f"pytest {' '.join(SMOKE)} (the test host on {cgroup}, {accel}: time bounds x{scale})",
