@@ -80,13 +80,14 @@ $(DEB_PREVIOUS): $(WHEELHOUSE)/.complete .cache/buildroot-bookworm.stamp
 # The development tier in the Debian 13 VM (tests/vm/test_the_development_tier.py)
 # installs the checkout's test venv offline from these: the Python 3.13 wheels
 # of the daemon's and the tests' dependencies (and pystemd's: lxml, psutil), pystemd
-# built in the trixie root.
+# built in the trixie root. Playwright ships manylinux1 wheels only, a tag pip
+# does not derive from manylinux_2_5.
 DEV_WHEELS := .cache/devwheels-cp313
 $(DEV_WHEELS)/.complete: pyproject.toml $(WHEELHOUSE)/.complete .cache/buildroot-trixie.stamp
 	@echo "==> the test venv's wheels for Python 3.13 (Debian 13) into $(DEV_WHEELS)"
 	@rm -rf $(DEV_WHEELS) .cache/devbuild && mkdir -p $(DEV_WHEELS) .cache/devbuild
 	@.cache/pip-download/bin/pip download --disable-pip-version-check -q -d $(DEV_WHEELS) \
-	    --python-version 3.13 --implementation cp --abi cp313 $(WHEEL_PLATFORMS) --only-binary :all: \
+	    --python-version 3.13 --implementation cp --abi cp313 $(WHEEL_PLATFORMS) --platform manylinux1_x86_64 --only-binary :all: \
 	    $$(python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); \
 	        print(*(d for d in p["build-system"]["requires"] + p["project"]["dependencies"] \
 	                + p["project"]["optional-dependencies"]["test"] if not d.startswith("pystemd")))') lxml psutil pip
@@ -111,10 +112,12 @@ vm-test: deb $(if $(filter bookworm,$(DEB_DISTS)),$(DEB_PREVIOUS)) vm-image venv
 	done
 	@bash tests/vm/vm.sh check-clean
 
+# No package: the tier installs the checkout (a deb prerequisite also built
+# the bookworm one, its list being made before DEB_DISTS := trixie applies).
 vm-dev-test: DEB_DISTS := trixie
-vm-dev-test: deb $(DEV_WHEELS)/.complete vm-image venv  ## development on Debian 13: make test-fast and an integration smoke (test host on pure cgroup v2) in the trixie VM
+vm-dev-test: $(DEV_WHEELS)/.complete vm-image venv  ## development on Debian 13: make test-fast and an integration smoke (test host on pure cgroup v2) in the trixie VM
 	@echo "==> pytest -m vm tests/vm/test_the_development_tier.py on trixie (boots its VM: qemu, $$(bash tests/vm/vm.sh accel))"
-	@UNITBOX_VM_TEST=1 UNITBOX_VM_DEV=1 UNITBOX_VM_DIST=trixie UNITBOX_DEBS="$(call deb_file,trixie)" \
+	@UNITBOX_VM_TEST=1 UNITBOX_VM_DEV=1 UNITBOX_VM_DIST=trixie \
 	    $(BIN)/pytest -m vm -v -s -p no:cacheprovider tests/vm/test_the_development_tier.py $(VM_PYTEST_ARGS)
 	@bash tests/vm/vm.sh check-clean
 

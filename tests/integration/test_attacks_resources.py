@@ -25,6 +25,7 @@ from tests.support.hostile import (
     submit_hostile,
     wait_output,
 )
+from tests.support.pace import TIME_SCALE, scaled
 from tests.support.testhost import TestHost, wait_until
 
 
@@ -35,15 +36,19 @@ def _contained(daemon: Daemon, testhost: TestHost) -> Iterator[None]:
 
 # -- time ---------------------------------------------------------------------------------------
 
+# Long enough for the program to start and report (seconds of CPU under emulation).
+DEADLINE_S = scaled(1)
+
+
 def test_sleep_forever_times_out_at_the_deadline(client: Client, testhost: TestHost) -> None:
     began = time.monotonic()
     run = run_hostile(client, "report(sleeping=True)\nimport time\ntime.sleep(10**6)\nreport(woke=True)",
-                      timeout_s=1)
+                      timeout_s=DEADLINE_S)
     assert run["state"] == "timed_out", run
     assert (run["exit_code"], run["signal"]) == (None, "SIGKILL")  # RuntimeMaxSec's stop: KillSignal=SIGKILL
     assert report_of(run) == {"sleeping": True}
-    assert 900 <= run["duration_ms"] < 2000, run["duration_ms"]
-    assert time.monotonic() - began < 4
+    assert DEADLINE_S * 900 <= run["duration_ms"] < (DEADLINE_S + scaled(1)) * 1000, run["duration_ms"]
+    assert time.monotonic() - began < DEADLINE_S + scaled(3)
     assert run["unit"] not in testhost.units()
 
 
@@ -58,12 +63,13 @@ def test_sigterm_handler_cannot_delay_the_deadline(client: Client) -> None:
         "    time.sleep(0.01)\n"
     )
     began = time.monotonic()
-    run = run_hostile(client, code, timeout_s=1)
+    run = run_hostile(client, code, timeout_s=DEADLINE_S)
     elapsed = time.monotonic() - began
     assert run["state"] == "timed_out", run
     assert (run["exit_code"], run["signal"]) == (None, "SIGKILL")
     assert report_of(run) == {"armed": True}  # killed at the deadline: no SIGTERM to catch and stall on
-    assert 0.9 <= elapsed < 3, elapsed  # deadline 1 s; generous margin for a loaded CI machine
+    # generous margin for a loaded CI machine
+    assert DEADLINE_S * 0.9 <= elapsed < DEADLINE_S + scaled(2), elapsed
 
 
 def test_all_signals_blocked_busy_loop_is_sigkilled_after_the_deadline(client: Client) -> None:
@@ -75,11 +81,11 @@ def test_all_signals_blocked_busy_loop_is_sigkilled_after_the_deadline(client: C
         "    pass\n"
     )
     began = time.monotonic()
-    run = run_hostile(client, code, timeout_s=1)
+    run = run_hostile(client, code, timeout_s=DEADLINE_S)
     assert run["state"] == "timed_out", run
     assert run["signal"] == "SIGKILL"
     assert report_of(run)["blocked"] > 30
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < DEADLINE_S + scaled(4)
 
 
 def test_self_stopped_run_is_still_ended_at_the_deadline(client: Client) -> None:
@@ -88,11 +94,11 @@ def test_self_stopped_run_is_still_ended_at_the_deadline(client: Client) -> None
     code = ("import signal\nif os.fork() == 0:\n    os.kill(os.getpid(), signal.SIGSTOP)\n"
             "report(stopping=True)\nos.kill(os.getpid(), signal.SIGSTOP)\nreport(resumed=True)\n")
     began = time.monotonic()
-    run = run_hostile(client, code, timeout_s=1)
+    run = run_hostile(client, code, timeout_s=DEADLINE_S)
     assert run["state"] == "timed_out", run
     assert run["signal"] in ("SIGTERM", "SIGKILL"), run
     assert report_of(run) == {"stopping": True}
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < DEADLINE_S + scaled(4)
 
 
 def test_child_outliving_its_parent_is_killed_with_the_run(client: Client, testhost: TestHost) -> None:
@@ -206,7 +212,7 @@ def test_memfd_filling_is_charged_to_the_memory_limit(client: Client) -> None:
 def test_huge_anonymous_mmap_is_oom_killed_when_touched(client: Client) -> None:
     code = (
         "import mmap\n"
-        "m = mmap.mmap(-1, 8 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
+        "m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n"
         "report(mapped=len(m) >> 20)\n"
         "for off in range(0, len(m), 4096):\n"
         "    m[off] = 1\n"
@@ -215,7 +221,9 @@ def test_huge_anonymous_mmap_is_oom_killed_when_touched(client: Client) -> None:
     run = run_hostile(client, code, memory_mb=64, timeout_s=10)
     assert run["state"] == "oom_killed", run
     assert run["signal"] == "SIGKILL"
-    assert report_of(run) == {"mapped": 8192}  # mapping address space is free; touching it is not
+    # 16 times memory_mb, yet within the RAM of a small VM: Linux's default
+    # overcommit refuses outright one mapping larger than RAM + swap.
+    assert report_of(run) == {"mapped": 1024}  # mapping address space is free; touching it is not
     assert run["memory_peak_bytes"] <= 65 * MiB
 
 
@@ -330,6 +338,8 @@ def test_busy_threads_are_held_to_cpu_percent(client: Client) -> None:
     # Four threads hashing big buffers (hashlib releases the GIL) for 2 s of
     # wall time: unthrottled that is up to 4 s of CPU on 2 cores; at 50 % it is
     # ~1 s. The bound leaves room for scheduler granularity, not for 2 cores.
+    # The program measures its own share of CPU over those 2 s: the run's
+    # cpu_ms also holds Python's start, seconds of CPU in an emulated VM.
     code = (
         "import hashlib, threading, time\n"
         "data = b'x' * (1 << 20)\n"
@@ -338,16 +348,19 @@ def test_busy_threads_are_held_to_cpu_percent(client: Client) -> None:
         "    while time.monotonic() < end:\n"
         "        hashlib.sha256(data).digest()\n"
         "threads = [threading.Thread(target=spin) for _ in range(4)]\n"
+        "cpu, wall = time.process_time(), time.monotonic()\n"
         "for t in threads: t.start()\n"
         "for t in threads: t.join()\n"
-        "report(done=True)\n"
+        "report(cpu_ms=(time.process_time() - cpu) * 1000, wall_ms=(time.monotonic() - wall) * 1000)\n"
     )
-    run = run_hostile(client, code, cpu_percent=50, timeout_s=10)
+    run = run_hostile(client, code, cpu_percent=50, timeout_s=scaled(10))
     assert run["state"] == "succeeded", run
-    assert report_of(run) == {"done": True}
-    assert 300 <= run["cpu_ms"] <= 1300, run["cpu_ms"]
+    spun = report_of(run)
+    assert 0.15 <= spun["cpu_ms"] / spun["wall_ms"] <= 0.65, spun  # 300 to 1300 ms in 2 s
+    assert run["cpu_ms"] >= spun["cpu_ms"], run["cpu_ms"]  # the run's account holds all of it
 
 
+@pytest.mark.skipif(TIME_SCALE > 1, reason="a latency bound under load: meaningless where the CPU is emulated")
 def test_healthz_answers_fast_while_twenty_busy_runs_execute(client: Client, daemon: Daemon) -> None:
     busy = "import threading\ndef spin():\n    while True: pass\nfor _ in range(2): threading.Thread(target=spin).start()\n"
     with ThreadPoolExecutor(20) as pool:

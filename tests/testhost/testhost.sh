@@ -14,13 +14,14 @@
 # DIRs (the checkout, …) are bind-mounted live at the same path inside: the
 # overlay's lower layer is a snapshot. Works on cgroup-v1/hybrid machines (each
 # v1 controller mounted read-write at the namespace root) and on pure cgroup v2
-# (a delegated cgroup2 subtree). Root only. Touches nothing but what it made:
-# its scratch dir $SCRATCH/NAME (made by `start` with a marker file in it;
-# `stop` and `gc` remove no dir without that marker), its pid and owner files
-# and its own cgroups (unitbox-testhost-NAME), so a host can share the machine
-# with any folder, cgroup or other host.
+# (a delegated cgroup2 subtree: under systemd, the scope
+# unitbox-testhost-NAME.scope with Delegate=yes). Root only. Touches nothing
+# but what it made: its scratch dir $SCRATCH/NAME (made by `start` with a
+# marker file in it; `stop` and `gc` remove no dir without that marker), its
+# pid and owner files and its own cgroups (unitbox-testhost-NAME), so a host
+# can share the machine with any folder, cgroup or other host.
 set -euo pipefail
-cmd=${1:?start|stop|gc|_stage2}
+cmd=${1:?start|stop|gc|_launch|_stage2}
 # Overridable so the unit tests can drive stop/gc on a private tree, unprivileged.
 RUNDIR=${UNITBOX_TESTHOST_RUNDIR:-/run/unitbox-testhost}
 SCRATCH=${UNITBOX_TESTHOST_SCRATCH:-/var/tmp/unitbox-testhost}
@@ -34,11 +35,22 @@ check_name() { valid_name "$1" || { log "bad host name '$1' ([A-Za-z0-9][A-Za-z0
 made_here() { [ -f "$SCRATCH/$1/$MARKER" ] && [ ! -L "$SCRATCH/$1" ]; }
 
 is_v2() { [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ]; }
+# systemd owns a booted machine's cgroup2 tree: a host's cgroup there is a scope it delegates.
+systemd_booted() { [ -d /run/systemd/system ] && command -v systemd-run >/dev/null; }
+scope() { echo "unitbox-testhost-$1.scope"; }
+own_cgroup() { awk -F: '$1=="0"{print $3}' /proc/self/cgroup; }
+# The controllers the runs' limits need (MemoryMax, CPUQuota, TasksMax).
+V2_CONTROLLERS="cpu memory pids"
 
 cg_dirs() {  # every cgroup dir host $1 owns, one per hierarchy
   local name=$1 c memcg own
   if is_v2; then
-    own=$(awk -F: '$1=="0"{print $3}' /proc/self/cgroup)
+    if systemd_booted; then   # empty once the scope is gone: systemd removed its cgroup
+      own=$(systemctl show -P ControlGroup "$(scope "$name")" 2>/dev/null || true)
+      [ -n "$own" ] && echo "/sys/fs/cgroup$own"
+      return 0
+    fi
+    own=$(own_cgroup)
     echo "/sys/fs/cgroup${own%/}/unitbox-testhost-$name"; return
   fi
   memcg=$(awk -F: '$2=="memory"{print $3}' /proc/self/cgroup)
@@ -50,7 +62,7 @@ stop_host() {
   local name=$1 pid base=$SCRATCH/$1 d
   pid=$(cat "$RUNDIR/$name.pid" 2>/dev/null || true)
   # a stale pid file may name a reused pid: kill it only while it is in the host's cgroup
-  if [[ $pid =~ ^[0-9]+$ ]] && grep -qE "/unitbox-testhost-${name//./\\.}(/|$)" "/proc/$pid/cgroup" 2>/dev/null; then
+  if [[ $pid =~ ^[0-9]+$ ]] && grep -qE "/unitbox-testhost-${name//./\\.}(\.scope)?(/|$)" "/proc/$pid/cgroup" 2>/dev/null; then
     kill -KILL "$pid" 2>/dev/null || true    # ends the whole pid namespace
     for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.05; done
   fi
@@ -68,6 +80,9 @@ stop_host() {
     log "left $base alone: no $MARKER in it, so this script did not make it"
   fi
   rm -f "$RUNDIR/$name.pid" "$RUNDIR/$name.owner"
+  if is_v2 && systemd_booted; then   # empty by now: systemd ends it and removes its cgroup tree
+    systemctl stop "$(scope "$name")" 2>/dev/null || true
+  fi
   for d in $(cg_dirs "$name"); do
     [ -d "$d" ] || continue
     for _ in $(seq 50); do   # a cgroup can only go once its last process has
@@ -96,14 +111,12 @@ start)
   binds=()
   for d in "$@"; do binds+=("$(realpath "$d")"); done
   (
-    for d in $(cg_dirs "$NAME"); do
-      mkdir -p "$d"
-      case $d in */cpuset/*) cat "${d%/*}/cpuset.cpus" > "$d/cpuset.cpus"; cat "${d%/*}/cpuset.mems" > "$d/cpuset.mems" ;; esac
-      echo $BASHPID > "$d/cgroup.procs"
-    done
-    exec setsid unshare --cgroup --pid --mount --uts --ipc --fork --propagation private \
-      "$0" _stage2 "$NAME" "${binds[@]}" </dev/null >"$BASE/console.log" 2>&1
-  ) &
+    if is_v2 && systemd_booted; then
+      exec systemd-run --quiet --scope --collect --unit="$(scope "$NAME")" -p Delegate=yes -p TasksMax=infinity \
+        --description="unitbox test host $NAME" "$0" _launch "$NAME" "${binds[@]}"
+    fi
+    exec "$0" _launch "$NAME" "${binds[@]}"
+  ) </dev/null >"$BASE/console.log" 2>&1 &
   launcher=$!
   pid=
   for _ in $(seq 200); do   # wait for the namespace's PID 1 to become systemd
@@ -124,8 +137,43 @@ start)
   case $state in running|degraded) ;; *) log "$NAME: systemd state '$state'"; cat "$BASE/console.log" >&2; stop_host "$NAME"; exit 1 ;; esac
   echo "$pid"
   ;;
+_launch)   # enters the host's cgroups, then becomes unshare, whose child becomes PID 1
+  NAME=${2:?name}; shift 2
+  if is_v2; then
+    # cgroup2 lets only leaves hold processes, and systemd inside enables the
+    # controllers below its own root: that root ("payload") must hold nothing
+    # but the namespace's processes. This launcher, which stays outside the pid
+    # namespace as unshare, waits in the leaf "supervisor"; _stage2 moves PID 1
+    # into "payload" and only then makes the cgroup namespace.
+    if systemd_booted; then top=/sys/fs/cgroup$(own_cgroup)   # the delegated scope
+    else
+      top=/sys/fs/cgroup$(own_cgroup); top=${top%/}/unitbox-testhost-$NAME
+      mkdir -p "$top"
+      for c in $V2_CONTROLLERS; do echo "+$c" > "${top%/*}/cgroup.subtree_control" 2>/dev/null || true; done
+    fi
+    mkdir -p "$top/supervisor" "$top/payload"
+    echo $$ > "$top/supervisor/cgroup.procs"
+    for c in $V2_CONTROLLERS; do
+      if ! echo "+$c" > "$top/cgroup.subtree_control" 2>/dev/null; then
+        log "$top: no $c controller to delegate: the runs' limits will not hold in this host"
+      fi
+    done
+    exec setsid unshare --pid --mount --uts --ipc --fork --propagation private "$0" _stage2 "$NAME" "$@"
+  fi
+  for d in $(cg_dirs "$NAME"); do
+    mkdir -p "$d"
+    case $d in */cpuset/*) cat "${d%/*}/cpuset.cpus" > "$d/cpuset.cpus"; cat "${d%/*}/cpuset.mems" > "$d/cpuset.mems" ;; esac
+    echo $$ > "$d/cgroup.procs"
+  done
+  exec setsid unshare --cgroup --pid --mount --uts --ipc --fork --propagation private "$0" _stage2 "$NAME" "$@"
+  ;;
 _stage2)   # PID 1 of the new namespaces; becomes systemd
   NAME=${2:?name}; shift 2
+  if is_v2 && [ "$(own_cgroup)" != / ]; then   # not yet in its cgroup namespace (see _launch)
+    own=$(own_cgroup)
+    echo 0 > "/sys/fs/cgroup${own%/supervisor}/payload/cgroup.procs"
+    exec unshare --cgroup "$0" _stage2 "$NAME" "$@"
+  fi
   R=$SCRATCH/$NAME/root
   mount -t proc proc $R/proc
   mount -t sysfs -o ro,nosuid,nodev,noexec sysfs $R/sys
