@@ -241,7 +241,7 @@ def test_fork_bombs_end_timed_out_with_their_outcome(vm: VM) -> None:
         run = vm.curl("POST", "/run-json?wait=true", {"code": code, "limits": {"tasks": 24, "timeout_s": 2}})
         states.append((run["state"], run["error"]))
     step("4 fork bombs (tasks 24, timeout_s 2) one after another", f"{states}")
-    assert states == [("timed_out", None)] * 4, states
+    assert states == [("timed_out", "the run reached its timeout_s limit")] * 4, states
 
 
 def test_a_run_sees_no_other_run_nor_the_hosts_services_on_cgroup_v2(vm: VM) -> None:
