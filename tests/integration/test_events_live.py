@@ -64,10 +64,13 @@ def test_a_follower_gets_each_line_as_it_is_printed_then_the_end(client: Client)
     assert all(e.data["text"].endswith("\n") for e in printed)  # whole lines: each came as it was flushed
     assert len(printed) == TICKS
     finished_at = datetime.fromisoformat(found[-1].data["finished_at"]).timestamp()
-    for index, event in enumerate(printed):  # each arrived while the run still ran, about a second apart
-        assert event.at < finished_at - 0.5, (index, event.at, finished_at)
-        if index:
-            assert 0.5 < event.at - printed[index - 1].at < 1.5
+    # Followed live, not handed over at the end: the lines are printed a second
+    # apart over 5 s, so the first came seconds before the end and they came
+    # spread over time. (No bound on each gap: a loaded machine delays one
+    # delivery and the next catches up.)
+    arrivals = [event.at for event in printed]
+    assert arrivals[0] < finished_at - 2.5, (arrivals, finished_at)
+    assert arrivals[-1] - arrivals[0] > 2.0, arrivals
 
 
 def test_a_follower_that_reconnects_with_last_event_id_gets_exactly_the_rest(client: Client) -> None:
