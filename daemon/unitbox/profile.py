@@ -15,20 +15,17 @@ from typing import Any
 from unitbox.limits import Limits
 from unitbox.unit_scripts import (
     BOOTSTRAP,
+    BOX_BINDS,
     CODE_DIR,
     LINT_SCRIPT,
     LINT_TAKE_SCRIPT,
     LINTER_PATH,
     ON_HOST,
-    OUT_DIR,
     START_PRE_SCRIPT,
     STOP_POST_SCRIPT,
     WORK_DIR,
 )
 
-# The writable places a run sees, each a directory of its box (one tmpfs of
-# disk_mb, see unit_scripts.START_PRE_SCRIPT): one budget for all of them.
-BOX_BINDS = (("work", WORK_DIR), ("out", OUT_DIR), ("tmp", "/tmp"), ("var-tmp", "/var/tmp"), ("shm", "/dev/shm"))
 SYS_KEPT = "/sys/devices/system/cpu"  # all of /sys a run sees: CPU counts (glibc's get_nprocs)
 STAGE_ROOT = "/run/unitbox-runs"
 """On the host: each run's inputs are copied to STAGE_ROOT/<id> when its unit
@@ -40,6 +37,7 @@ list in /proc/self/mountinfo names the state directory."""
 # must never be cut short on a loaded host: a run that did nothing wrong
 # would end as `error`. START_BOUND_S bounds set-up to exec.
 START_BOUND_S = 30.0
+STOP_BOUND_S = 30.0
 # `tasks` is held per run by LimitNPROC= (the run's dynamic UID is its own);
 # TasksMax= is that plus room for the privileged steps. On cgroup v2 systemd
 # 257 spawns ExecStopPost= straight into the unit's cgroup (CLONE_INTO_CGROUP),
@@ -47,7 +45,6 @@ START_BOUND_S = 30.0
 # TasksMax= = tasks the outcome recorder failed to spawn (EAGAIN) and the run
 # ended without an outcome.
 STEP_TASKS = 8
-STOP_BOUND_S = 30.0
 
 UNIT_PREFIX = "unitbox-run-"
 UNIT_SUFFIX = ".service"

@@ -73,10 +73,12 @@ BOOTSTRAP = (
 # makes one) on the host's /run, to be bound read-only into the run; and
 # mounts the run's box: one tmpfs of disk_mb holding every place it may
 # write (its working directory, its channel back OUT_DIR, /tmp, /var/tmp,
-# /dev/shm: profile.BOX_BINDS), made on the host so that its files outlive
+# /dev/shm: BOX_BINDS), made on the host so that its files outlive
 # the run's mount namespace until ExecStopPost has collected them (inodes
 # capped as systemd caps its own tmpfs: empty files cost no blocks); and the
 # empty skeleton bound read-only at /sys.
+# Every place a run may write: (directory of the box, where the run sees it).
+BOX_BINDS = (("work", WORK_DIR), ("out", OUT_DIR), ("tmp", "/tmp"), ("var-tmp", "/var/tmp"), ("shm", "/dev/shm"))
 START_PRE_SCRIPT = r"""set -e
 umask 077
 mkdir -p "$1/box"
@@ -84,7 +86,7 @@ umask 022
 cp -R "$2/in" "$1/in"
 mkdir -p "$1/sys/devices/system/cpu" "$1/sys/fs/cgroup"
 mount -t tmpfs -o "size=$3M,nr_inodes=400k,mode=755,nosuid,nodev" tmpfs "$1/box"
-mkdir -m 1777 "$1/box/work" "$1/box/out" "$1/box/tmp" "$1/box/var-tmp" "$1/box/shm"
+mkdir -m 1777 """ + " ".join(f'"$1/box/{name}"' for name, _ in BOX_BINDS) + r"""
 IFS=- read -r a b c d e < /proc/sys/kernel/random/uuid
 printf '%s%s%s%s%s\n' "$a" "$b" "$c" "$d" "$e" > "$1/machine-id"
 read -r up _ < /proc/uptime
