@@ -57,26 +57,30 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def measure(runs_dir: Path) -> dict[str, int]:
-    """Bytes stored under each entry of `runs_dir` (blocking: call in a thread)."""
+def measure(*dirs: Path) -> dict[str, int]:
+    """Bytes stored under each entry name of `dirs` (a run's directories in
+    each, rundir.py), summed per name (blocking: call in a thread)."""
     sizes: dict[str, int] = {}
-    try:
-        entries = list(os.scandir(runs_dir))
-    except FileNotFoundError:
-        return sizes
-    for entry in entries:
+    for runs_dir in dirs:
         try:
-            sizes[entry.name] = (_tree_bytes(Path(entry.path)) if entry.is_dir(follow_symlinks=False)
-                                 else entry.stat(follow_symlinks=False).st_size)
+            entries = list(os.scandir(runs_dir))
         except FileNotFoundError:
             continue
+        for entry in entries:
+            try:
+                size = (_tree_bytes(Path(entry.path)) if entry.is_dir(follow_symlinks=False)
+                        else entry.stat(follow_symlinks=False).st_size)
+            except (FileNotFoundError, PermissionError):
+                continue
+            sizes[entry.name] = sizes.get(entry.name, 0) + size
     return sizes
 
 
 class DiskBudget:
-    def __init__(self, runs_dir: Path, policy: RetentionSection, *,
+    def __init__(self, runs_dir: Path, policy: RetentionSection, *, ends_dir: Path | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.runs_dir = runs_dir
+        self._measured = (runs_dir,) if ends_dir is None else (runs_dir, ends_dir)  # a run's two places
         self.max_bytes = policy.max_total_mb * MiB
         self.high_water = self.max_bytes * policy.high_water_percent // 100
         self.low_water = self.max_bytes * policy.low_water_percent // 100
@@ -91,7 +95,7 @@ class DiskBudget:
 
     async def load(self) -> None:
         """Measure what is on disk now (at start, before any run is adopted)."""
-        self._sizes = await asyncio.to_thread(measure, self.runs_dir)
+        self._sizes = await asyncio.to_thread(measure, *self._measured)
         self.total = sum(self._sizes.values())
         log.info("disk budget: %.1f of %d MB in use by %d run directories", self.total / MiB,
                  self.max_bytes // MiB, len(self._sizes))

@@ -37,13 +37,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", action="append", metavar="ADDR",
                        help="host:port or unix:/path; repeat for several (default 127.0.0.1:8080)")
     serve.add_argument("--state-dir", type=Path, help="where runs and the database live (default /var/lib/unitbox)")
+    serve.add_argument("--broker-socket", type=Path, metavar="PATH",
+                       help="connect to the broker there (unitbox-broker.socket) instead of starting it as a child")
     serve.add_argument("--max-concurrent", type=int, help="runs executing at once (default: CPU count)")
     serve.add_argument("--queue-size", type=int, help="runs waiting behind them (default 1000)")
     serve.add_argument("--slice", help="slice the run units go into (default unitbox.slice)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
-    broker = commands.add_parser("broker", help="the process that talks to systemd (started by `serve`)")
-    broker.add_argument("--fd", type=int, required=True, help="the socket to the daemon (inherited)")
+    broker = commands.add_parser("broker", help="the process that talks to systemd (started by `serve`, or by "
+                                                "unitbox-broker.socket)")
+    side = broker.add_mutually_exclusive_group(required=True)
+    side.add_argument("--fd", type=int, help="the socket to the daemon (inherited from `serve`)")
+    side.add_argument("--socket-activated", action="store_true",
+                      help="the daemon connected to unitbox-broker.socket (Accept=yes): fd 3")
+    broker.add_argument("--front-user", metavar="USER",
+                        help="with --socket-activated: the only user (name or uid) the broker serves")
     broker.add_argument("--state-dir", type=Path, help=argparse.SUPPRESS)
     broker.add_argument("--slice", help=argparse.SUPPRESS)
     broker.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help=argparse.SUPPRESS)
@@ -69,7 +77,7 @@ def _command_list(commands: Any, title: str, names: tuple[str, ...]) -> str:
 
 
 def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("listen", "state_dir", "max_concurrent", "queue_size", "slice", "log_level")
+    names = ("listen", "state_dir", "broker_socket", "max_concurrent", "queue_size", "slice", "log_level")
     return {name: getattr(args, name, None) for name in names}
 
 
@@ -101,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(config))
         return 0
     if args.command == "broker":
+        from unitbox.broker.peer import socket_activated_fd
         from unitbox.broker.server import run_broker
-        asyncio.run(run_broker(config, args.fd))
+        try:
+            fd = args.fd if args.fd is not None else socket_activated_fd(args.front_user)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return 1
+        asyncio.run(run_broker(config, fd))
         return 0
     if args.command == "check-config":
         print(config.model_dump_json(indent=2) if args.json else "configuration is valid")

@@ -13,6 +13,10 @@ depth, path length) holds before anything is copied. The judge0 CVE-2024-
 28185/28189 class — host code following a sandbox-made symlink — has
 nothing to follow here.
 
+Into the run's ends directory (the broker's `<state_dir>/ends/<id>`: root's,
+under a directory only root and the daemon's group may enter, so what it
+writes there is readable by the daemon, 0644, and no one else):
+
     <run dir>/files/manifest.json   {"files": [{path, size, sha256, blob}], "skipped": […], "incomplete": bool}
     <run dir>/files/<blob>          the bytes of each collected file (blobs are numbers: no name from the run
                                     is ever used as a path on the host)
@@ -171,7 +175,7 @@ def _printable(name: str) -> bool:
 
 def _copy(fd: int, dest_fd: int, blob: str, cap: int) -> tuple[int, str]:
     digest = hashlib.sha256()
-    out = os.open(blob, _WRITE, 0o600, dir_fd=dest_fd)
+    out = os.open(blob, _WRITE, 0o644, dir_fd=dest_fd)
     size = 0
     try:
         while size < cap and (chunk := os.read(fd, min(CHUNK, cap - size))):
@@ -211,12 +215,12 @@ def collect(box: str, run_dir: str, caps: Caps) -> None:
         with _opened(os.path.join(box, "work")) as work_fd:
             if work_fd is None:
                 return
-            os.mkdir("files", 0o700, dir_fd=run_fd)
+            os.mkdir("files", 0o755, dir_fd=run_fd)
             dest_fd = os.open("files", _DIR, dir_fd=run_fd)
             try:
                 found = collect_tree(work_fd, dest_fd, caps)
                 data = json.dumps(found.manifest(), ensure_ascii=True).encode()
-                tmp = os.open(".manifest.json", _WRITE, 0o600, dir_fd=dest_fd)
+                tmp = os.open(".manifest.json", _WRITE, 0o644, dir_fd=dest_fd)
                 try:
                     os.write(tmp, data)
                 finally:

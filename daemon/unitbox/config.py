@@ -127,6 +127,10 @@ class Config(BaseSettings):
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"])
     tokens: dict[str, TokenSection] = Field(default_factory=dict)
     state_dir: Path = Path("/var/lib/unitbox")
+    # The broker's socket (the packaged split: the daemon as its own user, the
+    # broker a root unit of its own); None: the daemon, as root, starts the
+    # broker as its child (`unitbox serve` by hand, `make run`, the tests).
+    broker_socket: Path | None = None
     slice: str = "unitbox.slice"
     python: str = "/usr/bin/python3"
     max_concurrent: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0)
@@ -230,13 +234,24 @@ class Config(BaseSettings):
     def maximum_limits(self) -> Limits:
         return self.max_limits.to_limits()
 
+    # The state directory's parts: who writes each is the point (docs/sandbox.md).
+    @property
+    def data_dir(self) -> Path:
+        """The daemon's own: its database and each run's inputs and output (its user's)."""
+        return self.state_dir / "daemon"
+
     @property
     def runs_dir(self) -> Path:
-        return self.state_dir / "runs"
+        return self.data_dir / "runs"
 
     @property
     def database_path(self) -> Path:
-        return self.state_dir / "unitbox.db"
+        return self.data_dir / "unitbox.db"
+
+    @property
+    def ends_dir(self) -> Path:
+        """What root writes for runs (outcomes, collected files): the broker's, read by the daemon."""
+        return self.state_dir / "ends"
 
 
 def parse_listen(address: str) -> tuple[str, int] | str:

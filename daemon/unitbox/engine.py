@@ -38,8 +38,8 @@ from unitbox.metrics import Metrics
 from unitbox.outcome import RunState
 from unitbox.profile import LintMode
 from unitbox.recovery import recover
-from unitbox.retention import retention_loop
-from unitbox.rundir import RunDir
+from unitbox.retention import RunFiles, retention_loop
+from unitbox.rundir import RunDir, prepare_data_dir
 from unitbox.runner import Runner
 from unitbox.runtimes import RuntimeInfo, Runtimes
 from unitbox.store import RunRecord, RunStore
@@ -80,7 +80,7 @@ class Engine:
         self._broker = broker
         self._store = store
         self._runtimes = runtimes
-        self.budget = DiskBudget(config.runs_dir, config.retention)
+        self.budget = DiskBudget(config.runs_dir, config.retention, ends_dir=config.ends_dir)
         self._followers = Followers()
         self._launcher = Launcher(config, broker, use_fd_store=notify.fd_store_available(), budget=self.budget,
                                   on_output=self._followers.output_kept)
@@ -98,17 +98,17 @@ class Engine:
 
     # -- start and stop ------------------------------------------------------------
     async def start(self) -> None:
-        self.config.runs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.config.state_dir.chmod(0o700)
+        await asyncio.to_thread(prepare_data_dir, self.config)
         await self._store.open()
         await self.budget.load()  # before runs are adopted: their captures charge only what comes next
         runner = self._runner
         await self._broker.start(runner.on_broker_down, runner.on_broker_up)  # SystemdError if it cannot
         runner.broker_ok = True
         runner.accepting = True
-        await runner.take_over(await recover(self._store, self._broker, self.config.runs_dir))
+        await runner.take_over(await recover(self._store, self._broker, self.config))
         runner.spawn(runner.records.retry_unsaved())
-        runner.spawn(retention_loop(self._store, self.config.runs_dir, self.config.retention, self.budget,
+        files = RunFiles(self.config.runs_dir, self.config.ends_dir, self._broker.forget)
+        runner.spawn(retention_loop(self._store, files, self.config.retention, self.budget,
                                     is_live=runner.runs.__contains__))
 
     def begin_shutdown(self) -> None:
@@ -158,7 +158,7 @@ class Engine:
         self._admission.reserve()  # before the first await: concurrent submissions cannot overshoot
         run_id = new_run_id()
         self.budget.charge(run_id, stored)  # also before the first await, for the same reason
-        run_dir = RunDir(self.config.runs_dir / run_id)
+        run_dir = RunDir.of(self.config, run_id)
         record = RunRecord(id=run_id, state=RunState.QUEUED, created_at=time.time(),
                            limits=submission.limits, runtime=submission.runtime, owner=submission.owner,
                            entrypoint=submission.entrypoint, lint=submission.lint.value,
@@ -208,7 +208,7 @@ class Engine:
         return [runs[r.id].live_view() if r.id in runs else unsaved.get(r.id, r) for r in records]
 
     def run_dir(self, run_id: str) -> RunDir:
-        return RunDir(self.config.runs_dir / run_id)
+        return RunDir.of(self.config, run_id)
 
     async def details(self, record: RunRecord, *, include_output: bool) -> RunDetails:
         """What one run left (result, diagnostics, files) and, if asked, its output inline: read from its

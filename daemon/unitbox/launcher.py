@@ -61,7 +61,7 @@ class Launcher:
             if not run.stdio:
                 run.stdio = self._prepare(run)
             self.broker.watch(record.id, watcher)
-            await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.path, run.stdio,
+            await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.inputs, run.stdio,
                                         lint=record.lint)
         except NoAnswer:
             raise

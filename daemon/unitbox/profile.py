@@ -146,13 +146,15 @@ class Collector:
         return [self.python, "-I", "-S", self.script, *map(str, self.caps)]
 
 
-def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_dir: PurePosixPath,
+def build_profile(run_id: str, limits: Limits, *, ends_dir: PurePosixPath, state_dir: PurePosixPath,
                   slice_name: str, runtime: Runtime, collector: Collector, lint: LintMode = LintMode.OFF,
                   linter: str | None = None, native_private_cgroups: bool = False,
                   secret_paths: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Properties of `unitbox-run-<run_id>.service`. `run_dir` is the run's
-    directory on the host (its `in/`, staged on /run, is mounted read-only at
-    CODE_DIR). `collector`: what ExecStopPost runs to take the run's files.
+    """Properties of `unitbox-run-<run_id>.service`. `ends_dir` is where its
+    privileged steps write what it left (the outcome, its files: the broker's
+    `<state_dir>/ends/<id>`); its inputs, staged by the broker on /run, are
+    mounted read-only at CODE_DIR. `collector`: what ExecStopPost runs to
+    take the run's files.
     `lint`, `linter` (ruff's path): a static check before the program, or
     instead of it. `native_private_cgroups`: systemd >= 257, whose
     ProtectControlGroups=private shows a run its own cgroup only.
@@ -174,7 +176,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
     # TemporaryFileSystem= there loses to it (docs/sandbox.md).
     writable = [f"-{stage}/box/{name}:{target}" for name, target in BOX_BINDS]
     program = [":" + runtime.python, "-I", *(["-S"] if runtime.stdlib_only else []), "-u", "-c", BOOTSTRAP]
-    start_pre = [[*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(run_dir), str(limits.disk_mb)]]
+    start_pre = [[*ON_HOST, START_PRE_SCRIPT, "unitbox-start-pre", stage, str(limits.disk_mb)]]
     if lint is not LintMode.OFF:
         if linter is None:
             raise ValueError("lint asked for without a linter")
@@ -185,7 +187,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
             program = check
         else:  # a failed lint must not stop the program: `-`
             start_pre += [["-" + check[0], *check[1:]],
-                          [*ON_HOST, LINT_TAKE_SCRIPT, "unitbox-lint-take", stage, str(run_dir)]]
+                          [*ON_HOST, LINT_TAKE_SCRIPT, "unitbox-lint-take", stage, str(ends_dir)]]
     return {
         "Description": f"unitbox run {run_id}",
         "Slice": slice_name,
@@ -193,7 +195,7 @@ def build_profile(run_id: str, limits: Limits, *, run_dir: PurePosixPath, state_
         "Type": "exec",
         "ExecStart": program,
         "ExecStartPre": start_pre,
-        "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", stage, str(run_dir),
+        "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", stage, str(ends_dir),
                          *collector.command()],
         "KillMode": "control-group",
         "KillSignal": "SIGKILL",  # cancel sends SIGTERM itself first (engine.CANCEL_GRACE_S)

@@ -11,12 +11,13 @@ import logging
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 from unitbox.broker.client import Broker
+from unitbox.config import Config
 from unitbox.errors import SystemdError
 from unitbox.outcome import RunState
 from unitbox.profile import run_id_of
+from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
 from unitbox.systemd import UnitInfo
 
@@ -65,15 +66,15 @@ def plan_recovery(unfinished: Iterable[RunRecord], units: Iterable[UnitInfo],
     return Plan(planned, orphans)
 
 
-async def recover(store: RunStore, broker: Broker, runs_dir: Path) -> Plan:
+async def recover(store: RunStore, broker: Broker, config: Config) -> Plan:
     """Gather the facts, plan, stop our orphaned units; the engine takes over
     `plan.runs` (attaching, finishing or requeueing each)."""
     unfinished = await store.unfinished()
     units = await broker.list_units()  # ours: unitbox-run-*.service
 
     def scan() -> tuple[set[str], set[str]]:
-        dirs = {p.name for p in runs_dir.iterdir() if p.is_dir()}
-        return dirs, {d for d in dirs if (runs_dir / d / "result").exists()}
+        dirs = {p.name for p in config.runs_dir.iterdir() if p.is_dir()}
+        return dirs, {d for d in dirs if RunDir.of(config, d).result.exists()}
     own_dirs, with_outcome = await asyncio.to_thread(scan)
     plan = plan_recovery(unfinished, units, with_outcome, own_dirs)
     for record, action in plan.runs:

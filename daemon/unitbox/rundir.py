@@ -1,31 +1,69 @@
-"""A run's directory under the state dir: its inputs (mounted read-only into
-the unit), its captured output and the outcome ExecStopPost recorded.
+"""A run's two directories under the state dir: the daemon's own (its
+inputs, sent to the broker to stage, and its captured output) and the
+broker's (what the unit's privileged steps recorded: the outcome and what
+the run left). No run can reach the state dir at all.
 
-    runs/<id>/          0700 root — no run can reach the state dir at all
-      in/main.py        the source, 0644 (readable by that run's dynamic user)
+    daemon/runs/<id>/   0700, the daemon's user
+      in/main.py        the source
       in/argv           sys.argv[1:], NUL-separated
       in/entry          "<function> <result cap>" when an entrypoint is called
       in/files/…        input files, copied into the working directory at the start
       stdin             fed to the program as its standard input
       stdout, stderr    captured output, each capped at output_kb
+    ends/<id>/          root's (ends/ is 0750 root:<the daemon's group>): the daemon reads, never writes
       result            written by the unit's privileged ExecStopPost
       return.json, return.error, lint.json, files/   what the run left (collect.py)
+
+Runs recorded before 0.3.0 (one root daemon) kept the second part in the first: read there.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from unitbox.config import Config
 from unitbox.outcome import Outcome, parse_result_file
+
+log = logging.getLogger(__name__)
+
+# The daemon's files as 0.1 and 0.2 kept them: right in the state directory.
+LEGACY_NAMES = ("unitbox.db", "unitbox.db-wal", "unitbox.db-shm", "runs")
+
+
+def prepare_data_dir(config: Config) -> None:
+    """The daemon's directory (0700) and its runs/; a state directory laid
+    out by 0.1 or 0.2 is moved into it first, once (the package's postinst
+    does the same before the daemon runs as its own user, who could not).
+    Blocking: call from a worker thread."""
+    data, state = config.data_dir, config.state_dir
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data.chmod(0o700)
+    if not config.database_path.exists() and (state / "unitbox.db").exists():
+        for name in LEGACY_NAMES:
+            if (state / name).exists():
+                os.rename(state / name, data / name)
+        log.info("moved the database and runs/ from %s into %s (the layout of unitbox 0.3)", state, data)
+    config.runs_dir.mkdir(mode=0o700, exist_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
 class RunDir:
     path: Path
+    ends_path: Path
+
+    @classmethod
+    def of(cls, config: Config, run_id: str) -> RunDir:
+        return cls(config.runs_dir / run_id, config.ends_dir / run_id)
+
+    @property
+    def ends(self) -> Path:
+        """Where root recorded what the run left (its own directory for a run from before 0.3.0)."""
+        return self.path if not self.ends_path.exists() and (self.path / "result").exists() else self.ends_path
 
     @property
     def inputs(self) -> Path:
@@ -44,23 +82,23 @@ class RunDir:
 
     @property
     def result(self) -> Path:
-        return self.path / "result"
+        return self.ends / "result"
 
     @property
     def returned(self) -> Path:
-        return self.path / "return.json"
+        return self.ends / "return.json"
 
     @property
     def return_error(self) -> Path:
-        return self.path / "return.error"
+        return self.ends / "return.error"
 
     @property
     def lint_report(self) -> Path:
-        return self.path / "lint.json"
+        return self.ends / "lint.json"
 
     @property
     def files(self) -> Path:
-        return self.path / "files"
+        return self.ends / "files"
 
     @property
     def manifest(self) -> Path:
@@ -112,6 +150,7 @@ class RunDir:
         return (outcome, written) if outcome is not None else None
 
     def remove(self) -> None:
+        """The daemon's part; the broker removes its own (`forget`)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
 

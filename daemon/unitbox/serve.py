@@ -16,7 +16,7 @@ from aiohttp import web
 
 from unitbox.api.app import create_app
 from unitbox.api.guard import ConnectionGuard, GuardedSite
-from unitbox.broker.client import Broker, process_spawner
+from unitbox.broker.client import Broker, spawner_of
 from unitbox.config import Config, parse_listen
 from unitbox.engine import Engine
 from unitbox.metrics import Metrics, watch_loop_lag
@@ -34,7 +34,7 @@ HTTP_SHUTDOWN_S = 3.0
 
 def build_engine(config: Config, inherited: InheritedFds | None = None) -> Engine:
     stored = inherited.stored if inherited else {}
-    return Engine(config, Broker(process_spawner(config)), RunStore(config.database_path), Runtimes(config),
+    return Engine(config, Broker(spawner_of(config)), RunStore(config.database_path), Runtimes(config),
                   metrics=Metrics(), stored_fds=stored)
 
 

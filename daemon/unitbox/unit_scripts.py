@@ -68,24 +68,24 @@ BOOTSTRAP = (
     f" open({OUT_DIR!r}+'/result.json','wb').write(b)\n"
 )
 
-# Privileged ExecStartPre (outside the run's namespaces): stages the run's
-# inputs and a fresh machine-id (a random v4 UUID, as systemd-machine-id-setup
-# makes one) on the host's /run, to be bound read-only into the run; and
-# mounts the run's box: one tmpfs of disk_mb holding every place it may
-# write (its working directory, its channel back OUT_DIR, /tmp, /var/tmp,
-# /dev/shm: BOX_BINDS), made on the host so that its files outlive
-# the run's mount namespace until ExecStopPost has collected them (inodes
-# capped as systemd caps its own tmpfs: empty files cost no blocks); and the
-# empty skeleton bound read-only at /sys.
+# Privileged ExecStartPre (outside the run's namespaces), in the staging
+# directory on the host's /run that the broker made (and filled with the
+# run's inputs, broker/staging.py): writes a fresh machine-id (a random v4
+# UUID, as systemd-machine-id-setup makes one), to be bound read-only into
+# the run; mounts the run's box: one tmpfs of disk_mb holding every place it
+# may write (its working directory, its channel back OUT_DIR, /tmp, /var/tmp,
+# /dev/shm: BOX_BINDS), made on the host so that its files outlive the run's
+# mount namespace until ExecStopPost has collected them (inodes capped as
+# systemd caps its own tmpfs: empty files cost no blocks); and makes the
+# empty skeleton bound read-only at /sys. It never touches the daemon's state.
 # Every place a run may write: (directory of the box, where the run sees it).
 BOX_BINDS = (("work", WORK_DIR), ("out", OUT_DIR), ("tmp", "/tmp"), ("var-tmp", "/var/tmp"), ("shm", "/dev/shm"))
 START_PRE_SCRIPT = r"""set -e
 umask 077
 mkdir -p "$1/box"
 umask 022
-cp -R "$2/in" "$1/in"
 mkdir -p "$1/sys/devices/system/cpu" "$1/sys/fs/cgroup"
-mount -t tmpfs -o "size=$3M,nr_inodes=400k,mode=755,nosuid,nodev" tmpfs "$1/box"
+mount -t tmpfs -o "size=$2M,nr_inodes=400k,mode=755,nosuid,nodev" tmpfs "$1/box"
 mkdir -m 1777 """ + " ".join(f'"$1/box/{name}"' for name, _ in BOX_BINDS) + r"""
 IFS=- read -r a b c d e < /proc/sys/kernel/random/uuid
 printf '%s%s%s%s%s\n' "$a" "$b" "$c" "$d" "$e" > "$1/machine-id"
@@ -104,11 +104,18 @@ LINT_SCRIPT = (f"ulimit -t {LINT_CPU_S}; ulimit -v {LINT_MEMORY_KB}; ulimit -f {
                f'--select {LINT_SELECT} -- {SCRIPT_PATH} > {OUT_DIR}/lint.json')
 # After a lint that precedes the program: the report leaves the box before
 # the program starts, so the program cannot rewrite it.
-LINT_TAKE_SCRIPT = r"""mv -f -- "$1/box/out/lint.json" "$2/lint.json" 2>/dev/null || true"""
+# Copied, not moved: the copy is root's and readable by the daemon (the
+# linter's file is the run's user's, 0600); a symlink is never followed.
+LINT_TAKE_SCRIPT = r"""f="$1/box/out/lint.json"
+if [ -f "$f" ] && [ ! -L "$f" ]; then umask 022; cat -- "$f" > "$2/lint.json" || true; fi
+rm -f -- "$f"
+"""
 
 # Command lines carry the `:` prefix: systemd must not expand `$…` in them.
 # Privileged ExecStopPost (runs after the run's processes are gone, while its
-# cgroup still exists): records the outcome durably in the run's directory, so
+# cgroup still exists): records the outcome durably in the run's ends
+# directory (made by the broker, root's: never a path the daemon could
+# swap; readable by the daemon through ends/' group), so
 # a daemon that was down when the run ended still learns the truth, and takes
 # the CPU / memory-peak / OOM figures that cgroup-v1 hosts forget at once. The
 # run's start (ExecStartPre's end) and end (this script's start) are taken
@@ -119,6 +126,7 @@ LINT_TAKE_SCRIPT = r"""mv -f -- "$1/box/out/lint.json" "$2/lint.json" 2>/dev/nul
 # in the way of the outcome: if it fails (a box that filled the run's memory
 # leaves it none), the outcome is still written. Then the box is unmounted.
 STOP_POST_SCRIPT = r"""read -r exited _ < /proc/uptime
+umask 022
 started=
 [ -r "$1/started" ] && read -r started < "$1/started"
 cpu= peak= oom= acct=

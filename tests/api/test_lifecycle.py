@@ -226,7 +226,7 @@ async def test_restart_without_fd_store_reports_stored_sizes_and_the_lost_output
     fake.finish(name)
     final = await settled(second, record.id)
     assert final.state is RunState.SUCCEEDED
-    assert final.stdout_bytes == 5000 == (tmp_path / "state" / "runs" / record.id / "stdout").stat().st_size
+    assert final.stdout_bytes == 5000 == (tmp_path / "state" / "daemon" / "runs" / record.id / "stdout").stat().st_size
     assert final.stdout_truncated  # what it wrote after the restart is gone, and says so
     assert "fd store" in (final.error or "")
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from unitbox.config import RetentionSection
 from unitbox.errors import Unavailable
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.retention import retention_loop, sweep_expired
+from unitbox.retention import RunFiles, retention_loop, sweep_expired
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
 
@@ -43,13 +44,19 @@ def runs_dir(tmp_path: Path) -> Path:
     return path
 
 
-def test_load_counts_every_file_a_run_stores(runs_dir: Path) -> None:
-    RunDir(runs_dir / ("a" * 16)).create(b"x" * 1000, b"y" * 500, ["one", "two"])
+def run_dir(runs_dir: Path, name: str) -> RunDir:
+    return RunDir(runs_dir / name, runs_dir.parent / "ends" / name)
+
+
+def test_load_counts_every_file_a_run_stores_in_both_its_directories(runs_dir: Path) -> None:
+    run_dir(runs_dir, "a" * 16).create(b"x" * 1000, b"y" * 500, ["one", "two"])
     (runs_dir / ("a" * 16) / "stdout").write_bytes(b"z" * 300)
-    RunDir(runs_dir / ("b" * 16)).create(b"print(1)", b"", [])
-    budget = DiskBudget(runs_dir, POLICY)
+    (runs_dir.parent / "ends" / ("a" * 16) / "files").mkdir(parents=True)  # what root wrote for it
+    (runs_dir.parent / "ends" / ("a" * 16) / "files" / "0").write_bytes(b"f" * 200)
+    run_dir(runs_dir, "b" * 16).create(b"print(1)", b"", [])
+    budget = DiskBudget(runs_dir, POLICY, ends_dir=runs_dir.parent / "ends")
     asyncio.run(budget.load())
-    assert budget.size_of("a" * 16) == 1000 + 500 + len("one\0two") + 300
+    assert budget.size_of("a" * 16) == 1000 + 500 + len("one\0two") + 300 + 200
     assert budget.size_of("b" * 16) == len("print(1)")
     assert budget.total == budget.size_of("a" * 16) + budget.size_of("b" * 16)
     assert submission_bytes(b"x" * 1000, b"y" * 500, ["one", "two"]) == 1000 + 500 + 7
@@ -118,6 +125,10 @@ async def test_capture_stops_at_the_budget_without_a_hole_and_flags_truncation(r
 
 
 
+async def forget(run_ids: Sequence[str]) -> None:
+    """The broker's part: nothing stored there in these tests."""
+
+
 def listing(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -125,18 +136,18 @@ def listing(directory: Path) -> list[str]:
 async def finished_run(store: RunStore, runs_dir: Path, name: str, size: int) -> None:
     await store.insert(RunRecord(id=name, state=RunState.SUCCEEDED, created_at=time.time(),
                                  finished_at=time.time(), limits=Limits()))
-    RunDir(runs_dir / name).create(b"", b"s" * size, [])
+    run_dir(runs_dir, name).create(b"", b"s" * size, [])
 
 
 async def test_sweep_deletes_oldest_finished_down_to_low_water_counting_inputs_and_live_runs(
         store: RunStore, runs_dir: Path) -> None:
     for name in ("1" * 16, "2" * 16, "3" * 16):
         await finished_run(store, runs_dir, name, 3 * MiB)  # stdin only: no output at all
-    RunDir(runs_dir / ("4" * 16)).create(b"", b"s" * (2 * MiB), [])  # in flight: cannot go
+    run_dir(runs_dir, ("4" * 16)).create(b"", b"s" * (2 * MiB), [])  # in flight: cannot go
     budget = DiskBudget(runs_dir, POLICY)
     await budget.load()
     assert budget.total == 11 * MiB
-    assert await sweep_expired(store, runs_dir, POLICY, budget) == 2  # 11 → 5 MB ≤ 7.5 MB
+    assert await sweep_expired(store, RunFiles(runs_dir, runs_dir.parent / "ends", forget), POLICY, budget) == 2  # 11 → 5 MB ≤ 7.5 MB
     assert listing(runs_dir) == ["3" * 16, "4" * 16]
     assert budget.total == 5 * MiB
     assert await store.get("1" * 16) is None and await store.get("3" * 16) is not None
@@ -145,7 +156,8 @@ async def test_sweep_deletes_oldest_finished_down_to_low_water_counting_inputs_a
 async def test_passing_high_water_sweeps_at_once_not_at_the_interval(store: RunStore, runs_dir: Path) -> None:
     policy = RetentionSection(max_total_mb=10, min_free_mb=0, interval_s=3600)
     budget = DiskBudget(runs_dir, policy)
-    loop = asyncio.create_task(retention_loop(store, runs_dir, policy, budget, is_live=lambda _: False))
+    loop = asyncio.create_task(retention_loop(store, RunFiles(runs_dir, runs_dir.parent / "ends", forget), policy, budget,
+                                              is_live=lambda _: False))
     try:
         await asyncio.sleep(0.05)  # the first (full) sweep has run; the next is an hour away
         await finished_run(store, runs_dir, "5" * 16, 8 * MiB)

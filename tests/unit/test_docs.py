@@ -104,7 +104,7 @@ def test_every_error_code_is_documented_with_its_status() -> None:
 
 @pytest.mark.parametrize("native_cgroups", [False, True])
 def test_every_unit_setting_is_in_sandbox_md(native_cgroups: bool) -> None:
-    profile = build_profile("0123456789abcdef", Limits(), run_dir=PurePosixPath("/var/lib/unitbox/runs/x"),
+    profile = build_profile("0123456789abcdef", Limits(), ends_dir=PurePosixPath("/var/lib/unitbox/ends/x"),
                             collector=Collector("/usr/bin/python3", "collect.py", (1, 2, 3, 4, 5, 6, 7)),
                             state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                             runtime=Runtime("sci", "/opt/sci/bin/python", path="/opt/sci"),

@@ -57,7 +57,7 @@ def test_a_cursor_holds_back_an_incomplete_character_until_it_is_whole_or_the_en
 
 
 async def test_followers_at_the_same_offset_share_one_read_and_encoding(tmp_path: Path) -> None:
-    run_dir = RunDir(tmp_path)
+    run_dir = RunDir(tmp_path, tmp_path)
     run_dir.output("stdout").write_bytes(b"hello ")
     record = RunRecord(id="0123456789abcdef", state=RunState.RUNNING, created_at=0.0, limits=Limits())
     rendered: list[str] = []

@@ -76,7 +76,7 @@ def test_reads_never_follow_symlinks_nor_open_fifos(tmp_path: Path) -> None:
 
 
 def test_a_manifest_entry_whose_blob_is_a_path_is_ignored(tmp_path: Path) -> None:
-    run = RunDir(tmp_path)
+    run = RunDir(tmp_path, tmp_path)
     run.files.mkdir()
     entry = {"path": "a.png", "size": 1, "sha256": "0" * 64}
     run.manifest.write_text(json.dumps({"files": [{**entry, "blob": "../../etc/passwd"}, {**entry, "blob": "0"}],

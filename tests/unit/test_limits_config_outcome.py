@@ -169,7 +169,7 @@ def test_a_runs_times_come_from_its_recorder_before_the_signals_or_the_daemons_c
 
     record = RunRecord(id="0123456789abcdef", state=RunState.RUNNING, created_at=990.0, limits=Limits(),
                        started_at=998.7)  # when the daemon heard "active": late
-    run = RunLife(record, RunDir(tmp_path))
+    run = RunLife(record, RunDir(tmp_path, tmp_path))
     run.end = UNKNOWN_END  # UnitRemoved says nothing of times
     recorded = Outcome("success", "exited", "0", started_at=997.4, exited_at=999.9)
     final = conclude(run, (recorded, 1000.0), StoredStreams(), now=1001.0)

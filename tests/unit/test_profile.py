@@ -29,7 +29,7 @@ COLLECTOR = Collector("/usr/bin/python3", "/usr/lib/unitbox/collect.py", (100, 2
 
 
 def profile(runtime: Runtime | None = None, **options: Any) -> dict[str, object]:
-    return build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+    return build_profile("abc123", LIMITS, ends_dir=PurePosixPath("/var/lib/unitbox/ends/abc123"),
                          state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                          runtime=runtime or Runtime("default", "/usr/bin/python3"), collector=COLLECTOR, **options)
 
@@ -41,9 +41,9 @@ def test_profile_exact_output() -> None:
         "Type": "exec",
         "ExecStart": [":/usr/bin/python3", "-I", "-u", "-c", BOOTSTRAP],
         "ExecStartPre": [["+:/usr/bin/nsenter", "--mount=/proc/1/ns/mnt", "--", "/bin/sh", "-c", START_PRE_SCRIPT,
-                          "unitbox-start-pre", "/run/unitbox-runs/abc123", "/var/lib/unitbox/runs/abc123", "16"]],
+                          "unitbox-start-pre", "/run/unitbox-runs/abc123", "16"]],
         "ExecStopPost": [*ON_HOST, STOP_POST_SCRIPT, "unitbox-stop-post", "/run/unitbox-runs/abc123",
-                         "/var/lib/unitbox/runs/abc123", "/usr/bin/python3", "-I", "-S", "/usr/lib/unitbox/collect.py",
+                         "/var/lib/unitbox/ends/abc123", "/usr/bin/python3", "-I", "-S", "/usr/lib/unitbox/collect.py",
                          "100", "2", "3", "4", "5", "6", "7"],
         "KillMode": "control-group",
         "KillSignal": "SIGKILL",
@@ -143,7 +143,7 @@ def test_every_writable_place_is_a_bind_of_the_box_over_a_named_private_tmp() ->
 
 
 def test_secret_paths_are_made_inaccessible() -> None:
-    props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+    props = build_profile("abc123", LIMITS, ends_dir=PurePosixPath("/var/lib/unitbox/ends/abc123"),
                            collector=COLLECTOR,
                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                           runtime=Runtime("default", "/usr/bin/python3"), secret_paths=("/srv/unitbox.toml",))
@@ -202,7 +202,7 @@ def test_the_state_dir_is_hidden_without_a_mount_that_names_it() -> None:
 
 
 def test_native_cgroup_privacy_on_new_systemd() -> None:
-    props = build_profile("abc123", LIMITS, run_dir=PurePosixPath("/var/lib/unitbox/runs/abc123"),
+    props = build_profile("abc123", LIMITS, ends_dir=PurePosixPath("/var/lib/unitbox/ends/abc123"),
                            collector=COLLECTOR,
                           state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice",
                           runtime=Runtime("default", "/usr/bin/python3"), native_private_cgroups=True)
@@ -216,21 +216,25 @@ def _record_outcome(stage: Path, run_dir: Path) -> None:
                    env=env, check=True)
 
 
-def test_staging_then_recording_gives_the_outcome_and_the_runs_own_times(tmp_path: Path) -> None:
-    stage, run_dir = tmp_path / "stage", tmp_path / "run"
-    (run_dir / "in").mkdir(parents=True)
-    (run_dir / "in" / "main.py").write_text("print(1)\n")
+def test_setting_up_then_recording_gives_the_outcome_and_the_runs_own_times(tmp_path: Path) -> None:
+    stage, ends = tmp_path / "stage", tmp_path / "ends"
+    (stage / "in").mkdir(parents=True)  # the broker staged the inputs (broker/staging.py)
+    ends.mkdir()
     before = time.time()
-    subprocess.run(["/bin/sh", "-c", START_PRE_SCRIPT, "unitbox-start-pre", str(stage), str(run_dir)], check=True)
-    assert (stage / "in" / "main.py").read_text() == "print(1)\n" and len((stage / "machine-id").read_text()) == 33
-    time.sleep(0.3)  # the program's run
-    _record_outcome(stage, run_dir)
-    result = run_dir / "result"
+    subprocess.run(["/bin/sh", "-c", START_PRE_SCRIPT, "unitbox-start-pre", str(stage), "16"], check=True)
+    try:
+        assert len((stage / "machine-id").read_text()) == 33 and (stage / "box" / "work").is_dir()
+        assert (stage / "sys" / "fs" / "cgroup").is_dir()
+        time.sleep(0.3)  # the program's run
+    finally:
+        _record_outcome(stage, ends)  # unmounts the box
+    result = ends / "result"
     outcome = parse_result_file(result.read_text(), result.stat().st_mtime)
     assert outcome is not None and (outcome.service_result, outcome.exit_status) == ("exit-code", "7")
     assert outcome.started_at is not None and outcome.exited_at is not None
     assert before - 0.5 <= outcome.started_at < outcome.exited_at <= time.time() + 0.5  # /proc/uptime: 10 ms steps
     assert 0.25 <= outcome.exited_at - outcome.started_at <= 2.0
+    assert result.stat().st_mode & 0o777 == 0o644  # readable by the daemon's user (ends/ guards it)
     assert not stage.exists() and not Path(f"{stage}.result").exists()
 
 

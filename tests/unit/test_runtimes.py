@@ -49,7 +49,7 @@ def fake_venv(path: Path) -> Path:
 
 
 def props(runtime: Runtime) -> dict[str, Any]:
-    return build_profile("r1", Limits(), run_dir=PurePosixPath("/var/lib/unitbox/runs/r1"),
+    return build_profile("r1", Limits(), ends_dir=PurePosixPath("/var/lib/unitbox/ends/r1"),
                          collector=Collector("/usr/bin/python3", "collect.py", (1, 2, 3, 4, 5, 6, 7)),
                          state_dir=PurePosixPath("/var/lib/unitbox"), slice_name="unitbox.slice", runtime=runtime)
 

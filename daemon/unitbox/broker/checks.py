@@ -2,17 +2,15 @@
 the HTTP-facing process is the one exposed to clients, so nothing it sends
 reaches PID 1 unchecked. A start names a run (16 hex digits), its limits
 (each within the configured maxima), a runtime the broker itself knows, and
-the run's directory: `<state_dir>/runs/<id>`, a real directory, no symlink
-anywhere on the way."""
+carries four descriptors: the program's stdin, stdout and stderr, and the
+run's inputs directory (whose contents staging.py checks as it copies). No
+path from the daemon is ever used: the broker has none to follow."""
 
 from __future__ import annotations
 
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from unitbox.config import Config
@@ -22,7 +20,12 @@ from unitbox.profile import LintMode, Runtime
 from unitbox.runtimes import Runtimes
 
 RUN_ID = re.compile(r"[0-9a-f]{16}")
-STDIO = ("input", "output", "error")  # the fds of a start, in this order
+STDIO = ("input", "output", "error")  # the program's, the first fds of a start
+START_FDS = (*STDIO, "inputs")  # … and the run's inputs directory
+MAX_FORGET = 1000  # run ids in one `forget`
+# A start says what to run, never how: the profile (users, mounts, every
+# property) is the broker's own. Any other field is refused, not ignored.
+START_FIELDS = frozenset({"id", "op", "run", "limits", "runtime", "lint"})
 SIGNALS = frozenset({15, 9})  # SIGTERM (a cancel's first step), SIGKILL
 
 
@@ -37,7 +40,6 @@ class StartOrder:
     run_id: str
     limits: Limits
     runtime: Runtime
-    run_dir: Path
     lint: LintMode = LintMode.OFF
 
 
@@ -65,31 +67,19 @@ def limits(message: Mapping[str, Any], config: Config) -> Limits:
         raise Refused(f"limits refused: {exc.message}") from exc
 
 
-def run_dir(message: Mapping[str, Any], config: Config, run: str) -> Path:
-    value = message.get("dir")
-    expected = config.runs_dir / run
-    if not isinstance(value, str) or Path(value) != expected or os.path.normpath(value) != value:
-        raise Refused(f"run directory {value!r} is not {expected}")
-    # Every component from / down must be a real directory: a symlink could
-    # point the unit's mounts (and the privileged staging step) anywhere.
-    path = Path("/")
-    for part in expected.parts[1:]:
-        path /= part
-        try:
-            mode = os.lstat(path).st_mode
-        except OSError as exc:
-            raise Refused(f"run directory {expected}: {path} is missing ({exc.strerror})") from exc
-        if stat.S_ISLNK(mode):
-            raise Refused(f"run directory {expected}: {path} is a symlink")
-        if not stat.S_ISDIR(mode):
-            raise Refused(f"run directory {expected}: {path} is not a directory")
-    return expected
+def run_ids(message: Mapping[str, Any]) -> list[str]:
+    value = message.get("runs")
+    if not isinstance(value, list) or len(value) > MAX_FORGET:
+        raise Refused(f"runs must be a list of at most {MAX_FORGET} run ids")
+    return [run_id({"run": item}) for item in value]
 
 
 def start_order(message: Mapping[str, Any], fds: list[int], config: Config, runtimes: Runtimes) -> StartOrder:
+    if extra := sorted(set(message) - START_FIELDS):
+        raise Refused(f"a start has no field {', '.join(map(repr, extra))}: the broker builds the unit itself")
     run = run_id(message)
-    if len(fds) != len(STDIO):
-        raise Refused(f"a start carries {len(STDIO)} file descriptors ({', '.join(STDIO)}), got {len(fds)}")
+    if len(fds) != len(START_FDS):
+        raise Refused(f"a start carries {len(START_FDS)} file descriptors ({', '.join(START_FDS)}), got {len(fds)}")
     name = message.get("runtime")
     if not isinstance(name, str):
         raise Refused("runtime must be a name")
@@ -101,4 +91,4 @@ def start_order(message: Mapping[str, Any], fds: list[int], config: Config, runt
         lint = LintMode(message.get("lint", "off"))
     except ValueError:
         raise Refused(f"lint must be one of {', '.join(LintMode)}") from None
-    return StartOrder(run, limits(message, config), runtime, run_dir(message, config, run), lint)
+    return StartOrder(run, limits(message, config), runtime, lint)

@@ -38,6 +38,7 @@ WEDGED_S = 30.0  # … this long: the broker is killed and a new one started
 READY_TIMEOUT_S = 20.0
 CALL_TIMEOUT = "5s"  # sd-bus's method-call timeout in the broker ($SYSTEMD_BUS_TIMEOUT; default 25 s)
 RESPAWN_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+FORGET_BATCH = 500  # run ids per `forget` (the broker takes up to checks.MAX_FORGET)
 Watcher = Callable[[UnitEvent], None]
 
 
@@ -96,12 +97,36 @@ def process_spawner(config: Config) -> Spawner:
     return spawn
 
 
+def socket_spawner(path: Path) -> Spawner:
+    """The packaged split: connect to unitbox-broker.socket, where systemd
+    starts a broker (root, a unit of its own) for the connection. Stopping
+    is hanging up: that broker then exits; the runs go on."""
+    async def spawn() -> BrokerLink:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot connect to the broker at {path}: {exc.strerror}") from exc
+
+        async def stop() -> None:
+            sock.close()
+        return BrokerLink(sock, stop)
+    return spawn
+
+
+def spawner_of(config: Config) -> Spawner:
+    return socket_spawner(config.broker_socket) if config.broker_socket else process_spawner(config)
+
+
 def in_process_spawner(config: Config, systemd: UnitManager) -> Spawner:
     """The broker's server on the daemon's own loop, over a real socketpair
-    (the fast tests: a fake systemd behind the real wire and checks)."""
+    (the fast tests: a fake systemd behind the real wire and checks; inputs
+    staged under the state dir, not on the host's /run)."""
     async def spawn() -> BrokerLink:
         ours, theirs = socket_pair()
-        server = BrokerServer(theirs, config, systemd)
+        server = BrokerServer(theirs, config, systemd, stage_root=config.state_dir / "stage")
         asyncio.get_running_loop().call_soon(server.start)
 
         async def stop() -> None:
@@ -259,11 +284,21 @@ class Broker:
     def watching(self, run_id: str) -> bool:
         return run_id in self._watchers
 
-    async def start_run(self, run_id: str, limits: Limits, runtime: str, run_dir: Path,
+    async def start_run(self, run_id: str, limits: Limits, runtime: str, inputs: Path,
                         stdio: Sequence[int], *, lint: str = "off") -> None:
-        """Start run `run_id`'s unit; `stdio`: its stdin, stdout and stderr fds."""
-        await self._call("start", stdio, run=run_id, limits=limits.as_dict(), runtime=runtime, dir=str(run_dir),
-                         lint=lint)
+        """Start run `run_id`'s unit; `stdio`: its stdin, stdout and stderr fds;
+        `inputs`: its inputs directory, sent open (the broker takes no path)."""
+        inputs_fd = os.open(inputs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            await self._call("start", [*stdio, inputs_fd], run=run_id, limits=limits.as_dict(), runtime=runtime,
+                             lint=lint)
+        finally:
+            os.close(inputs_fd)
+
+    async def forget(self, run_ids: Sequence[str]) -> None:
+        """Remove what root wrote for these runs (their ends directories)."""
+        for first in range(0, len(run_ids), FORGET_BATCH):
+            await self._call("forget", runs=list(run_ids[first:first + FORGET_BATCH]))
 
     async def stop_run(self, run_id: str) -> None:
         await self._call("stop", run=run_id)

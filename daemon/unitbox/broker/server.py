@@ -1,8 +1,11 @@
 """`unitbox broker`: owns the system-bus connection (systemd.py) and does
 what the daemon asks, one request at a time and answered in order (the
 daemon pipelines them): start run R, stop R, send R a signal, list our
-units, look at R, health. Each start is checked (checks.py) and its unit
-profile built here (profile.py), from the broker's own configuration.
+units, look at R, forget what root wrote for R, health. Each start is
+checked (checks.py), its inputs staged (staging.py) and its unit profile
+built here (profile.py), from the broker's own configuration. Every
+refusal is logged: in the packaged split the daemon is another user, and a
+refused request from it means a bug or a daemon taken over.
 
 It tells the daemon `ready` once subscribed, then each of our units'
 `active` and `end`. If the bus is lost it says `down` and exits: the daemon
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,12 +30,23 @@ from typing import Any
 from unitbox import collect
 from unitbox.broker import checks
 from unitbox.broker.checks import Refused
+from unitbox.broker.peer import peer_of
+from unitbox.broker.staging import InputBudget, drop_stage, forget_ends, make_ends, stage_inputs
 from unitbox.broker.wire import Channel, Message, end_to_wire, info_to_wire
 from unitbox.config import Config
 from unitbox.errors import SystemdError, UnitboxError
 from unitbox.lint import find_linter
 from unitbox.outcome import parse_result_file
-from unitbox.profile import UNIT_PREFIX, Collector, LintMode, build_profile, fallback_result, run_id_of, unit_name
+from unitbox.profile import (
+    STAGE_ROOT,
+    UNIT_PREFIX,
+    Collector,
+    LintMode,
+    build_profile,
+    fallback_result,
+    run_id_of,
+    unit_name,
+)
 from unitbox.runtimes import Runtimes
 from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd, UnitEvent, UnitInfo, UnitManager
 
@@ -77,8 +92,11 @@ def collector_of(config: Config) -> Collector:
 
 class BrokerServer:
     def __init__(self, sock: socket.socket, config: Config, systemd: UnitManager,
-                 runtimes: Runtimes | None = None) -> None:
+                 runtimes: Runtimes | None = None, stage_root: Path = Path(STAGE_ROOT)) -> None:
         self._sock = sock
+        self._peer = peer_of(sock)  # whose inputs it may copy: the daemon's user's
+        self._stage_root = stage_root
+        self._input_budget = InputBudget.of(config)
         self.config = config
         self._systemd = systemd
         self._runtimes = runtimes or Runtimes(config)
@@ -92,7 +110,8 @@ class BrokerServer:
         self.done = asyncio.Event()
         self._ops: dict[str, Callable[[Message, list[int]], Any]] = {
             "start": self._start, "stop": self._stop, "kill": self._kill, "list": self._list,
-            "probe": self._probe, "health": lambda message, fds: self._systemd.version(),
+            "probe": self._probe, "forget": self._forget,
+            "health": lambda message, fds: self._systemd.version(),
         }
 
     def start(self) -> None:
@@ -129,6 +148,9 @@ class BrokerServer:
             kind = error_kind(exc)
             if kind == "internal":
                 log.exception("broker: %s failed", message.get("op"))
+            elif kind == "refused":
+                log.warning("broker: refused %s from pid %d (uid %d): %s", str(message.get("op"))[:40],
+                            self._peer.pid, self._peer.uid, exc)
             text = exc.message if isinstance(exc, UnitboxError) else repr(exc)
             reply = {"id": request, "error": text, "kind": kind}
         finally:
@@ -140,20 +162,34 @@ class BrokerServer:
         order = checks.start_order(message, fds, self.config, self._runtimes)
         if order.lint is not LintMode.OFF and self._linter is None:
             raise Refused("lint was asked for, but no linter (ruff) is installed")
-        profile = build_profile(order.run_id, order.limits, run_dir=PurePosixPath(order.run_dir),
-                                state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                runtime=order.runtime, collector=self._collector, lint=order.lint,
-                                linter=self._linter,
-                                native_private_cgroups=self._native_private_cgroups,
-                                secret_paths=self._secret_paths)
-        stdio = dict(zip(checks.STDIO, fds, strict=True))
-        self._systemd.start_transient_service(unit_name(order.run_id), profile, stdio)
+        *stdio_fds, inputs_fd = fds
+        run = order.run_id
+        try:
+            stage_inputs(self._stage_root, run, inputs_fd, self._peer.uid, dataclasses.replace(self._input_budget))
+            ends = make_ends(self.config.ends_dir, run)
+            profile = build_profile(run, order.limits, ends_dir=PurePosixPath(ends),
+                                    state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
+                                    runtime=order.runtime, collector=self._collector, lint=order.lint,
+                                    linter=self._linter,
+                                    native_private_cgroups=self._native_private_cgroups,
+                                    secret_paths=self._secret_paths)
+            self._systemd.start_transient_service(unit_name(run), profile, dict(zip(checks.STDIO, stdio_fds,
+                                                                                    strict=True)))
+        except Exception as exc:
+            if error_kind(exc) != "exists":  # a unit already running on the staged inputs keeps them
+                drop_stage(self._stage_root, run)
+            raise
 
     def _stop(self, message: Message, fds: list[int]) -> None:
         self._systemd.stop_unit(unit_name(checks.run_id(message)))
 
     def _kill(self, message: Message, fds: list[int]) -> None:
         self._systemd.kill_unit(unit_name(checks.run_id(message)), checks.signal_number(message))
+
+    def _forget(self, message: Message, fds: list[int]) -> None:
+        """What root wrote for these runs (the daemon cannot remove it: its retention asks here)."""
+        for run in checks.run_ids(message):
+            forget_ends(self.config.ends_dir, run)
 
     def _list(self, message: Message, fds: list[int]) -> list[list[Any]]:
         return [info_to_wire(unit) for unit in self._systemd.list_units([f"{UNIT_PREFIX}*.service"])]
