@@ -108,7 +108,7 @@ def test_64_mib_per_stream_back_to_back_never_fills_more_than_max_total_mb(budge
     """Finding 5: one client, runs writing 64 MiB to each stream back to back,
     stored 178 MiB/s while retention slept for interval_s (300 s)."""
     client, budget = budget_daemon.client, 100 * MiB
-    runs_dir = budget_daemon.host.path(f"{budget_daemon.state_dir}/runs")
+    runs_dir = budget_daemon.host.path(f"{budget_daemon.state_dir}/daemon/runs")
     refusals: list[Response] = []
     runs = []
     with PeakSampler(runs_dir) as sampler:
@@ -129,7 +129,7 @@ def test_64_mib_per_stream_back_to_back_never_fills_more_than_max_total_mb(budge
 def test_large_code_and_stdin_fill_the_budget_too(budget_daemon: Daemon) -> None:
     """Code and stdin are stored with every run: they count like output."""
     client, budget = budget_daemon.client, 4 * MiB
-    runs_dir = budget_daemon.host.path(f"{budget_daemon.state_dir}/runs")
+    runs_dir = budget_daemon.host.path(f"{budget_daemon.state_dir}/daemon/runs")
     big = 900 * 1024
     payloads = [{"code": "#" * big + "\npass\n"}, {"code": "pass\n", "stdin": "s" * big}]
     refusals: list[Response] = []
@@ -192,7 +192,7 @@ def test_children_overrunning_memory_in_a_loop_end_the_run_at_the_first_oom_kill
     run = run_hostile(client, OOM_FLOOD, memory_mb=64, timeout_s=10)
     assert run["state"] == "oom_killed", run
     assert run["signal"] == "SIGKILL", run
-    result = testhost.path(f"{daemon.state_dir}/runs/{run['id']}/result").read_text()
+    result = testhost.path(f"{daemon.state_dir}/ends/{run['id']}/result").read_text()
     kills = int(dict(line.split("=", 1) for line in result.splitlines())["oom_kill"])
     assert 1 <= kills <= 5, (kills, result)  # the kernel's own count, from the run's memory cgroup
     assert run["duration_ms"] < 1500, run  # stopped at once, not at timeout_s (10 s)

@@ -182,9 +182,9 @@ def test_daemon_database_and_run_directories_are_invisible(client: Client, daemo
     code = (
         f"state = {state!r}\n"
         "rid = open('/proc/self/cgroup').read().split('unitbox-run-')[1].split('.service')[0]\n"
-        "report(listing=attempt(os.listdir, state), db=attempt(lambda: open(state + '/unitbox.db', 'rb').read()),\n"
-        "       own_stdout=attempt(lambda: open(f'{state}/runs/{rid}/stdout', 'rb').read()),\n"
-        "       own_result=attempt(lambda: open(f'{state}/runs/{rid}/result').read()),\n"
+        "report(listing=attempt(os.listdir, state), db=attempt(lambda: open(state + '/daemon/unitbox.db', 'rb').read()),\n"
+        "       own_stdout=attempt(lambda: open(f'{state}/daemon/runs/{rid}/stdout', 'rb').read()),\n"
+        "       own_result=attempt(lambda: open(f'{state}/ends/{rid}/result').read()),\n"
         "       default=attempt(os.listdir, '/var/lib/unitbox'))\n"
     )
     seen = report_of(run_hostile(client, code))
@@ -202,7 +202,8 @@ def test_another_concurrent_runs_code_and_output_are_unreachable(client: Client,
     wait_output(client, victim, marker)
     pid = main_pid(testhost, victim)
     state = daemon.state_dir
-    targets = [f"{state}/runs/{victim}/in/main.py", f"{state}/runs/{victim}/stdout",
+    targets = [f"{state}/daemon/runs/{victim}/in/main.py", f"{state}/daemon/runs/{victim}/stdout",
+               f"/run/unitbox-runs/{victim}/in/main.py",
                f"/run/systemd/transient/unitbox-run-{victim}.service", f"/proc/{pid}/cmdline",
                f"/proc/{pid}/environ", f"/proc/{pid}/root/tmp/secret", f"/proc/{pid}/cwd/secret",
                f"/proc/{pid}/fd/1", f"/proc/{pid}/mem"]
@@ -225,7 +226,7 @@ def test_another_concurrent_runs_code_and_output_are_unreachable(client: Client,
     assert marker not in run["stdout"]
     assert seen.pop("found") == [] and seen.pop("visible") is False
     assert set(seen.values()) <= {"ENOENT", "EACCES"}, seen
-    assert seen[f"{state}/runs/{victim}/in/main.py"] == "ENOENT"  # the state dir is hidden (an empty tmpfs over /var/lib)
+    assert seen[f"{state}/daemon/runs/{victim}/in/main.py"] == "ENOENT"  # the state dir is hidden (an empty tmpfs over /var/lib)
     assert seen[f"/proc/{pid}/cmdline"] == "ENOENT"  # ProtectProc=invisible
     assert client.wait(victim)["state"] == "cancelled"
 

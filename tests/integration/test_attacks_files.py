@@ -32,7 +32,7 @@ def test_symlinks_to_secrets_and_to_the_state_dir_are_never_followed(client: Cli
     code = ("import os\n"
             "os.symlink('/etc/shadow', 'shadow')\n"
             f"os.symlink({daemon.state_dir!r}, 'state')\n"
-            f"os.symlink({daemon.state_dir + '/unitbox.db'!r}, 'db.sqlite')\n"
+            f"os.symlink({daemon.state_dir + '/daemon/unitbox.db'!r}, 'db.sqlite')\n"
             "os.symlink('/run/unitbox-runs', 'boxes')\n")
     run = client.run(code)
     assert run["state"] == "succeeded"

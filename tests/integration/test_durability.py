@@ -114,8 +114,8 @@ def test_retention_deletes_exactly_the_expired_runs(testhost: TestHost, tmp_path
         assert wait_until(lambda: all(client.get(f"/status/{i}").status == 404 for i in old), 5)
         assert client.get(f"/status/{fresh}").status == 200
         assert client.status(running)["state"] == "running"  # in flight: never touched
-        assert not any(server.host.path(f"{server.state_dir}/runs/{i}").exists() for i in old)
-        assert server.host.path(f"{server.state_dir}/runs/{fresh}").exists()
+        assert not any(server.host.path(f"{server.state_dir}/daemon/runs/{i}").exists() for i in old)
+        assert server.host.path(f"{server.state_dir}/daemon/runs/{fresh}").exists()
     finally:
         server.stop()
 
@@ -151,10 +151,10 @@ def test_orphan_unit_with_a_missing_record_is_stopped(service: DaemonService, te
     run_id = client.submit("import time; time.sleep(30)")
     assert wait_until(lambda: client.status(run_id)["state"] == "running", 10)
     service.systemctl("stop")
-    testhost.run("sqlite3", f"{service.state_dir}/unitbox.db", f"DELETE FROM runs WHERE id = '{run_id}'", check=False)
+    testhost.run("sqlite3", f"{service.state_dir}/daemon/unitbox.db", f"DELETE FROM runs WHERE id = '{run_id}'", check=False)
     if testhost.run("sh", "-c", "command -v sqlite3", check=False).returncode != 0:
         testhost.run(str(Path(".venv/bin/python").resolve()), "-c",
-                     f"import sqlite3; c = sqlite3.connect('{service.state_dir}/unitbox.db'); "
+                     f"import sqlite3; c = sqlite3.connect('{service.state_dir}/daemon/unitbox.db'); "
                      f"c.execute(\"DELETE FROM runs WHERE id = '{run_id}'\"); c.commit()")
     service.systemctl("start")
     service.wait_healthy()

@@ -206,7 +206,7 @@ def test_cancel_of_a_sleeping_run_is_prompt(client: Client, testhost: TestHost) 
 def test_code_and_outputs_are_invisible_to_runs(client: Client, daemon: Daemon) -> None:
     code = (
         "import os\n"
-        f"for p in ['{daemon.state_dir}', '{daemon.state_dir}/unitbox.db', '/etc/unitbox', '/run/dbus/system_bus_socket',"
+        f"for p in ['{daemon.state_dir}', '{daemon.state_dir}/daemon/unitbox.db', '/etc/unitbox', '/run/dbus/system_bus_socket',"
         " '/run/systemd/transient', '/etc/shadow']:\n"
         "    try:\n"
         "        open(p).read() if not os.path.isdir(p) else os.listdir(p); print(p, 'READ')\n"

@@ -179,7 +179,7 @@ def test_restart_without_fd_store_tells_the_true_sizes(testhost: TestHost, tmp_p
         code = ("import sys, time\nsys.stdout.write('a' * 3000)\nsys.stdout.flush()\ntime.sleep(2)\n"
                 "print('after')\n")
         run_id = server.client.submit(code)
-        stdout = testhost.path(f"{server.state_dir}/runs/{run_id}/stdout")
+        stdout = testhost.path(f"{server.state_dir}/daemon/runs/{run_id}/stdout")
         assert wait_for(lambda: stdout.exists() and stdout.stat().st_size == 3000, 20)
         server.stop(signal.SIGTERM)
         server.start()

@@ -206,7 +206,7 @@ def test_runs_cannot_install_into_or_modify_the_runtime(client: Client, testhost
 def test_the_state_directory_stays_invisible_to_a_runtime_run(client: Client, daemon: Daemon,
                                                               scientific: dict[str, Any]) -> None:
     code = ("import os, sys\n"
-            f"for p in ({daemon.state_dir!r}, {daemon.state_dir + '/runtimes'!r}, {daemon.state_dir + '/unitbox.db'!r}):\n"
+            f"for p in ({daemon.state_dir!r}, {daemon.state_dir + '/runtimes'!r}, {daemon.state_dir + '/daemon/unitbox.db'!r}):\n"
             "    try:\n"
             "        os.listdir(p) if os.path.isdir(p) else open(p, 'rb')\n"
             "        print(p, 'visible')\n"
