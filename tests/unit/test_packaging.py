@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from unitbox import __version__
 from unitbox.cli import _parser
 from unitbox.config import Config, RetentionSection, load_config
+from unitbox.profile import STAGE_ROOT
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "packaging" / "unitbox.toml"
@@ -98,12 +99,60 @@ def test_every_dependency_is_pinned_for_the_package_within_its_range() -> None:
         assert name in pinned, f"{wanted.name} is not pinned in packaging/requirements.txt"
         assert wanted.specifier.contains(pinned[name]), f"{name}=={pinned[name]} is outside {wanted.specifier}"
 
+def _unit(name: str) -> dict[str, list[str]]:
+    """A unit file's settings, each with all its values in order."""
+    settings: dict[str, list[str]] = {}
+    for line in (REPO / "units" / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def _one(settings: dict[str, list[str]], key: str) -> str:
+    values = settings.get(key, [])
+    assert len(values) == 1, f"{key}: {values}"
+    return values[0]
+
+
 def test_the_daemon_unit() -> None:
-    settings = dict(
-        line.split("=", 1) for line in SERVICE.read_text().splitlines() if "=" in line and not line.startswith("#"))
-    assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
-    assert settings["StateDirectory"] == "unitbox"
-    assert settings["ExecStart"] == "/usr/bin/unitbox serve"
-    assert int(settings["FileDescriptorStoreMax"]) > 0  # the daemon parks output pipes there
-    assert settings["KillMode"] == "mixed"  # runs are units of their own and outlive a restart
-    assert settings["CapabilityBoundingSet"] == ""
+    settings = _unit("unitbox.service")
+    assert _one(settings, "Type") == "notify" and _one(settings, "NotifyAccess") == "main"
+    assert _one(settings, "StateDirectory") == "unitbox/daemon" and _one(settings, "StateDirectoryMode") == "0700"
+    assert int(_one(settings, "FileDescriptorStoreMax")) > 0  # the daemon parks output pipes there
+    assert _one(settings, "KillMode") == "mixed"  # runs are units of their own and outlive a restart
+    assert _one(settings, "CapabilityBoundingSet") == ""
+    assert _one(settings, "PrivateUsers") == "yes"
+    assert _one(settings, "User") == _one(settings, "Group") == "unitbox"
+
+
+def test_the_split_units_agree() -> None:
+    """The daemon, the broker's socket and the broker, the sysusers.d and
+    tmpfiles.d files name the same user, socket and directories, and each
+    side's command line parses as the CLI has it."""
+    front, socket, broker = _unit("unitbox.service"), _unit("unitbox-broker.socket"), _unit("unitbox-broker@.service")
+    front_args = _parser().parse_args(_one(front, "ExecStart").split()[1:])
+    broker_args = _parser().parse_args(_one(broker, "ExecStart").split()[1:])
+    path = _one(socket, "ListenSequentialPacket")
+    assert front_args.command == "serve" and str(front_args.broker_socket) == path
+    assert front_args.state_dir is None  # the daemon and the broker read state_dir from the same file
+    assert "unitbox-broker.socket" in _one(front, "Requires") and "unitbox-broker.socket" in _one(front, "After")
+    assert _one(socket, "Accept") == "yes" and _one(socket, "SocketMode") == "0660"
+    assert _one(socket, "SocketUser") == "root" and _one(socket, "SocketGroup") == _one(front, "Group")
+    assert 1 < int(_one(socket, "MaxConnections")) <= 8
+    assert broker_args.command == "broker" and broker_args.socket_activated and broker_args.fd is None
+    assert broker_args.front_user == _one(front, "User")
+    assert "User" not in broker and "PrivateUsers" not in broker  # uid 0 on the host: the bus and file owners
+    assert _one(broker, "Group") == _one(front, "Group")  # so ends/ is root:unitbox
+    assert _one(broker, "StateDirectory") == "unitbox/ends" and _one(broker, "StateDirectoryMode") == "0750"
+    assert _one(broker, "ReadWritePaths") == STAGE_ROOT and _one(broker, "ProtectSystem") == "strict"
+    assert _one(broker, "CapabilityBoundingSet") == "" and _one(broker, "PrivateNetwork") == "yes"
+    assert "unitbox.service" in _one(broker, "Before")  # at shutdown the daemon stops first
+    sysusers = (REPO / "packaging" / "debian" / "unitbox.sysusers").read_text()
+    assert re.search(rf"^u {_one(front, 'User')} - ", sysusers, re.M), sysusers
+    tmpfiles = (REPO / "packaging" / "debian" / "unitbox.tmpfiles").read_text()
+    assert re.search(rf"^d {re.escape(STAGE_ROOT)} 0700 root root -$", tmpfiles, re.M), tmpfiles
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    for unit in ("unitbox.service", "unitbox.slice", "unitbox-broker.socket", "unitbox-broker@.service"):
+        assert f"units/{unit} " in rules, f"debian/rules does not install {unit}"
+    assert "dh_installsystemd unitbox.service unitbox-broker.socket\n" in rules

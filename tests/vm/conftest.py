@@ -71,8 +71,8 @@ class VM:
                 return
             time.sleep(2)
         raise AssertionError(f"the daemon did not answer /healthz within {timeout} s:\n"
-                             + self.out("systemctl status unitbox --no-pager; journalctl -u unitbox -n 30 --no-pager",
-                                        check=False))
+                             + self.out("systemctl status unitbox --no-pager; journalctl -u unitbox -n 30 --no-pager; "
+                                        "journalctl -u 'unitbox-broker*' -n 30 --no-pager", check=False))
 
     def wait_run(self, run_id: str, timeout: float = 180) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
