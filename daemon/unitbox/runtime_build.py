@@ -89,9 +89,11 @@ def check_buildable(config: Config, name: str) -> None:
 
 
 def prepare(directory: Path) -> None:
-    """The state directory stays 0700 (runs never see it); the runtimes in it
-    are world-readable so that a run's dynamic user can read its mount."""
-    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """`<state_dir>/runtimes/`, root's and world-readable: the daemon (its own
+    user, in the package) lists the runtimes, a run's dynamic user reads its
+    mount. Runs never see the state directory itself (the profile hides it)."""
+    directory.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    directory.parent.chmod(0o755)  # 0700 as 0.1 and 0.2 made it: the daemon could not list it
     directory.mkdir(mode=0o755, exist_ok=True)
     directory.chmod(0o755)
 

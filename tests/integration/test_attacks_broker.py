@@ -233,7 +233,7 @@ except (ConnectionResetError, TimeoutError) as exc:
 
 def test_only_the_daemon_s_user_is_served_whoever_else_reaches_the_socket(split: Split) -> None:
     began = time.time()
-    assert split.as_front(OTHER_PEER, SOCKET, user="nobody").strip() == "EACCES"  # the socket's mode: 0660
+    assert split.as_front(OTHER_PEER, SOCKET, user="nobody", group="nogroup").strip() == "EACCES"  # the socket's mode: 0660
     # root passes the socket's mode; the broker checks the peer itself (SO_PEERCRED) and serves nothing.
     assert split.as_front(OTHER_PEER, SOCKET, user="root").strip() in {"hung up", "ConnectionResetError"}
     assert wait_journal(split, "refused a connection from", began)

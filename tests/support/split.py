@@ -82,11 +82,11 @@ class Split:
                             "unitbox-broker@*", check=False).stdout
         return [line.split()[0] for line in out.splitlines() if line.strip()]
 
-    def as_front(self, script: str, *args: str, user: str = USER, timeout: float = 60) -> str:
+    def as_front(self, script: str, *args: str, user: str = USER, group: str = USER, timeout: float = 60) -> str:
         """Run Python `script` as the daemon's user (or `user`), as a daemon taken over would: its stdout."""
         path = f"/run/ubx-front-{time.monotonic_ns()}.py"
         self.host.path(path).write_text(script)
-        identity = [] if user == "root" else ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
+        identity = [] if user == "root" else ["setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", "--"]
         try:
             return self.host.run(*identity, "/usr/bin/python3", "-I", path, *args, timeout=timeout).stdout
         finally:

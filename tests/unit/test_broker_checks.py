@@ -210,3 +210,14 @@ async def test_replies_come_in_order_for_pipelined_requests(daemon: Daemon) -> N
         ids.append(request)
     replies = [await asyncio.wait_for(daemon.messages.get(), 5) for _ in ids]
     assert [r["id"] for r in replies] == ids and all(r["ok"] == "252-fake" for r in replies)
+
+
+async def test_staged_inputs_are_readable_by_the_run_whatever_the_broker_s_umask(daemon: Daemon) -> None:
+    previous = os.umask(0o077)  # a root daemon's unit has UMask=0077, and its child broker inherits it
+    try:
+        assert "error" not in await daemon.start()
+    finally:
+        os.umask(previous)
+    staged = daemon.stage_root / RUN / "in"
+    assert {p.stat().st_mode & 0o777 for p in staged.rglob("*") if p.is_file()} == {0o644}
+    assert {p.stat().st_mode & 0o777 for p in [staged, *staged.rglob("*")] if p.is_dir()} == {0o755}

@@ -198,7 +198,7 @@ def test_build_makes_a_venv_records_versions_and_switches_the_name(tmp_path: Pat
     manifest = json.loads((built.path / MANIFEST).read_text())
     assert manifest["packages"] == {"demo": "1.0"}
     assert manifest["requirements"] == "demo==1.0\n" and manifest["name"] == "sci"
-    assert (cfg.state_dir.stat().st_mode & 0o777, root.stat().st_mode & 0o777) == (0o700, 0o755)
+    assert (cfg.state_dir.stat().st_mode & 0o777, root.stat().st_mode & 0o777) == (0o755, 0o755)  # the daemon, its own user in the package, lists them
     assert (next(built.path.glob("lib/python3*/site-packages/demo.py")).stat().st_mode & 0o777) == 0o644
     info = describe_sync(Runtimes(cfg).get("sci"))
     assert info.packages == {"demo": "1.0"}

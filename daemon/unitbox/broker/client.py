@@ -108,7 +108,8 @@ def socket_spawner(path: Path) -> Spawner:
             await asyncio.get_running_loop().sock_connect(sock, str(path))
         except OSError as exc:
             sock.close()
-            raise OSError(exc.errno, f"cannot connect to the broker at {path}: {exc.strerror}") from exc
+            raise SystemdError(f"cannot connect to the broker at {path}: {exc.strerror or exc} "
+                               "(is unitbox-broker.socket running?)") from exc
 
         async def stop() -> None:
             sock.close()

@@ -123,13 +123,17 @@ def _copy_tree(source_fd: int, target: Path, owner: int, budget: InputBudget, *,
         mode = os.lstat(name, dir_fd=source_fd).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise Refused(f"input {name!r} is neither a regular file nor a directory")
-        fd = os.open(name, _DIR if stat.S_ISDIR(mode) else _READ, dir_fd=source_fd)
+        try:
+            fd = os.open(name, _DIR if stat.S_ISDIR(mode) else _READ, dir_fd=source_fd)
+        except OSError as exc:  # swapped for a link meanwhile (ELOOP), or not readable by root without privilege
+            raise Refused(f"input {name!r} cannot be opened: {exc.strerror}") from exc
         try:
             info = os.fstat(fd)  # what was opened, not what lstat saw: it may have been swapped between
             _check_owned(info, owner, f"input {name!r}", directory=stat.S_ISDIR(mode))
             budget.take(info.st_size if stat.S_ISREG(info.st_mode) else 0)
             if stat.S_ISDIR(info.st_mode):
-                os.mkdir(target / name, 0o755)
+                os.mkdir(target / name)
+                (target / name).chmod(0o755)  # whatever the umask: the run's dynamic user reads its inputs
                 _copy_tree(fd, target / name, owner, budget, depth=depth + 1)
             else:
                 _copy_file(fd, target / name, info.st_size)
@@ -141,6 +145,7 @@ def _copy_file(fd: int, target: Path, size: int) -> None:
     """At most `size` bytes (what fstat said, and what the budget took): a file growing meanwhile is cut."""
     out = os.open(target, _WRITE, 0o644)
     try:
+        os.fchmod(out, 0o644)  # whatever the umask
         left = size
         while left > 0 and (chunk := os.read(fd, min(CHUNK, left))):
             view = memoryview(chunk)
