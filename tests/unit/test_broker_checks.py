@@ -221,3 +221,10 @@ async def test_staged_inputs_are_readable_by_the_run_whatever_the_broker_s_umask
     staged = daemon.stage_root / RUN / "in"
     assert {p.stat().st_mode & 0o777 for p in staged.rglob("*") if p.is_file()} == {0o644}
     assert {p.stat().st_mode & 0o777 for p in [staged, *staged.rglob("*")] if p.is_dir()} == {0o755}
+
+
+async def test_an_unanswered_start_keeps_its_staged_inputs_for_the_unit_pid_1_may_still_create(
+        daemon: Daemon) -> None:
+    daemon.fake.unanswered_starts, daemon.fake.unanswered_goes_through = 1, True
+    assert (await daemon.start())["kind"] == "no_answer"
+    assert (daemon.stage_root / RUN / "in" / "main.py").exists()

@@ -176,7 +176,9 @@ class BrokerServer:
             self._systemd.start_transient_service(unit_name(run), profile, dict(zip(checks.STDIO, stdio_fds,
                                                                                     strict=True)))
         except Exception as exc:
-            if error_kind(exc) != "exists":  # a unit already running on the staged inputs keeps them
+            # Only when nothing was done: a unit that exists already, or that PID 1 may still create
+            # (no answer in time), runs on the staged inputs; a later start of the same run reuses them.
+            if error_kind(exc) in ("refused", "systemd"):
                 drop_stage(self._stage_root, run)
             raise
 
