@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests.support.split import SOCKET, Split
+from tests.support.split import CONFIG as SPLIT_CONFIG
+from tests.support.split import SOCKET, VENV_UNITBOX, Split
 from tests.support.split import STATE as SPLIT_STATE
-from tests.support.testhost import REPO, TestHost, booted
+from tests.support.testhost import REPO, TestHost, booted, wait_until
 from unitbox.broker.wire import socket_pair
 from unitbox.limits import Limits
 from unitbox.rundir import RunDir
@@ -269,3 +270,13 @@ def wait_journal(split: Split, needle: str, since: float) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_a_runtime_built_by_root_is_listed_and_used_by_the_unprivileged_daemon(split: Split) -> None:
+    split.host.path("/etc/unitbox/tiny.txt").write_text("# nothing: the host's Python and a venv of its own\n")
+    built = split.host.run(str(VENV_UNITBOX), "--config", SPLIT_CONFIG, "runtime", "build", "tiny", "-r",
+                           "/etc/unitbox/tiny.txt", check=False, timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert wait_until(lambda: "tiny" in {r["name"] for r in split.client.get("/runtimes").json()["runtimes"]}, 10)
+    run = split.client.run("import sys\nprint(sys.prefix)\n", runtime="tiny")
+    assert (run["state"], run["runtime"], run["stdout"]) == ("succeeded", "tiny", "/run/unitbox/runtime\n"), run
