@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,17 @@ class Response:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+def wait_healthy(client: Client, timeout: float, why_not: Callable[[], str]) -> None:
+    """Until /healthz answers 200; RuntimeError(why_not()) after `timeout`."""
+    def healthy() -> bool:
+        try:
+            return client.get("/healthz", timeout=2).status == 200
+        except OSError:
+            return False
+    if not wait_until(healthy, timeout, interval=0.1):
+        raise RuntimeError(why_not())
 
 
 class Client:
@@ -185,13 +197,7 @@ class DaemonService(Daemon):
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        def healthy() -> bool:
-            try:
-                return self.client.get("/healthz", timeout=2).status == 200
-            except OSError:
-                return False
-        if not wait_until(healthy, timeout, interval=0.1):
-            raise RuntimeError(f"{self.unit} did not become healthy:\n{self.journal(60)}")
+        wait_healthy(self.client, timeout, lambda: f"{self.unit} did not become healthy:\n{self.journal(60)}")
 
     @property
     def pid(self) -> int:

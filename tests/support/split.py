@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from tests.support.daemon import Client, free_port
-from tests.support.testhost import REPO, TestHost, wait_until
+from tests.support.daemon import Client, free_port, wait_healthy
+from tests.support.testhost import REPO, TestHost
 
 VENV_UNITBOX = REPO / ".venv" / "bin" / "unitbox"
 UNITS = ("unitbox-broker.socket", "unitbox-broker@.service", "unitbox.service", "unitbox.slice")
@@ -58,13 +58,7 @@ class Split:
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        def healthy() -> bool:
-            try:
-                return self.client.get("/healthz", timeout=2).status == 200
-            except OSError:
-                return False
-        if not wait_until(healthy, timeout, interval=0.1):
-            raise RuntimeError(f"the split daemon did not become healthy:\n{self.journal()}")
+        wait_healthy(self.client, timeout, lambda: f"the split daemon did not become healthy:\n{self.journal()}")
 
     def systemctl(self, *args: str) -> str:
         return self.host.run("systemctl", *args, check=False).stdout
