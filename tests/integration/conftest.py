@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Client, Daemon
+from tests.support.split import Split
 from tests.support.testhost import TestHost, booted, collect_stale_hosts
 
 
@@ -44,3 +45,15 @@ def client(daemon: Daemon) -> Client:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def split() -> Iterator[Split]:
+    """The packaged split (the shipped units, the daemon as the user unitbox) in a test host of its own."""
+    with booted("split") as host:
+        side = Split(host)
+        side.start()
+        try:
+            yield side
+        finally:
+            side.stop()

@@ -23,7 +23,7 @@ import pytest
 from tests.support.split import CONFIG as SPLIT_CONFIG
 from tests.support.split import SOCKET, VENV_UNITBOX, Split
 from tests.support.split import STATE as SPLIT_STATE
-from tests.support.testhost import REPO, TestHost, booted, wait_until
+from tests.support.testhost import REPO, TestHost, wait_until
 from unitbox.broker.wire import socket_pair
 from unitbox.limits import Limits
 from unitbox.rundir import RunDir
@@ -128,18 +128,7 @@ def test_a_valid_start_runs_with_the_profile_the_broker_built(broker: Broker, te
         os.close(read_end)
 
 
-# -- the packaged split: the daemon as the user `unitbox`, the broker behind a socket --------------------
-@pytest.fixture(scope="module")
-def split() -> Iterator[Split]:
-    with booted("split") as host:
-        side = Split(host)
-        side.start()
-        try:
-            yield side
-        finally:
-            side.stop()
-
-
+# -- the packaged split: the daemon as the user `unitbox`, the broker behind a socket (fixture `split`) ----
 # Run as the daemon's user by Split.as_front: the daemon taken over, talking to the broker's socket itself.
 FRONT = r'''
 import array, json, os, socket, sys

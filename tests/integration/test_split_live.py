@@ -1,0 +1,43 @@
+"""The packaged split on a real systemd (the shipped units in a test host):
+either part restarts alone and loses nothing — a run started before ends
+with its true outcome and its whole output."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.split import Split
+from tests.support.testhost import wait_until
+
+SLOW = "import time\nprint('before', flush=True)\ntime.sleep(4)\nprint('after')\n"
+
+
+def _broker_unit(split: Split) -> str:
+    assert wait_until(lambda: len(split.brokers()) == 1, 10), split.brokers()
+    return split.brokers()[0]
+
+
+@pytest.mark.parametrize("how", ["restart the daemon", "kill the broker", "stop the broker"])
+def test_either_part_restarted_alone_loses_no_run(split: Split, how: str) -> None:
+    client = split.client
+    run_id = client.submit(SLOW)
+    assert wait_until(lambda: client.status(run_id)["state"] == "running", 15)
+    broker = _broker_unit(split)
+    match how:
+        case "restart the daemon":
+            split.host.run("systemctl", "restart", "unitbox.service")
+        case "kill the broker":
+            split.host.run("systemctl", "kill", "-s", "KILL", broker)
+        case "stop the broker":
+            split.host.run("systemctl", "stop", broker)
+    split.wait_healthy()
+    run = client.wait(run_id, timeout=60)
+    assert (run["state"], run["exit_code"]) == ("succeeded", 0), (run, split.journal())
+    assert client.get(f"/output/{run_id}").json()["stdout"] == "before\nafter\n"
+    # A broker of the daemon's new connection serves the next run; the old one is gone.
+    assert wait_until(lambda: split.brokers() and split.brokers() != [broker], 15), split.brokers()
+    assert client.run("print('next')")["stdout"] == "next\n"
+    time.sleep(0.1)
+    assert len(split.brokers()) == 1, split.brokers()
