@@ -54,7 +54,8 @@ class Daemon:
         fields = {"limits": Limits().as_dict(), "runtime": "default", **fields}
         if fds is None:
             inputs = inputs or RunDir.of(self.config, RUN).inputs
-            fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(3)] + [os.open(inputs, os.O_RDONLY)]
+            fds = [os.open("/dev/null", flags) for flags in (os.O_RDONLY, os.O_WRONLY, os.O_WRONLY)] \
+                + [os.open(inputs, os.O_RDONLY)]
         try:
             return await self.ask("start", fds, run=run, **fields)
         finally:
@@ -228,3 +229,24 @@ async def test_an_unanswered_start_keeps_its_staged_inputs_for_the_unit_pid_1_ma
     daemon.fake.unanswered_starts, daemon.fake.unanswered_goes_through = 1, True
     assert (await daemon.start())["kind"] == "no_answer"
     assert (daemon.stage_root / RUN / "in" / "main.py").exists()
+
+
+async def test_the_broker_starts_no_more_live_units_than_twice_max_concurrent_and_a_margin(
+        tmp_path: Path) -> None:
+    config = load_config(Path("/dev/null"), environ={}, cli={"state_dir": str(tmp_path / "state"),
+                                                            "max_concurrent": 1})
+    ids = [f"{i:016x}" for i in range(20)]
+    for run in ids:
+        RunDir.of(config, run).create(b"print(1)\n", b"", [])
+    fake = FakeSystemd(auto_finish=False)
+    side = Daemon(config, fake, tmp_path / "stage")
+    assert (await asyncio.wait_for(side.messages.get(), 5))["ev"] == "ready"
+    try:
+        for run in ids[:18]:  # twice max_concurrent (1), and 16
+            assert "error" not in await side.start(run, inputs=RunDir.of(config, run).inputs)
+        assert refused(await side.start(ids[18], inputs=RunDir.of(config, ids[18]).inputs), "at most 18")
+        fake.finish(f"unitbox-run-{ids[0]}.service")  # one ends: room again
+        assert "error" not in await side.start(ids[18], inputs=RunDir.of(config, ids[18]).inputs)
+    finally:
+        side.channel.close()
+        side.server.close()

@@ -53,6 +53,10 @@ from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd,
 log = logging.getLogger(__name__)
 
 NATIVE_PRIVATE_CGROUPS_SINCE = 257  # ProtectControlGroups=private
+# Live run units the broker allows: the daemon keeps max_concurrent executing;
+# runs still stopping and a restart's overlap fit in twice that and a margin.
+# A daemon taken over cannot start more (it could otherwise start thousands).
+LIVE_UNITS_SLACK = 16
 SLICE_PROPERTIES: Mapping[str, Any] = {
     "Description": "unitbox runs (created by the daemon: the host has no unitbox.slice)",
     "CPUAccounting": True, "MemoryAccounting": True, "TasksAccounting": True,
@@ -97,6 +101,8 @@ class BrokerServer:
         self._peer = peer_of(sock)  # whose inputs it may copy: the daemon's user's
         self._stage_root = stage_root
         self._input_budget = InputBudget.of(config)
+        self._live_cap = 2 * config.max_concurrent + LIVE_UNITS_SLACK
+        self._live: set[str] = set()  # our units believed live: seeded from systemd, +start, -end
         self.config = config
         self._systemd = systemd
         self._runtimes = runtimes or Runtimes(config)
@@ -124,6 +130,7 @@ class BrokerServer:
             if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
                 log.info("created transient %s (install units/unitbox.slice for the shipped caps)",
                          self.config.slice)
+            self._live = self._live_runs()
         except SystemdError as exc:
             self._say_down(exc.message)
             return
@@ -164,6 +171,11 @@ class BrokerServer:
             raise Refused("lint was asked for, but no linter (ruff) is installed")
         *stdio_fds, inputs_fd = fds
         run = order.run_id
+        if len(self._live) >= self._live_cap:
+            self._live = self._live_runs()  # the truth, asked only at the cap
+            if len(self._live) >= self._live_cap:
+                raise Refused(f"{len(self._live)} runs are live: the broker starts at most {self._live_cap} "
+                              "(twice max_concurrent, and 16)")
         try:
             stage_inputs(self._stage_root, run, inputs_fd, self._peer.uid, dataclasses.replace(self._input_budget))
             ends = make_ends(self.config.ends_dir, run)
@@ -175,6 +187,7 @@ class BrokerServer:
                                     secret_paths=self._secret_paths)
             self._systemd.start_transient_service(unit_name(run), profile, dict(zip(checks.STDIO, stdio_fds,
                                                                                     strict=True)))
+            self._live.add(run)
         except Exception as exc:
             # Only when nothing was done: a unit that exists already, or that PID 1 may still create
             # (no answer in time), runs on the staged inputs; a later start of the same run reuses them.
@@ -196,6 +209,10 @@ class BrokerServer:
     def _list(self, message: Message, fds: list[int]) -> list[list[Any]]:
         return [info_to_wire(unit) for unit in self._systemd.list_units([f"{UNIT_PREFIX}*.service"])]
 
+    def _live_runs(self) -> set[str]:
+        units = self._systemd.list_units([f"{UNIT_PREFIX}*.service"])
+        return {run for unit in units if not unit.over and (run := run_id_of(unit.name)) is not None}
+
     def _probe(self, message: Message, fds: list[int]) -> Message:
         seen = self._systemd.probe(unit_name(checks.run_id(message)))
         return {"info": info_to_wire(seen)} if isinstance(seen, UnitInfo) else {"end": end_to_wire(seen)}
@@ -208,6 +225,7 @@ class BrokerServer:
         if isinstance(event, UnitActive):
             self._send({"ev": "active", "run": run, "at": event.started_at})
         else:
+            self._live.discard(run)
             if event == UNKNOWN_END:
                 event = self._fallback_end(run) or event
             self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
