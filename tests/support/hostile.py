@@ -33,7 +33,7 @@ def syscall(name, *args):
     return "OK"
 def report(**kw):
     sys.stdout.flush()
-    os.write(1, (json.dumps(kw) + "\n").encode())  # one write: a child printing meanwhile cannot split the line
+    os.write(1, (json.dumps(kw) + "\\n").encode())  # one write: a child printing meanwhile cannot split the line
 '''
 
 MiB = 1024 * 1024
