@@ -18,37 +18,47 @@ import time
 from pathlib import Path, PurePosixPath
 
 from unitbox.broker.server import collector_of
+from unitbox.broker.staging import InputBudget, make_ends, stage_inputs
 from unitbox.config import Config
 from unitbox.limits import Limits
-from unitbox.profile import build_profile
+from unitbox.profile import STAGE_ROOT, build_profile
 from unitbox.rundir import RunDir
 from unitbox.runtimes import Runtimes
 from unitbox.systemd import Systemd, UnitEnd, UnitEvent
 
 BENCH_STATE = Path("/var/lib/unitbox-baseline")
 SLICE = "unitbox.slice"
-RUNTIME = Runtimes(Config()).get("default")  # the daemon's own default runtime, flags and all
+CONFIG = Config()
+RUNTIME = Runtimes(CONFIG).get("default")  # the daemon's own default runtime, flags and all
 
 
 def new_run(prefix: str, code: bytes) -> tuple[str, RunDir]:
-    """A fresh run id and its directory (inputs written), as the daemon makes them."""
+    """A fresh run id, its directory (inputs written, as the daemon makes
+    them) and what the broker makes before a start: the staged inputs and
+    the ends directory (broker/staging.py, the broker's own code)."""
     run_id = f"{prefix}{secrets.token_hex(6)}"
-    run_dir = RunDir(BENCH_STATE / "runs" / run_id)
+    run_dir = RunDir(BENCH_STATE / "daemon" / "runs" / run_id, BENCH_STATE / "ends" / run_id)
     run_dir.create(code, b"", [])
+    inputs = os.open(run_dir.inputs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stage_inputs(Path(STAGE_ROOT), run_id, inputs, os.getuid(), InputBudget.of(CONFIG))
+    finally:
+        os.close(inputs)
+    make_ends(BENCH_STATE / "ends", run_id)
     return run_id, run_dir
 
 
 def interpreter_command() -> list[str]:
     """The interpreter and its flags as the profile runs them (for the floor)."""
-    exec_start = profile_for("x", RunDir(Path("/nonexistent")))["ExecStart"]
+    exec_start = profile_for("x", RunDir(Path("/nonexistent"), Path("/nonexistent")))["ExecStart"]
     assert isinstance(exec_start, list)
     return [str(exec_start[0]).lstrip("+:-"), *exec_start[1:exec_start.index("-c")]]
 
 
 def profile_for(run_id: str, run_dir: RunDir) -> dict[str, object]:
-    return build_profile(run_id, Limits(), run_dir=PurePosixPath(run_dir.path),
+    return build_profile(run_id, Limits(), ends_dir=PurePosixPath(run_dir.ends_path),
                          state_dir=PurePosixPath(BENCH_STATE), slice_name=SLICE, runtime=RUNTIME,
-                         collector=collector_of(Config()))
+                         collector=collector_of(CONFIG))
 
 
 PREFIX = "ubench-dbus-"

@@ -68,7 +68,8 @@ async def measure(base: Path, runs: int) -> dict[str, list[float]]:
         return RunRecord(id=secrets.token_hex(8), state=RunState.QUEUED, created_at=time.time(), limits=Limits())
 
     def run_dir() -> RunDir:
-        return RunDir(runs_dir / secrets.token_hex(8))
+        path = runs_dir / secrets.token_hex(8)
+        return RunDir(path, path)
 
     cases: dict[str, Callable[[], Awaitable[float]]] = {  # each returns the ms it took
         "insert, synchronous=NORMAL": lambda: timed(lambda: normal.insert(record())),

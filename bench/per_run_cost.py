@@ -108,7 +108,8 @@ async def bench_store(base: Path, n: int) -> None:
 
 # -- executor hops ----------------------------------------------------------------------------
 def finished_run(runs_dir: Path) -> RunLife:
-    run_dir = RunDir(runs_dir / secrets.token_hex(8))
+    path = runs_dir / secrets.token_hex(8)
+    run_dir = RunDir(path, path)  # what root writes beside the inputs: one directory is enough here
     run_dir.create(b"pass\n", b"", [])
     run_dir.result.write_text(RESULT)
     (run_dir.path / "stdout").write_bytes(b"hello\n")
@@ -137,7 +138,7 @@ async def bench_hops(base: Path, n: int) -> None:
         "Launcher.collect inline": lambda: inline(lambda: Launcher.collect(run)),
         "Launcher.collect via to_thread": lambda: asyncio.to_thread(Launcher.collect, run),
         "RunDir.create inline (6 fsyncs)": lambda: inline(
-            lambda: RunDir(runs_dir / secrets.token_hex(8)).create(code, b"", ["a"])),
+            lambda: RunDir(runs_dir / (name := secrets.token_hex(8)), runs_dir / name).create(code, b"", ["a"])),
     }
     for name, action in cases.items():
         cpu, wall = await timed(n, action)

@@ -206,7 +206,7 @@ def prepare_host(host: TestHost) -> None:
     host.path("/etc/systemd/system/unitbox.slice").write_text((REPO / "units" / "unitbox.slice").read_text())
     host.run("systemctl", "daemon-reload")
     host.sh(f"mkdir -p {BENCH_STATE}/runs")
-    profile = profile_for("x", RunDir(Path("/nonexistent")))
+    profile = profile_for("x", RunDir(Path("/nonexistent"), Path("/nonexistent")))
     for path, script in script_files(profile).items():
         host.path(path).parent.mkdir(parents=True, exist_ok=True)
         host.path(path).write_text(script)
