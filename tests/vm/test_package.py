@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import DIST, REPO, VM, step
+from tests.vm.conftest import DIST, REPO, TERMINAL, VM, step
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -40,12 +40,20 @@ def _brokers(vm: VM) -> list[str]:
     return [line.split()[0] for line in listing.splitlines() if line.strip()]
 
 
-def _new_broker(vm: VM, old: list[str], timeout: float = 60) -> list[str]:
-    """The brokers once the daemon has connected again after `old` went (it reconnects at once)."""
+def _broker_processes(vm: VM) -> list[tuple[str, str]]:
+    """The live brokers with their MainPIDs."""
+    return [(unit, vm.out(f"systemctl show -p MainPID --value {unit}")) for unit in _brokers(vm)]
+
+
+def _new_broker(vm: VM, old: list[tuple[str, str]], timeout: float = 60) -> list[tuple[str, str]]:
+    """The brokers once a new broker process serves the daemon after `old` went."""
     deadline = time.monotonic() + timeout
-    while (brokers := _brokers(vm)) in ([], old) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        brokers = _broker_processes(vm)
+        if brokers and brokers != old and all(pid not in ("", "0") for _, pid in brokers):
+            return brokers
         time.sleep(0.5)
-    return brokers
+    return _broker_processes(vm)
 
 
 def _user_of(vm: VM, unit: str) -> tuple[str, str]:
@@ -358,7 +366,7 @@ def test_restart_loses_no_record(vm: VM) -> None:
     while vm.curl("GET", f"/status/{in_flight}")["state"] != "running" and time.monotonic() < deadline:
         time.sleep(0.5)
     old_pid = vm.out("systemctl show -p MainPID --value unitbox")
-    old_brokers = _brokers(vm)
+    old_brokers = _broker_processes(vm)
     vm.sh("systemctl restart unitbox")
     new_pid, user = _user_of(vm, "unitbox")
     vm.wait_healthy()
@@ -371,34 +379,36 @@ def test_restart_loses_no_record(vm: VM) -> None:
          f"{len(before)} records before, {len(after)} after; "
          f"the in-flight run: {run['state']}, stdout {output['stdout']!r}")
     assert old_pid != new_pid and user == "unitbox"
-    assert len(brokers) == 1 and brokers != old_brokers and brokers[0].endswith(f"-{new_pid}-{vm.out('id -u unitbox')}.service")
+    uid = vm.out("id -u unitbox")
+    assert len(brokers) == 1 and brokers != old_brokers and brokers[0][0].endswith(f"-{new_pid}-{uid}.service")
     assert {k: v for k, v in after.items() if k in before} == before
     assert run["state"] == "succeeded" and output["stdout"] == "before\nafter\n"
 
 
 @pytest.mark.parametrize("how", ["systemctl kill --signal=SIGKILL", "systemctl stop", "systemctl restart"])
 def test_the_broker_alone_killed_stopped_or_restarted_loses_nothing(vm: VM, how: str) -> None:
-    """The daemon outlives its broker: it connects again, the socket starts a
-    new broker, and a run in flight ends with its true outcome and all its
-    output. (`systemctl restart` of an instance cannot start it again: its
-    connection is gone with it; the daemon's new connection makes the next.)"""
+    """The daemon outlives its broker: killed or stopped, the daemon connects
+    again and the socket starts a new instance; restarted, the instance's new
+    process gets the same connection (systemd keeps it). Either way a run in
+    flight ends with its true outcome and all its output."""
     code = "import time\nprint('before', flush=True)\ntime.sleep(8)\nprint('after')"
     daemon_pid = vm.out("systemctl show -p MainPID --value unitbox")
     in_flight = vm.curl("POST", "/run-json", {"code": code, "limits": {"timeout_s": 60}})["id"]
     _wait_running(vm, in_flight)
-    old = _brokers(vm)
+    old = _broker_processes(vm)
     assert len(old) == 1, old
-    done = vm.sh(f"{how} {old[0]}", check=False)
+    done = vm.sh(f"{how} {old[0][0]}", check=False)
     brokers = _new_broker(vm, old)
     run = vm.wait_run(in_flight)
     output = vm.curl("GET", f"/output/{in_flight}")
     again = vm.curl("POST", "/run-json?wait=true", {"code": "print('next')"})
-    step(f"{how} {old[0]} (with a run in flight)",
+    step(f"{how} {old[0][0]} (pid {old[0][1]}; with a run in flight)",
          f"exit {done.returncode} {done.stderr.strip()[:160]}; brokers -> {brokers}; daemon pid {daemon_pid} -> "
          f"{vm.out('systemctl show -p MainPID --value unitbox')}; the in-flight run: {run['state']}, "
          f"stdout {output['stdout']!r}; a new run: {again['state']}")
-    assert len(brokers) == 1 and brokers != old
-    assert vm.out("systemctl show -p MainPID --value unitbox") == daemon_pid  # the daemon went on
+    assert len(brokers) == 1 and brokers[0][1] != old[0][1], (old, brokers)  # a new broker process
+    assert (brokers[0][0] == old[0][0]) == (how == "systemctl restart"), (old, brokers)  # a new connection or not
+    assert done.returncode == 0 and vm.out("systemctl show -p MainPID --value unitbox") == daemon_pid
     assert run["state"] == "succeeded" and output["stdout"] == "before\nafter\n", run
     assert again["state"] == "succeeded"
 
@@ -483,6 +493,10 @@ def test_upgrade_from_0_1_0_keeps_records_and_config(vm: VM, deb: Path, previous
     vm.sh(f"sed -i 's/^#queue_size = 1000$/queue_size = 500  # edited by the operator/' {CONFFILE}")
     before = _records(vm)
     old_pid = vm.out("systemctl show -p MainPID --value unitbox")
+    # A run going through the upgrade: its 0.1.0 unit records its outcome in the old place.
+    crossing = vm.curl("POST", "/run-json", {"code": "import time\nprint('before', flush=True)\ntime.sleep(20)\n"
+                                                     "print('after')", "limits": {"timeout_s": 120}})["id"]
+    _wait_running(vm, crossing)
     # 0.2.0 ships a conffile with new keys: dpkg asks whether to keep the edited one. Unattended, an
     # operator says keep (confold), as apt's prompt does by default; the new keys take their defaults.
     vm.sh(f"cd /root && DEBIAN_FRONTEND=noninteractive apt-get install -y -o Dpkg::Options::=--force-confold "
@@ -512,3 +526,7 @@ def test_upgrade_from_0_1_0_keeps_records_and_config(vm: VM, deb: Path, previous
                          f"/var/lib/unitbox/daemon/runs/{first['id']}/stdout unitbox",
                          "/var/lib/unitbox 755 root", "/var/lib/unitbox/daemon 700 unitbox"], moved
     assert not {"unitbox.db", "runs"} & set(moved[4:]) and user == "unitbox", moved
+    run = vm.wait_run(crossing)
+    step("the run started on 0.1.0 and going through the upgrade",
+         f"{run['state']} {run['error'] or ''}; stdout {vm.curl('GET', f'/output/{crossing}')['stdout']!r}")
+    assert run["state"] in TERMINAL, run
