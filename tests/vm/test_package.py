@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.conftest import DIST, REPO, TERMINAL, VM, step
+from tests.vm.conftest import DIST, REPO, VM, step
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(900)]
 
@@ -527,6 +527,7 @@ def test_upgrade_from_0_1_0_keeps_records_and_config(vm: VM, deb: Path, previous
                          "/var/lib/unitbox 755 root", "/var/lib/unitbox/daemon 700 unitbox"], moved
     assert not {"unitbox.db", "runs"} & set(moved[4:]) and user == "unitbox", moved
     run = vm.wait_run(crossing)
+    output = vm.curl("GET", f"/output/{crossing}")
     step("the run started on 0.1.0 and going through the upgrade",
-         f"{run['state']} {run['error'] or ''}; stdout {vm.curl('GET', f'/output/{crossing}')['stdout']!r}")
-    assert run["state"] in TERMINAL, run
+         f"{run['state']} {run['error'] or ''}; stdout {output['stdout']!r}")
+    assert run["state"] == "succeeded" and output["stdout"] == "before\nafter\n", (run, output)
