@@ -2,7 +2,8 @@
 system user `unitbox` (in the test host's own /etc: an overlay), the
 daemon as that user behind unitbox-broker.socket, and the root broker
 started per connection. Drop-ins point the units at the checkout's venv
-and a test config; every other setting is the shipped one."""
+and a test config, and let them see the checkout; every other setting is
+the shipped one."""
 
 from __future__ import annotations
 
@@ -45,10 +46,14 @@ class Split:
             "unitbox-broker@.service": f"{VENV_UNITBOX} --config {CONFIG} broker --socket-activated "
                                        f"--front-user {USER}",
         }
+        # The checkout, wherever it is: the units' PrivateTmp= and ProtectHome= would hide a clone under
+        # /tmp or /root (the package's code is in /usr, which they leave alone).
+        see_checkout = f"BindReadOnlyPaths={REPO}\n" + (
+            "ProtectHome=tmpfs\n" if REPO.is_relative_to("/home") or REPO.is_relative_to("/root") else "")
         for unit, command in drop_ins.items():
             host.sh(f"mkdir -p /etc/systemd/system/{unit}.d")
             host.path(f"/etc/systemd/system/{unit}.d/test.conf").write_text(
-                f"[Service]\nExecStart=\nExecStart={command}\n{path_env}")
+                f"[Service]\nExecStart=\nExecStart={command}\n{path_env}{see_checkout}")
         host.run("systemctl", "daemon-reload")
 
     def start(self, timeout: float = 30) -> None:
