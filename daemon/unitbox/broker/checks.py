@@ -44,7 +44,10 @@ class StartOrder:
 
 
 def run_id(message: Mapping[str, Any]) -> str:
-    value = message.get("run")
+    return _checked_id(message.get("run"))
+
+
+def _checked_id(value: Any) -> str:
     if not isinstance(value, str) or not RUN_ID.fullmatch(value):
         raise Refused(f"malformed run id {value!r}: expected 16 lowercase hex digits")
     return value
@@ -71,7 +74,7 @@ def run_ids(message: Mapping[str, Any]) -> list[str]:
     value = message.get("runs")
     if not isinstance(value, list) or len(value) > MAX_FORGET:
         raise Refused(f"runs must be a list of at most {MAX_FORGET} run ids")
-    return [run_id({"run": item}) for item in value]
+    return [_checked_id(item) for item in value]
 
 
 def start_order(message: Mapping[str, Any], fds: list[int], config: Config, runtimes: Runtimes) -> StartOrder:
