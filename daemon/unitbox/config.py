@@ -101,6 +101,25 @@ class RuntimeSection(_Section):
     """Directory bind-mounted read-only into runs (a venv); None for the host's Python."""
 
 
+class WarmSection(_Section):
+    """A pool of warm units for one runtime (broker/warm.py; docs/operations.md)."""
+
+    size: int = Field(default=2, ge=0, le=64)
+    """Units kept ready; 0: none (every run of this runtime starts cold)."""
+    preload: list[str] = Field(default_factory=list)
+    """Modules each unit imports while it waits (e.g. numpy, pandas)."""
+    max_idle_s: float = Field(default=600.0, gt=0, le=86_400, allow_inf_nan=False)
+    """A unit idle this long is replaced by a fresh one."""
+
+    @field_validator("preload")
+    @classmethod
+    def _module_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ValueError(f"{name!r} is not a module name")
+        return value
+
+
 @dataclass(frozen=True)
 class _Inputs:
     """What one load reads besides the flags: settings_customise_sources is a
@@ -156,6 +175,9 @@ class Config(BaseSettings):
     inline_output_kb: int = Field(default=64, ge=0)  # stdout and stderr each, in a waited answer
     playground: bool = True  # GET / and /playground serve the page (api/playground.py); false: 404
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
+    # Pools of warm units, by runtime name. `default` always has one (WarmSection's
+    # defaults) unless [warm.default] says otherwise; `size = 0` turns a pool off.
+    warm: dict[str, WarmSection] = Field(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
     _ignored_env: tuple[str, ...] = PrivateAttr(default=())
 
@@ -207,6 +229,11 @@ class Config(BaseSettings):
                 raise ValueError(f"limits.{name} ({value}) is above max_limits.{name}")
         if "default" in self.runtimes:
             raise ValueError("runtimes.default is built in and cannot be redefined")
+        return self
+
+    @model_validator(mode="after")
+    def _default_pool(self) -> Config:
+        self.warm.setdefault("default", WarmSection())
         return self
 
     @model_validator(mode="after")

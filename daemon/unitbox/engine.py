@@ -68,6 +68,23 @@ class Health:
     systemd_version: str = ""
 
 
+# The warm pools (broker/warm.py), as the broker's last heartbeat told them.
+WARM_GAUGES = {
+    "ready": "Warm units ready for a run, all pools together.",
+    "warming": "Warm units starting (set-up and preloads).",
+    "running": "Warm units running a run they were handed.",
+    "hits": "Runs handed to a warm unit, since the broker started.",
+    "misses": "Runs that found no fitting warm unit and started cold, since the broker started.",
+    "started": "Warm units started, since the broker started.",
+    "failed": "Warm units that ended before they were ready, since the broker started.",
+    "last_warmup_s": "Seconds the last ready warm unit took from its start to ready.",
+}
+
+
+def _warm_count(broker: Broker, key: str) -> float:
+    return broker.warm.get(key, 0.0)
+
+
 def new_run_id() -> str:
     return secrets.token_hex(8)
 
@@ -95,6 +112,8 @@ class Engine:
                            lambda: self.budget.total)
         self.metrics.gauge("unitbox_broker_restarts", "Times the broker (the process that talks to systemd) "
                            "was started again after it died or lost the bus, since start.", lambda: broker.restarts)
+        for key, help_text in WARM_GAUGES.items():
+            self.metrics.gauge(f"unitbox_warm_{key}", help_text, functools.partial(_warm_count, broker, key))
 
     # -- start and stop ------------------------------------------------------------
     async def start(self) -> None:

@@ -61,14 +61,16 @@ class Launcher:
             if not run.stdio:
                 run.stdio = self._prepare(run)
             self.broker.watch(record.id, watcher)
-            await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.inputs, run.stdio,
-                                        lint=record.lint)
+            warm = await self.broker.start_run(record.id, record.limits, record.runtime, run.dir.inputs, run.stdio,
+                                               lint=record.lint)
         except NoAnswer:
             raise
         except BaseException:
             self.discard(run)
             raise
         self.release(run)
+        if warm is not None:
+            log.debug("run %s handed to %s", record.id, warm, extra={"run_id": record.id, "unit": warm})
 
     def _prepare(self, run: RunLife) -> list[int]:
         """The unit's stdin, stdout and stderr: the input file, and the write

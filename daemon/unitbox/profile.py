@@ -23,6 +23,8 @@ from unitbox.unit_scripts import (
     ON_HOST,
     START_PRE_SCRIPT,
     STOP_POST_SCRIPT,
+    WARM_STOP_POST_SCRIPT,
+    WARM_STUB,
     WORK_DIR,
 )
 
@@ -48,6 +50,7 @@ STEP_TASKS = 8
 
 UNIT_PREFIX = "unitbox-run-"
 UNIT_SUFFIX = ".service"
+WARM_PREFIX = "unitbox-warm-"
 
 
 DENIED_SYSCALLS = "~@privileged @resources @keyring @debug @mount @obsolete @cpu-emulation"
@@ -266,3 +269,38 @@ def build_profile(run_id: str, limits: Limits, *, ends_dir: PurePosixPath, state
         "LimitCORE": 0,
         "LimitNPROC": limits.tasks,
     }
+
+
+def warm_unit_name(slot: str) -> str:
+    return f"{WARM_PREFIX}{slot}{UNIT_SUFFIX}"
+
+
+def build_warm_profile(slot: str, floor: Limits, *, ends_root: PurePosixPath, lifetime_s: float,
+                       preload: tuple[str, ...], max_tasks: int, **common: Any) -> dict[str, Any]:
+    """Properties of `unitbox-warm-<slot>.service`, a pool unit (broker/warm.py):
+    the run profile above, unchanged in everything that isolates, built for
+    the staging directory `warm-<slot>` at the pool's `floor` limits, with
+    these differences, each because the run is not known yet:
+    - ExecStart= is the waiting stub followed by the bootstrap, its stdin
+      the broker's socket (given at start), stdout and stderr the journal
+      (warm-up's own diagnostics; the run's pipes come with the hand-over);
+    - ExecStopPost= finds the run's ends directory from the id the broker
+      wrote at hand-over (`ends_root`/<id>);
+    - RuntimeMaxSec= is only a backstop for the unit's whole life
+      (`lifetime_s`: idle age plus the longest run): a run's own deadline is
+      the broker's timer, since RuntimeMaxSec= cannot change on a running
+      unit (systemd 252);
+    - LimitNPROC= is `max_tasks`, the maxima's: the stub lowers it to the run's `tasks`
+      (setrlimit); CPUQuota=, MemoryMax= and TasksMax= are set to the run's
+      by SetUnitProperties before the hand-over."""
+    profile = build_profile(f"warm-{slot}", floor, ends_dir=ends_root, **common)
+    python, *flags = profile["ExecStart"][:-2]  # [":python", "-I", ("-S"), "-u"] + ["-c", BOOTSTRAP]
+    profile.update({
+        "Description": f"unitbox warm unit {slot} (idle)",
+        "ExecStart": [python, *flags, "-c", WARM_STUB + BOOTSTRAP, *preload],
+        "ExecStopPost": [*ON_HOST, WARM_STOP_POST_SCRIPT, *profile["ExecStopPost"][len(ON_HOST) + 1:]],
+        "LogExtraFields": [f"UNITBOX_WARM_SLOT={slot}"],
+        "RuntimeMaxSec": lifetime_s,
+        "LimitNPROC": max_tasks,
+    })
+    return profile

@@ -123,6 +123,8 @@ class UnitManager(Protocol):
     def close(self) -> None: ...
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
                                 stdio: Mapping[str, int] | None = None) -> None: ...
+    def set_unit_properties(self, name: str, properties: Mapping[str, Any]) -> None: ...
+    def control_group(self, name: str) -> str: ...
     def stop_unit(self, name: str) -> None: ...
     def kill_unit(self, name: str, signal: int) -> None: ...
     def list_units(self, patterns: list[str]) -> list[UnitInfo]: ...
@@ -276,6 +278,17 @@ class Systemd:
         job = self._call(b"StartTransientUnit", args)
         # The reply precedes the job's JobRemoved on the bus: the map is ready for it.
         self._start_jobs[job if isinstance(job, bytes) else job[0]] = name.encode()
+
+    def set_unit_properties(self, name: str, properties: Mapping[str, Any]) -> None:
+        """Change a running unit's properties (runtime only: nothing is written
+        to /etc), and wait for PID 1 to have applied them."""
+        args = apply_signature(b"sb", [name.encode(), True]) + encode_properties(properties)
+        self._call(b"SetUnitProperties", args)
+
+    def control_group(self, name: str) -> str:
+        """The unit's cgroup path, as under /sys/fs/cgroup (e.g. /unitbox.slice/x.service)."""
+        return str(_text(self._blocking(f"reading {name}'s ControlGroup", lambda bus: bus.get_property(
+            DEST, unit_path(name).encode(), SERVICE_IFACE.encode(), b"ControlGroup", b"s"))))
 
     def stop_unit(self, name: str) -> None:
         self._call(b"StopUnit", apply_signature(b"ss", [name.encode(), b"replace"]))

@@ -68,6 +68,36 @@ BOOTSTRAP = (
     f" open({OUT_DIR!r}+'/result.json','wb').write(b)\n"
 )
 
+# A warm unit's program (broker/warm.py): started ahead of any run with the
+# pool's floor limits, its stdin an AF_UNIX SEQPACKET socket to the broker.
+# This prefix is trusted code, the only code the unit runs until a program is
+# handed over: it imports the pool's preloads (its arguments), says `ready`,
+# and waits for one frame: the run's rlimits and thread variables (JSON) and,
+# by SCM_RIGHTS, its stdin, stdout and stderr. It puts those on 0-2 (fd 0, the
+# socket, goes: nothing the program runs can speak to the broker), lowers the
+# rlimits, and falls through into BOOTSTRAP, so the program runs exactly as a
+# cold run's does. Anything else (EOF: the broker is gone, or a frame that is
+# not exactly that) ends the unit before a program exists.
+WARM_STUB = (
+    "import sys\n"
+    "for n in sys.argv[1:]:__import__(n)\n"
+    "import array,json,os,resource,socket\n"
+    "s=socket.socket(fileno=0)\n"
+    "s.send(b'ready')\n"
+    "m,a,f,_=s.recvmsg(4096,socket.CMSG_SPACE(12))\n"
+    "d=array.array('i')\n"
+    "for l,t,x in a:\n"
+    " if l==socket.SOL_SOCKET and t==socket.SCM_RIGHTS:d.frombytes(x[:len(x)-len(x)%4])\n"
+    "if not m or len(d)!=3 or f&(socket.MSG_CTRUNC|socket.MSG_TRUNC):os._exit(0 if not m else 70)\n"
+    "c=json.loads(m)\n"
+    "s.detach()\n"
+    "for i,x in enumerate(d):os.dup2(x,i);os.close(x)\n"
+    "for k,v in (('NPROC',c['nproc']),('FSIZE',c['fsize'])):resource.setrlimit(getattr(resource,'RLIMIT_'+k),(v,v))\n"
+    "os.environ.update(c['env'])\n"
+    # Made at start-up over the socket: a stdin as a cold run has it (seekable, a file).
+    "sys.stdin=sys.__stdin__=open(0,encoding=sys.stdin.encoding,errors=sys.stdin.errors,closefd=False)\n"
+)
+
 # Privileged ExecStartPre (outside the run's namespaces), in the staging
 # directory on the host's /run that the broker made (and filled with the
 # run's inputs, broker/staging.py): writes a fresh machine-id (a random v4
@@ -127,8 +157,10 @@ rm -f -- "$f"
 # leaves it none), the outcome is still written. Then the box is unmounted.
 STOP_POST_SCRIPT = r"""read -r exited _ < /proc/uptime
 umask 022
-started=
+started= cpu0=0
 [ -r "$1/started" ] && read -r started < "$1/started"
+[ -r "$1/cpu0" ] && read -r cpu0 < "$1/cpu0"
+[ -e "$1/timed-out" ] && SERVICE_RESULT=timeout
 cpu= peak= oom= acct=
 while IFS=: read -r _ c p; do
   case ,$c, in
@@ -147,8 +179,10 @@ while IFS=: read -r _ c p; do
   esac
 done < /proc/self/cgroup
 read -r now _ < /proc/uptime
+cpu=${cpu:-$acct}
+[ -n "$cpu" ] && cpu=$((cpu - cpu0))
 out=$(printf 'service_result=%s\nexit_code=%s\nexit_status=%s\ncpu_ns=%s\nmemory_peak=%s\noom_kill=%s\n' \
-  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "${cpu:-$acct}" "$peak" "$oom"
+  "${SERVICE_RESULT:-}" "${EXIT_CODE:-}" "${EXIT_STATUS:-}" "$cpu" "$peak" "$oom"
   printf 'started_uptime=%s\nexited_uptime=%s\nwritten_uptime=%s\nend=1' "$started" "$exited" "$now")
 stage=$1 run=$2
 shift 2
@@ -160,6 +194,25 @@ rm -rf -- "$stage"
 # The state disk full: the outcome goes to /run instead, where the broker finds it (fallback_result).
 printf '%s\n' "$out" > "$run/result" 2>/dev/null || printf '%s\n' "$out" > "$stage.result"
 """
+
+# A warm unit's ExecStopPost: its second argument is `ends/`, not the run's
+# own directory, which is known only once a run is handed over (the broker
+# then writes the run's id to the staging directory, where only root
+# writes). A unit that never had a run records nothing; it only cleans up.
+# The broker also leaves `started` (the hand-over), `cpu0` (the cgroup's
+# CPU usage then: warm-up is not the run's) and, at the run's deadline,
+# `timed-out` (it kills the unit itself: RuntimeMaxSec= cannot change on a
+# running unit), which STOP_POST_SCRIPT reads.
+WARM_STOP_POST_SCRIPT = r"""stage=$1 ends=$2
+shift 2
+if [ ! -r "$stage/run" ]; then
+  umount "$stage/box" 2>/dev/null || umount -l "$stage/box" 2>/dev/null || true
+  rm -rf -- "$stage" "$stage.result"
+  exit 0
+fi
+read -r id < "$stage/run"
+set -- "$stage" "$ends/$id" "$@"
+""" + STOP_POST_SCRIPT
 
 # A privileged (`+`) command still gets the unit's bind mounts and tmpfs
 # (its empty /sys, the tmpfs over the state dir's parent): these scripts run

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,17 +28,21 @@ from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitInfo
 
 @dataclass
 class FakeUnit:
-    run_dir: Path
+    run_dir: Path | None  # None: a warm unit not (yet) handed a run
     fds: dict[str, int]
     end: UnitEnd | None = None
     activated_at: float | None = None
+    stage: Path | None = None  # a warm unit's: where the broker writes the run's id
+    stub: socket.socket | None = None  # a warm unit's end of the broker's socket, while it waits
+    frame: bytes = b""  # what the broker handed it (JSON)
+    properties_set: list[Mapping[str, Any]] | None = None
 
 
 class FakeSystemd:
     def __init__(self, *, auto_finish: bool = True, stdout: bytes = b"fake output\n", exit_status: int = 0,
                  merge_signals: bool = False, lose_signals: bool = False, record_outcome: bool = True,
                  start_error: BaseException | None = None, natural_end_on_stop: bool = False,
-                 unanswered_starts: int = 0, unanswered_goes_through: bool = False) -> None:
+                 unanswered_starts: int = 0, unanswered_goes_through: bool = False, warm: bool = False) -> None:
         self.auto_finish = auto_finish
         self.stdout = stdout
         self.exit_status = exit_status
@@ -48,6 +54,10 @@ class FakeSystemd:
         self.natural_end_on_stop = natural_end_on_stop  # the program exits 0 just before a stop/kill lands
         self.unanswered_starts = unanswered_starts  # so many starts get no answer in time (NoAnswer) …
         self.unanswered_goes_through = unanswered_goes_through  # … and still create their unit, or not
+        self.warm = warm  # warm units play the stub: ready, then run what is handed over (else they never get ready)
+        self.warm_started: list[str] = []
+        self.warm_stopped: list[str] = []
+        self.warm_units: dict[str, FakeUnit] = {}  # apart from `units`, which are runs' own
         self.start_requests: list[str] = []
         self.started: list[str] = []
         self.stopped: list[str] = []
@@ -70,6 +80,10 @@ class FakeSystemd:
 
     def close(self) -> None:
         self._on_event = None
+        for unit in self.warm_units.values():  # as PID 1 would once the broker is gone: its stub exits
+            if unit.stub is not None:
+                unit.stub.close()
+                unit.stub = None
 
     def drop_bus(self) -> None:
         """The connection breaks: events stop until the owner reconnects."""
@@ -88,6 +102,9 @@ class FakeSystemd:
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
                                 stdio: Mapping[str, int] | None = None) -> None:
         self._check()
+        if name.startswith("unitbox-warm-"):  # the misbehaviours below are for runs' own units
+            self._start_warm(name, properties, stdio or {})
+            return
         self.start_requests.append(name)
         if self.start_error is not None:
             raise self.start_error
@@ -109,18 +126,75 @@ class FakeSystemd:
         if unanswered:
             raise NoAnswer("systemd StartTransientUnit: systemd did not answer in time (fake)")
 
+    def _start_warm(self, name: str, properties: Mapping[str, Any], stdio: Mapping[str, int]) -> None:
+        self.warm_started.append(name)
+        self.properties[name] = properties
+        stop_post = properties["ExecStopPost"]
+        stage = Path(stop_post[stop_post.index("unitbox-stop-post") + 1])
+        unit = self.warm_units[name] = FakeUnit(None, {}, stage=stage, properties_set=[])
+        unit.stub = socket.socket(fileno=os.dup(stdio["input"]))  # held: else the broker reads EOF
+        unit.stub.setblocking(False)
+        if self.warm:  # else it never gets ready
+            loop = asyncio.get_running_loop()
+            loop.call_soon(unit.stub.send, b"ready")
+            loop.add_reader(unit.stub.fileno(), self._handed_over, name)
+
+    def _handed_over(self, name: str) -> None:
+        unit = self.warm_units[name]
+        assert unit.stub is not None and unit.stage is not None
+        asyncio.get_running_loop().remove_reader(unit.stub.fileno())
+        try:
+            frame, fds, _flags, _ = socket.recv_fds(unit.stub, 4096, 3)
+        except OSError:
+            frame, fds = b"", []
+        unit.stub.close()
+        unit.stub = None
+        if not frame:  # the broker is gone: the stub exits, the unit ends with no run
+            self.finish(name)
+            return
+        unit.frame = frame
+        unit.fds = dict(zip(("input", "output", "error"), fds, strict=True))
+        stop_post = self.properties[name]["ExecStopPost"]
+        ends = Path(stop_post[stop_post.index("unitbox-stop-post") + 2])
+        unit.run_dir = ends / (unit.stage / "run").read_text().strip()
+        if self.auto_finish:
+            asyncio.get_running_loop().call_soon(self.finish, name)
+
+    def set_unit_properties(self, name: str, properties: Mapping[str, Any]) -> None:
+        self._check()
+        unit = self._unit(name)
+        if unit is None or unit.end is not None:
+            raise SystemdError(f"Unit {name} not loaded.")
+        assert unit.properties_set is not None
+        unit.properties_set.append(properties)
+
+    def control_group(self, name: str) -> str:
+        return f"/fake.slice/{name}"
+
+    def _unit(self, name: str) -> FakeUnit | None:
+        return self.units.get(name) or self.warm_units.get(name)
+
     def activate(self, name: str) -> None:
-        if (unit := self.units.get(name)) is not None:
+        if (unit := self._unit(name)) is not None:
             unit.activated_at = time.time()
         self._emit(name, UnitActive(time.time()))
 
     def finish(self, name: str, result: str = "success", exit_code: str = "exited",
                exit_status: str | None = None, exited_at: float | None = None) -> None:
-        unit = self.units.get(name)
+        unit = self._unit(name)
         if unit is None or unit.end is not None:
             return
-        if not self.merge_signals:
+        if not self.merge_signals and unit.stage is None:
             self.activate(name)
+        if unit.stub is not None:
+            with contextlib.suppress(ValueError):
+                asyncio.get_running_loop().remove_reader(unit.stub.fileno())
+            unit.stub.close()
+            unit.stub = None
+        if unit.run_dir is None:  # a warm unit that never had a run: nothing is recorded
+            unit.end = UnitEnd("success", "exited", "0", None, time.time())
+            self._emit(name, unit.end)
+            return
         if "output" in unit.fds:
             with contextlib.suppress(BrokenPipeError):  # its reader is gone (a daemon stopped without fd store)
                 os.write(unit.fds["output"], self.stdout)
@@ -151,12 +225,12 @@ class FakeSystemd:
         unit.fds.clear()
 
     def _live(self, name: str) -> bool:
-        unit = self.units.get(name)
+        unit = self._unit(name)
         return unit is not None and unit.end is None
 
     def stop_unit(self, name: str) -> None:
         self._check()
-        self.stopped.append(name)
+        (self.warm_stopped if name in self.warm_units else self.stopped).append(name)
         self._end_by(name, "9")
 
     def kill_unit(self, name: str, signal: int) -> None:
@@ -168,17 +242,18 @@ class FakeSystemd:
         if not self._live(name):
             return
         if self.natural_end_on_stop:  # it exited by itself right after it started, before any stop came
-            self.finish(name, exited_at=self.units[name].activated_at or time.time() - 0.05)
+            self.finish(name, exited_at=self._unit(name).activated_at or time.time() - 0.05)  # type: ignore[union-attr]
         else:
             self.finish(name, result="signal", exit_code="killed", exit_status=signal)
 
     def list_units(self, patterns: list[str]) -> list[UnitInfo]:
         self._check()
-        return [UnitInfo(name, "active", "running") for name in self.units if self._live(name)]
+        return [UnitInfo(name, "active", "running") for name in [*self.units, *self.warm_units]
+                if self._live(name) and any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
     def probe(self, name: str) -> UnitInfo | UnitEnd:
         self._check()
-        unit = self.units.get(name)
+        unit = self._unit(name)
         if unit is not None and unit.end is None:
             return UnitInfo(name, "active", "running")
         return unit.end if unit is not None and unit.end is not None else UnitEnd("", "", "", None, None)

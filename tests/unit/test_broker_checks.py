@@ -210,7 +210,7 @@ async def test_replies_come_in_order_for_pipelined_requests(daemon: Daemon) -> N
         daemon.channel.send({"id": request, "op": "health"})
         ids.append(request)
     replies = [await asyncio.wait_for(daemon.messages.get(), 5) for _ in ids]
-    assert [r["id"] for r in replies] == ids and all(r["ok"] == "252-fake" for r in replies)
+    assert [r["id"] for r in replies] == ids and all(r["ok"]["version"] == "252-fake" for r in replies)
 
 
 async def test_staged_inputs_are_readable_by_the_run_whatever_the_broker_s_umask(daemon: Daemon) -> None:

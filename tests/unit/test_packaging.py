@@ -45,17 +45,18 @@ def test_the_shipped_config_names_every_key_with_its_default() -> None:
         for name in model.model_fields:
             key = prefix + name
             assert name in values, f"{key} is missing from {TEMPLATE.name}"
-            if isinstance(expected.get(name), dict) and name not in ("runtimes", "tokens"):
+            if isinstance(expected.get(name), dict) and name not in ("runtimes", "tokens", "warm"):
                 sub = Config.model_fields[name].annotation
                 assert isinstance(sub, type) and issubclass(sub, BaseModel)
                 check(sub, values[name], expected[name], key + ".")
-            elif key not in machine_dependent | examples and name not in ("runtimes", "tokens"):
+            elif key not in machine_dependent | examples and name not in ("runtimes", "tokens", "warm"):
                 assert values[name] == expected[name], f"{key}: {values[name]!r} != default {expected[name]!r}"
 
     check(Config, live, defaults, "")
     assert set(live["retention"]) == set(RetentionSection.model_fields)
     example = live["runtimes"]
     assert example and all({"python", "path"} <= set(runtime) for runtime in example.values())
+    assert live["warm"] == {"default": defaults["warm"]["default"]}
     assert live["tokens"] and all({"secret", "admin"} <= set(token) for token in live["tokens"].values())
 
 

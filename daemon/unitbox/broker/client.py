@@ -152,6 +152,7 @@ class Broker:
         self._closing = False
         self.up = False
         self.version = ""
+        self.warm: dict[str, float] = {}  # the warm pools' counts, as of the last heartbeat (broker/warm.py)
         self.restarts = 0
         self._ping_sent: float | None = None
         self._health_error = ""
@@ -286,15 +287,17 @@ class Broker:
         return run_id in self._watchers
 
     async def start_run(self, run_id: str, limits: Limits, runtime: str, inputs: Path,
-                        stdio: Sequence[int], *, lint: str = "off") -> None:
+                        stdio: Sequence[int], *, lint: str = "off") -> str | None:
         """Start run `run_id`'s unit; `stdio`: its stdin, stdout and stderr fds;
-        `inputs`: its inputs directory, sent open (the broker takes no path)."""
+        `inputs`: its inputs directory, sent open (the broker takes no path).
+        Returns the warm unit it was handed to, or None (a unit of its own)."""
         inputs_fd = os.open(inputs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            await self._call("start", [*stdio, inputs_fd], run=run_id, limits=limits.as_dict(), runtime=runtime,
-                             lint=lint)
+            started = await self._call("start", [*stdio, inputs_fd], run=run_id, limits=limits.as_dict(),
+                                       runtime=runtime, lint=lint)
         finally:
             os.close(inputs_fd)
+        return str(started["warm"]) if isinstance(started, dict) and "warm" in started else None
 
     async def forget(self, run_ids: Sequence[str]) -> None:
         """Remove what root wrote for these runs (their ends directories)."""
@@ -340,7 +343,8 @@ class Broker:
                 continue
             self._ping_sent = None
             try:
-                self.version = str(ping.result())
+                health = ping.result()
+                self.version, self.warm = str(health["version"]), dict(health.get("warm") or {})
                 self._health_error = ""
             except BrokerLost:
                 pass

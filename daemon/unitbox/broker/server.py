@@ -32,23 +32,30 @@ from unitbox.broker import checks
 from unitbox.broker.checks import Refused
 from unitbox.broker.peer import peer_of
 from unitbox.broker.staging import InputBudget, drop_stage, forget_ends, make_ends, stage_inputs
+from unitbox.broker.warm import WarmPools, lifetime_s
 from unitbox.broker.wire import Channel, Message, end_to_wire, info_to_wire
-from unitbox.config import Config
+from unitbox.config import Config, WarmSection
 from unitbox.errors import SystemdError, UnitboxError
+from unitbox.limits import Limits
 from unitbox.lint import find_linter
 from unitbox.outcome import parse_result_file
 from unitbox.profile import (
     STAGE_ROOT,
     UNIT_PREFIX,
+    WARM_PREFIX,
     Collector,
     LintMode,
+    Runtime,
     build_profile,
+    build_warm_profile,
     fallback_result,
     run_id_of,
     unit_name,
 )
 from unitbox.runtimes import Runtimes
 from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd, UnitEvent, UnitInfo, UnitManager
+
+UNITS_PREFIX = "unitbox-"  # run units and warm units (profile.UNIT_PREFIX, WARM_PREFIX)
 
 log = logging.getLogger(__name__)
 
@@ -112,24 +119,26 @@ class BrokerServer:
         self._collector = collector_of(config)
         self._linter = find_linter(config)
         self._native_private_cgroups = False
+        self._warm = WarmPools(config, systemd, self._runtimes, stage_root=stage_root, build=self._warm_profile)
         self._channel: Channel | None = None
         self.done = asyncio.Event()
         self._ops: dict[str, Callable[[Message, list[int]], Any]] = {
             "start": self._start, "stop": self._stop, "kill": self._kill, "list": self._list,
             "probe": self._probe, "forget": self._forget,
-            "health": lambda message, fds: self._systemd.version(),
+            "health": self._health,
         }
 
     def start(self) -> None:
         self._channel = Channel(self._sock, self._on_message, self._on_closed)
         try:
-            self._systemd.open(self._on_event, self._on_lost, UNIT_PREFIX)
+            self._systemd.open(self._on_event, self._on_lost, UNITS_PREFIX)
             version = self._systemd.version()
             major = systemd_major(version)
             self._native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE
             if self._systemd.ensure_slice(self.config.slice, SLICE_PROPERTIES):
                 log.info("created transient %s (install units/unitbox.slice for the shipped caps)",
                          self.config.slice)
+            self._warm.start()  # adopts an earlier broker's units that hold a run, before they are listed
             self._live = self._live_runs()
         except SystemdError as exc:
             self._say_down(exc.message)
@@ -139,8 +148,25 @@ class BrokerServer:
     def close(self) -> None:
         if self._channel is not None:
             self._channel.close()
+        self._warm.close()
         self._systemd.close()
         self.done.set()
+
+    def _warm_profile(self, slot: str, runtime: Runtime, floor: Limits, section: WarmSection) -> dict[str, Any]:
+        return build_warm_profile(slot, floor, ends_root=PurePosixPath(self.config.ends_dir),
+                                  lifetime_s=lifetime_s(self.config, section), preload=tuple(section.preload),
+                                  max_tasks=self.config.maximum_limits.tasks, **self._profile_common(runtime))
+
+    def _profile_common(self, runtime: Runtime) -> dict[str, Any]:
+        return {"state_dir": PurePosixPath(self.config.state_dir), "slice_name": self.config.slice,
+                "runtime": runtime, "collector": self._collector,
+                "native_private_cgroups": self._native_private_cgroups, "secret_paths": self._secret_paths}
+
+    def _health(self, message: Message, fds: list[int]) -> Message:
+        stats = self._warm.stats
+        return {"version": self._systemd.version(), "warm": {
+            **self._warm.counts(), "hits": stats.hits, "misses": stats.misses, "started": stats.started,
+            "failed": stats.failed, "last_warmup_s": round(stats.last_warmup_s, 4)}}
 
     # -- requests ----------------------------------------------------------------------
     def _on_message(self, message: Message, fds: list[int]) -> None:
@@ -165,7 +191,7 @@ class BrokerServer:
                 os.close(fd)  # PID 1 has its own copies once the start call returned
         self._send(reply)
 
-    def _start(self, message: Message, fds: list[int]) -> None:
+    def _start(self, message: Message, fds: list[int]) -> Message | None:
         order = checks.start_order(message, fds, self.config, self._runtimes)
         if order.lint is not LintMode.OFF and self._linter is None:
             raise Refused("lint was asked for, but no linter (ruff) is installed")
@@ -176,15 +202,26 @@ class BrokerServer:
             if len(self._live) >= self._live_cap:
                 raise Refused(f"{len(self._live)} runs are live: the broker starts at most {self._live_cap} "
                               "(twice max_concurrent, and 16)")
+        if (slot := self._warm.take(order.runtime.name, order.limits, order.lint)) is not None:
+            try:
+                make_ends(self.config.ends_dir, run)
+                self._warm.hand_over(slot, run, order.limits, stdio=stdio_fds, inputs_fd=inputs_fd,
+                                     owner=self._peer.uid, budget=dataclasses.replace(self._input_budget))
+            except Refused:
+                raise
+            except Exception as exc:  # the unit was stopped: the run starts cold
+                log.warning("run %s: the hand-over to %s failed (%s); starting it cold", run, slot.unit,
+                            getattr(exc, "message", exc))
+            else:
+                self._live.add(run)
+                asyncio.get_running_loop().call_soon(self._send, {"ev": "active", "run": run, "at": None})
+                asyncio.get_running_loop().call_soon(self._warm.fill)
+                return {"warm": slot.unit}
         try:
             stage_inputs(self._stage_root, run, inputs_fd, self._peer.uid, dataclasses.replace(self._input_budget))
             ends = make_ends(self.config.ends_dir, run)
-            profile = build_profile(run, order.limits, ends_dir=PurePosixPath(ends),
-                                    state_dir=PurePosixPath(self.config.state_dir), slice_name=self.config.slice,
-                                    runtime=order.runtime, collector=self._collector, lint=order.lint,
-                                    linter=self._linter,
-                                    native_private_cgroups=self._native_private_cgroups,
-                                    secret_paths=self._secret_paths)
+            profile = build_profile(run, order.limits, ends_dir=PurePosixPath(ends), lint=order.lint,
+                                    linter=self._linter, **self._profile_common(order.runtime))
             self._systemd.start_transient_service(unit_name(run), profile, dict(zip(checks.STDIO, stdio_fds,
                                                                                     strict=True)))
             self._live.add(run)
@@ -194,12 +231,17 @@ class BrokerServer:
             if error_kind(exc) in ("refused", "systemd"):
                 drop_stage(self._stage_root, run)
             raise
+        return None
+
+    def _unit(self, run: str) -> str:
+        """The unit a run runs in: its own, or the warm unit it was handed."""
+        return self._warm.unit_of(run) or unit_name(run)
 
     def _stop(self, message: Message, fds: list[int]) -> None:
-        self._systemd.stop_unit(unit_name(checks.run_id(message)))
+        self._systemd.stop_unit(self._unit(checks.run_id(message)))
 
     def _kill(self, message: Message, fds: list[int]) -> None:
-        self._systemd.kill_unit(unit_name(checks.run_id(message)), checks.signal_number(message))
+        self._systemd.kill_unit(self._unit(checks.run_id(message)), checks.signal_number(message))
 
     def _forget(self, message: Message, fds: list[int]) -> None:
         """What root wrote for these runs (the daemon cannot remove it: its retention asks here)."""
@@ -207,18 +249,32 @@ class BrokerServer:
             forget_ends(self.config.ends_dir, run)
 
     def _list(self, message: Message, fds: list[int]) -> list[list[Any]]:
-        return [info_to_wire(unit) for unit in self._systemd.list_units([f"{UNIT_PREFIX}*.service"])]
+        return [info_to_wire(unit) for unit in self._run_units()]
+
+    def _run_units(self) -> list[UnitInfo]:
+        """Every run's unit, a warm unit under its run's name (the daemon knows runs, not slots)."""
+        units = self._systemd.list_units([f"{UNIT_PREFIX}*.service"])
+        warm = {unit: run for run, unit in self._warm.running()}
+        if warm:
+            units += [dataclasses.replace(info, name=unit_name(warm[info.name]))
+                      for info in self._systemd.list_units(list(warm)) if info.name in warm]
+        return units
 
     def _live_runs(self) -> set[str]:
-        units = self._systemd.list_units([f"{UNIT_PREFIX}*.service"])
-        return {run for unit in units if not unit.over and (run := run_id_of(unit.name)) is not None}
+        return {run for unit in self._run_units() if not unit.over and (run := run_id_of(unit.name)) is not None}
 
     def _probe(self, message: Message, fds: list[int]) -> Message:
-        seen = self._systemd.probe(unit_name(checks.run_id(message)))
-        return {"info": info_to_wire(seen)} if isinstance(seen, UnitInfo) else {"end": end_to_wire(seen)}
+        run = checks.run_id(message)
+        seen = self._systemd.probe(self._unit(run))
+        if isinstance(seen, UnitInfo):
+            return {"info": info_to_wire(dataclasses.replace(seen, name=unit_name(run)))}
+        return {"end": end_to_wire(seen)}
 
     # -- events ----------------------------------------------------------------------------
     def _on_event(self, name: str, event: UnitEvent) -> None:
+        if name.startswith(WARM_PREFIX):
+            self._on_warm_event(name, event)
+            return
         run = run_id_of(name)
         if run is None or not checks.RUN_ID.fullmatch(run):
             return
@@ -230,11 +286,24 @@ class BrokerServer:
                 event = self._fallback_end(run) or event
             self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
 
+    def _on_warm_event(self, name: str, event: UnitEvent) -> None:
+        """A warm unit's start is the pool's business; its end, if it had a run, is the run's end."""
+        if isinstance(event, UnitActive):
+            return
+        ended = self._warm.ended(name)
+        if ended is None:
+            return
+        run, stage = ended
+        self._live.discard(run)
+        if event == UNKNOWN_END:
+            event = self._fallback_end(f"{stage}.result") or event
+        self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
+
     @staticmethod
-    def _fallback_end(run: str) -> UnitEnd | None:
+    def _fallback_end(run_or_path: str) -> UnitEnd | None:
         """The outcome ExecStopPost left on /run because the run's directory
         could not take it (a full state disk): the end's facts, once."""
-        path = Path(fallback_result(run))
+        path = Path(run_or_path if run_or_path.startswith("/") else fallback_result(run_or_path))
         try:
             text = path.read_text(errors="replace")
             written = path.stat().st_mtime

@@ -81,6 +81,14 @@ def stage_inputs(stage_root: Path, run_id: str, inputs_fd: int, owner: int, budg
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def copy_inputs(target: Path, inputs_fd: int, owner: int, budget: InputBudget) -> None:
+    """Copy the tree open at `inputs_fd` into `target`, an empty directory the
+    broker made: a warm unit's `in/`, mounted into it already (so its
+    contents change, not the directory; broker/warm.py)."""
+    _check_owned(os.fstat(inputs_fd), owner, "the inputs directory", directory=True)
+    _copy_tree(inputs_fd, target, owner, budget, depth=0)
+
+
 def drop_stage(stage_root: Path, run_id: str) -> None:
     """A start that failed: no unit will use or remove the staging directory."""
     shutil.rmtree(stage_root / run_id, ignore_errors=True)

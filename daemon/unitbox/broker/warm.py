@@ -1,0 +1,442 @@
+"""Warm units: pools of pre-started, single-use run units, one pool per
+runtime configured under [warm] (docs/operations.md "Warm units").
+
+Each unit (`unitbox-warm-<slot>.service`) is started ahead of time with the
+whole run profile (profile.build_warm_profile) at the pool's floor limits:
+its namespaces, mounts, dynamic user, seccomp filter and interpreter are set
+up, its preloads imported, and its trusted stub waits on a socket that is
+its stdin. A start that fits a ready unit (same runtime, no lint, the pool's
+disk size, memory above what warm-up used) is handed over instead of
+starting a unit (`hand_over`): its inputs copied into the unit's staging
+directory (already mounted at /run/unitbox/code), the run's limits applied
+with SetUnitProperties (answered once applied), its rlimits, thread
+variables, stdin, stdout and stderr sent in one frame; the stub closes the
+socket and runs the program exactly as a cold run's bootstrap does. Then
+the unit is the run's: its end is the run's end, its ExecStopPost records
+the run's outcome in ends/<id>. No unit ever takes a second program.
+
+What cannot change on a running unit is handled here: the run's deadline
+is a timer (then `timed-out` is noted for ExecStopPost and the unit
+SIGKILLed); the CPU the unit used before the hand-over is subtracted.
+
+A broker that starts finds the units of an earlier one: those that hold a
+run are adopted (their id is in their staging directory, their deadline
+re-armed), idle ones stopped. A broker that goes away takes its sockets
+along, and an idle stub that reads EOF exits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unitbox.broker.staging import InputBudget, copy_inputs
+from unitbox.config import Config, WarmSection
+from unitbox.errors import UnknownRuntime
+from unitbox.limits import Limits
+from unitbox.profile import (
+    STEP_TASKS,
+    THREAD_VARIABLES,
+    UNIT_SUFFIX,
+    WARM_PREFIX,
+    LintMode,
+    Runtime,
+    environment,
+    warm_unit_name,
+)
+from unitbox.runtimes import Runtimes
+from unitbox.systemd import UnitManager
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+READY = b"ready"
+WARM_UP_BOUND_S = 120.0  # a unit not ready by then is stopped (a preload that hangs)
+FAILURES_BEFORE_PAUSE = 3  # units of a pool that died before ready, in a row …
+PAUSE_S = 60.0  # … then the pool starts none for this long (a preload that cannot be imported)
+MEMORY_MARGIN = 2  # a run's memory_mb must be this many times what its unit used warming up
+LIFETIME_SLACK_S = 60.0
+Builder = Callable[[str, Runtime, Limits, WarmSection], dict[str, Any]]
+"""(slot, runtime, floor limits, pool section) → the warm unit's properties."""
+
+
+@dataclass(eq=False, slots=True)
+class Slot:
+    """One warm unit, from its start to its end."""
+
+    name: str
+    pool: str  # the runtime's name
+    stage: Path
+    sock: socket.socket | None  # the broker's end; None once handed over (or adopted)
+    identity: str = ""  # the runtime's real path when started: a rebuild makes the unit stale
+    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
+    warm_bytes: int = 0  # its cgroup's memory when ready
+    cgroup: str = ""
+    run: str | None = None
+    timer: asyncio.TimerHandle | None = None  # warm-up bound or idle age; then the run's deadline
+
+    @property
+    def unit(self) -> str:
+        return warm_unit_name(self.name)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+@dataclass(slots=True)
+class PoolStats:
+    hits: int = 0
+    misses: int = 0
+    started: int = 0
+    failed: int = 0  # ended before they were ready
+    last_warmup_s: float = 0.0
+
+
+def slot_of(unit: str) -> str | None:
+    if unit.startswith(WARM_PREFIX) and unit.endswith(UNIT_SUFFIX):
+        return unit[len(WARM_PREFIX):-len(UNIT_SUFFIX)]
+    return None
+
+
+def uptime() -> str:
+    """/proc/uptime's first field, as the unit's shell steps read it."""
+    with open("/proc/uptime") as f:
+        return f.read().split()[0]
+
+
+def _cgroup_file(cgroup: str, *candidates: str) -> str | None:
+    for name in candidates:
+        with contextlib.suppress(OSError), open(f"/sys/fs/cgroup{name.format(cg=cgroup)}") as f:
+            return f.read()
+    return None
+
+
+def cgroup_cpu_ns(cgroup: str) -> int | None:
+    """The cgroup's CPU usage, from the same file ExecStopPost reads (unit_scripts.STOP_POST_SCRIPT)."""
+    text = _cgroup_file(cgroup, "{cg}/cpu.stat", "/unified{cg}/cpu.stat")
+    if text is not None:
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) * 1000
+    text = _cgroup_file(cgroup, "/cpu,cpuacct{cg}/cpuacct.usage", "/cpuacct{cg}/cpuacct.usage")
+    return int(text) if text else None
+
+
+def cgroup_memory(cgroup: str) -> int:
+    text = _cgroup_file(cgroup, "{cg}/memory.current", "/memory{cg}/memory.usage_in_bytes")
+    return int(text) if text else 0
+
+
+class WarmPools:
+    def __init__(self, config: Config, systemd: UnitManager, runtimes: Runtimes, *, stage_root: Path,
+                 build: Builder) -> None:
+        self._config = config
+        self._systemd = systemd
+        self._runtimes = runtimes
+        self._stage_root = stage_root
+        self._build = build
+        self._floor = config.default_limits
+        self._pools = {name: section for name, section in config.warm.items() if section.size > 0}
+        self._slots: dict[str, Slot] = {}  # by slot name
+        self._runs: dict[str, Slot] = {}  # handed over, by run id
+        self._failures: dict[str, int] = {}
+        self._paused_until: dict[str, float] = {}
+        self._owner = str(config.state_dir)  # whose units they are: another daemon's on this host are not ours
+        self._filling = False
+        self._closed = False
+        self.stats = PoolStats()
+
+    # -- life -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Adopt an earlier broker's units that hold a run; stop its idle ones; fill the pools."""
+        for info in self._systemd.list_units([f"{WARM_PREFIX}*{UNIT_SUFFIX}"]):
+            name = slot_of(info.name)
+            if name is None or info.over:
+                continue
+            stage = self._stage_root / f"warm-{name}"
+            if _read(stage / "owner") != self._owner:
+                continue
+            run = _read(stage / "run")
+            if run is None:
+                log.info("warm unit %s was an earlier broker's, idle: stopping it", info.name)
+                with contextlib.suppress(Exception):
+                    self._systemd.stop_unit(info.name)
+                continue
+            slot = Slot(name, "", stage, None, run=run)
+            self._slots[name], self._runs[run] = slot, slot
+            self._arm_deadline(slot, _seconds_left(stage / "deadline"))
+            log.info("warm unit %s runs %s: adopted", info.name, run)
+        self.fill()
+
+    def close(self) -> None:
+        """Drain: every idle unit is stopped (its stub would exit at EOF anyway)."""
+        self._closed = True
+        for slot in list(self._slots.values()):
+            slot.cancel_timer()
+            if slot.run is None:
+                self._retire(slot, "the broker is closing")
+
+    def counts(self) -> dict[str, int]:
+        idle = [slot for slot in self._slots.values() if slot.run is None]
+        return {"ready": sum(slot.ready_at is not None for slot in idle),
+                "warming": sum(slot.ready_at is None for slot in idle), "running": len(self._runs)}
+
+    # -- filling ----------------------------------------------------------------------
+    def fill(self) -> None:
+        """Start units until every pool has its size (idle ones: warming or ready)."""
+        if self._closed or self._filling:
+            return
+        self._filling = True
+        try:
+            for pool, section in self._pools.items():
+                if time.monotonic() < self._paused_until.get(pool, 0.0):
+                    continue
+                idle = sum(1 for slot in self._slots.values() if slot.pool == pool and slot.run is None)
+                for _ in range(section.size - idle):
+                    if not self._start_one(pool, section):
+                        break
+        finally:
+            self._filling = False
+
+    def _start_one(self, pool: str, section: WarmSection) -> bool:
+        try:
+            runtime = self._runtimes.get(pool)
+        except UnknownRuntime:
+            log.warning("warm pool %s: no such runtime; it stays empty", pool)
+            self._paused_until[pool] = time.monotonic() + PAUSE_S
+            return False
+        name = secrets.token_hex(6)
+        stage = self._stage_root / f"warm-{name}"
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        slot = Slot(name, pool, stage, ours, identity=_identity(runtime))
+        try:
+            os.makedirs(self._stage_root, mode=0o700, exist_ok=True)
+            os.mkdir(stage, 0o700)
+            os.mkdir(stage / "in", 0o755)
+            (stage / "in").chmod(0o755)
+            (stage / "owner").write_text(self._owner)
+            profile = self._build(name, runtime, self._floor, section)
+            self._systemd.start_transient_service(slot.unit, profile, {"input": theirs.fileno()})
+        except Exception as exc:
+            ours.close()
+            _remove(stage)
+            log.error("warm pool %s: cannot start a unit: %s", pool, getattr(exc, "message", exc))
+            self._paused_until[pool] = time.monotonic() + PAUSE_S
+            return False
+        finally:
+            theirs.close()  # PID 1 holds the unit's end now
+        ours.setblocking(False)
+        self._slots[name] = slot
+        self.stats.started += 1
+        loop = asyncio.get_running_loop()
+        loop.add_reader(ours.fileno(), self._readable, slot)
+        slot.timer = loop.call_later(WARM_UP_BOUND_S, self._expire, slot, "not ready in time")
+        return True
+
+    def _readable(self, slot: Slot) -> None:
+        sock = slot.sock
+        if sock is None:
+            return
+        try:
+            said = sock.recv(64)
+        except BlockingIOError:
+            return
+        except OSError:
+            said = b""
+        if said == READY and slot.ready_at is None:
+            slot.ready_at = time.monotonic()
+            self.stats.last_warmup_s = slot.ready_at - slot.started
+            self._failures[slot.pool] = 0
+            try:
+                slot.cgroup = self._systemd.control_group(slot.unit)
+            except Exception as exc:
+                self._retire(slot, f"its cgroup is unknown ({getattr(exc, 'message', exc)})")
+                return
+            slot.warm_bytes = cgroup_memory(slot.cgroup)
+            slot.cancel_timer()
+            section = self._pools[slot.pool]
+            slot.timer = asyncio.get_running_loop().call_later(section.max_idle_s, self._expire, slot, "idle too long")
+        else:  # EOF: the stub is gone (it failed warming up); or it said something it never says
+            self._retire(slot, "its stub ended" if not said else "its stub said something unexpected")
+
+    def _expire(self, slot: Slot, why: str) -> None:
+        slot.timer = None
+        if slot.run is None:
+            self._retire(slot, why)
+            self.fill()
+
+    def _retire(self, slot: Slot, why: str) -> None:
+        """Stop an idle unit (its ExecStopPost only cleans up: it has no run)."""
+        self._drop_socket(slot)
+        slot.cancel_timer()
+        log.log(logging.DEBUG if why in ("idle too long", "the broker is closing") else logging.WARNING,
+                "warm unit %s: %s; stopping it", slot.unit, why)
+        with contextlib.suppress(Exception):
+            self._systemd.stop_unit(slot.unit)
+
+    def _drop_socket(self, slot: Slot) -> None:
+        if slot.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(slot.sock.fileno())
+            slot.sock.close()
+            slot.sock = None
+
+    # -- hand-over ----------------------------------------------------------------------
+    def take(self, runtime: str, limits: Limits, lint: LintMode) -> Slot | None:
+        """A ready unit for this start, or None (it starts cold). Counted as a hit or a miss."""
+        slot = self._fitting(runtime, limits, lint) if runtime in self._pools else None
+        if slot is None:
+            self.stats.misses += 1
+        return slot
+
+    def _fitting(self, pool: str, limits: Limits, lint: LintMode) -> Slot | None:
+        if lint is not LintMode.OFF or limits.disk_mb != self._floor.disk_mb:
+            return None  # the box's size and the lint steps are fixed when a unit starts
+        ready = [slot for slot in self._slots.values()
+                 if slot.pool == pool and slot.run is None and slot.ready_at is not None and slot.sock is not None]
+        if not ready:
+            return None
+        try:
+            identity = _identity(self._runtimes.get(pool))
+        except UnknownRuntime:
+            return None
+        for slot in ready:
+            if slot.identity != identity:
+                self._retire(slot, "its runtime was rebuilt")
+        fresh = [slot for slot in ready if slot.identity == identity and limits.memory_mb * MiB >= MEMORY_MARGIN
+                 * slot.warm_bytes]
+        return min(fresh, key=lambda slot: slot.ready_at or 0.0) if fresh else None
+
+    def hand_over(self, slot: Slot, run: str, limits: Limits, *, stdio: Sequence[int], inputs_fd: int, owner: int,
+                  budget: InputBudget) -> None:
+        """Give `slot` the run. Raises (having stopped the unit) if it could
+        not: then nothing of the run was started, and it starts cold."""
+        sock = slot.sock
+        assert sock is not None and slot.run is None
+        slot.cancel_timer()
+        self._drop_reader(slot)
+        try:
+            copy_inputs(slot.stage / "in", inputs_fd, owner, budget)
+            now = uptime()
+            _write(slot.stage / "started", now)
+            _write(slot.stage / "cpu0", str(cgroup_cpu_ns(slot.cgroup) or 0))
+            _write(slot.stage / "deadline", f"{float(now) + limits.timeout_s:.2f}")
+            self._systemd.set_unit_properties(slot.unit, {
+                "Description": f"unitbox run {run} (warm unit {slot.name})",
+                "CPUQuota": limits.cpu_percent, "MemoryMax": limits.memory_mb * MiB,
+                "TasksMax": limits.tasks + STEP_TASKS})
+            env = dict(v.split("=", 1) for v in environment(limits) if v.split("=", 1)[0] in THREAD_VARIABLES)
+            frame = json.dumps({"nproc": limits.tasks, "fsize": limits.disk_mb * MiB, "env": env}).encode()
+            sock.setblocking(True)
+            socket.send_fds(sock, [frame], list(stdio))
+        except BaseException:
+            self._slots.pop(slot.name, None)
+            self._retire(slot, "its hand-over failed")
+            raise
+        self._drop_socket(slot)
+        slot.run = run
+        self._runs[run] = slot
+        _write(slot.stage / "run", run)  # from here its ExecStopPost records the run's outcome
+        self.stats.hits += 1
+        self._arm_deadline(slot, limits.timeout_s)
+
+    def _drop_reader(self, slot: Slot) -> None:
+        if slot.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(slot.sock.fileno())
+
+    def _arm_deadline(self, slot: Slot, seconds: float) -> None:
+        slot.cancel_timer()
+        slot.timer = asyncio.get_running_loop().call_later(max(0.0, seconds), self._deadline, slot)
+
+    def _deadline(self, slot: Slot) -> None:
+        """The run's timeout_s is up: as RuntimeMaxSec= would, but from the hand-over."""
+        slot.timer = None
+        with contextlib.suppress(OSError):
+            _write(slot.stage / "timed-out", "")
+        try:
+            self._systemd.kill_unit(slot.unit, 9)
+        except Exception as exc:
+            log.warning("warm unit %s: killing run %s at its deadline: %s", slot.unit, slot.run,
+                        getattr(exc, "message", exc))
+
+    # -- what the broker asks --------------------------------------------------------------
+    def unit_of(self, run: str) -> str | None:
+        slot = self._runs.get(run)
+        return slot.unit if slot is not None else None
+
+    def running(self) -> Iterator[tuple[str, str]]:
+        """(run id, unit) of every handed-over unit."""
+        return ((run, slot.unit) for run, slot in self._runs.items())
+
+    def ended(self, unit: str) -> tuple[str, Path] | None:
+        """A warm unit is over: (its run, its staging dir) if it had one. The pool is filled again."""
+        name = slot_of(unit)
+        slot = self._slots.pop(name, None) if name is not None else None
+        if slot is None:
+            return None
+        slot.cancel_timer()
+        self._drop_socket(slot)
+        if slot.run is not None:
+            self._runs.pop(slot.run, None)
+        elif slot.ready_at is None and slot.pool:
+            self.stats.failed += 1
+            failures = self._failures[slot.pool] = self._failures.get(slot.pool, 0) + 1
+            if failures >= FAILURES_BEFORE_PAUSE:
+                log.error("warm pool %s: %d units in a row ended before they were ready (see journalctl -u "
+                          "'unitbox-warm-*'); starting none for %.0f s", slot.pool, failures, PAUSE_S)
+                self._paused_until[slot.pool] = time.monotonic() + PAUSE_S
+                asyncio.get_running_loop().call_later(PAUSE_S, self.fill)
+        if not self._closed:
+            asyncio.get_running_loop().call_soon(self.fill)
+        return (slot.run, slot.stage) if slot.run is not None else None
+
+
+def lifetime_s(config: Config, section: WarmSection) -> float:
+    """A warm unit's RuntimeMaxSec= backstop: warm-up, idle age, the longest run."""
+    return WARM_UP_BOUND_S + section.max_idle_s + config.maximum_limits.timeout_s + LIFETIME_SLACK_S
+
+
+def _identity(runtime: Runtime) -> str:
+    return os.path.realpath(runtime.path) if runtime.path else runtime.python
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _write(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, (text + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _seconds_left(deadline_file: Path) -> float:
+    deadline = _read(deadline_file)
+    try:
+        return float(deadline) - float(uptime()) if deadline else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _remove(stage: Path) -> None:
+    shutil.rmtree(stage, ignore_errors=True)
