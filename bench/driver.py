@@ -11,7 +11,8 @@ modes:
   systemd-run systemd-run --wait --pipe with unitbox's whole profile as -p flags
   dbus        the ceiling: the same units over D-Bus from this process (ceiling.py)
   http-wait   POST /run-json?wait=true, then GET /output/<id>?stream=stdout
-  http-poll   POST /run-json (202), GET /status/<id> every POLL_S until done, then the output"""
+  http-poll   POST /run-json (202), GET /status/<id> every POLL_S until done, then the output
+  http-warm   as http-wait, to a second daemon with a pool of warm units (docs/operations.md "Warm units")"""
 
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ PROGRAMS: dict[str, tuple[str, int]] = {  # name -> (code, expected stdout bytes
 
 
 class Driver:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, warm_url: str) -> None:
         self.base_url = base_url
+        self.warm_url = warm_url
         self.ceiling = Ceiling()
         self.session: aiohttp.ClientSession | None = None
 
@@ -78,23 +80,26 @@ class Driver:
     async def dbus(self, code: str, expect: int) -> None:
         await self.ceiling.run(code.encode())
 
-    async def _submit(self, code: str, wait: bool) -> dict[str, Any]:
+    async def _submit(self, code: str, wait: bool, base: str | None = None) -> dict[str, Any]:
         assert self.session is not None
-        url = self.base_url + ("/run-json?wait=true" if wait else "/run-json")
+        url = (base or self.base_url) + ("/run-json?wait=true" if wait else "/run-json")
         async with self.session.post(url, json={"code": code}) as reply:
             body: dict[str, Any] = await reply.json()
             _check(reply.status == (200 if wait else 202), f"POST: HTTP {reply.status} {body}")
         return body
 
-    async def _output(self, run: dict[str, Any], expect: int) -> None:
+    async def _output(self, run: dict[str, Any], expect: int, base: str | None = None) -> None:
         assert self.session is not None
         _check(run["state"] == "succeeded", f"run {run['id']}: {run['state']} {run.get('error')}")
-        async with self.session.get(f"{self.base_url}/output/{run['id']}?stream=stdout") as reply:
+        async with self.session.get(f"{base or self.base_url}/output/{run['id']}?stream=stdout") as reply:
             out = await reply.read()
         _check(reply.status == 200 and len(out) == expect, f"output: HTTP {reply.status}, {len(out)} B")
 
     async def http_wait(self, code: str, expect: int) -> None:
         await self._output(await self._submit(code, wait=True), expect)
+
+    async def http_warm(self, code: str, expect: int) -> None:
+        await self._output(await self._submit(code, wait=True, base=self.warm_url), expect, self.warm_url)
 
     async def http_poll(self, code: str, expect: int) -> None:
         assert self.session is not None
@@ -111,7 +116,7 @@ class Driver:
     async def batch(self, mode: str, program: str, concurrency: int, runs: int) -> dict[str, Any]:
         one: Callable[[str, int], Awaitable[None]] = {
             "floor": self.floor, "systemd-run": self.systemd_run, "dbus": self.dbus,
-            "http-wait": self.http_wait, "http-poll": self.http_poll}[mode]
+            "http-wait": self.http_wait, "http-poll": self.http_poll, "http-warm": self.http_warm}[mode]
         code, expect = PROGRAMS[program]
         latencies: list[float] = []
         errors: list[str] = []
@@ -155,7 +160,7 @@ def emit(message: dict[str, Any]) -> None:
 
 
 async def main() -> None:
-    driver = Driver(sys.argv[1])
+    driver = Driver(sys.argv[1], sys.argv[2])
     await driver.start()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

@@ -9,6 +9,8 @@ printing, a 100 ms CPU burn — at concurrency 1, 4 and 16 through five modes:
   dbus         the same units over D-Bus from one asyncio process (the ceiling)
   http-wait    unitbox: POST /run-json?wait=true, then GET the output
   http-poll    unitbox: POST /run-json, GET /status every 20 ms until done, then the output
+  http-warm    unitbox warm: as http-wait, to a second daemon keeping a pool of WARM_POOL warm units
+               (the other daemon has none); its hit rate is reported beside it
 
 Batches are interleaved (round after round, the modes' order rotated) so that
 the noise of a shared machine falls on all modes alike. Also measured: the
@@ -51,13 +53,16 @@ from tests.support.daemon import Daemon  # noqa: E402
 from tests.support.scrape import buckets  # noqa: E402
 from tests.support.testhost import TestHost, booted, collect_stale_hosts  # noqa: E402
 
-MODES = ["floor", "systemd-run", "dbus", "http-wait", "http-poll"]
-UNITBOX_MODES = ["http-wait", "http-poll"]
+MODES = ["floor", "systemd-run", "dbus", "http-wait", "http-poll", "http-warm"]
+UNITBOX_MODES = ["http-wait", "http-poll", "http-warm"]
 PROGRAMS = ["pass", "print_1mb", "cpu_100ms"]
 CONCURRENCY = [1, 4, 16]
 LABELS = {"floor": "floor (bare python3)", "systemd-run": "systemd-run --wait --pipe", "dbus": "D-Bus ceiling",
-          "http-wait": "unitbox wait=true", "http-poll": "unitbox submit+poll"}
+          "http-wait": "unitbox wait=true", "http-poll": "unitbox submit+poll", "http-warm": "unitbox warm"}
 DAEMON_CONFIG = 'max_concurrent = 32\nlog_target = "journal"\n'
+WARM_POOL = 8
+COLD_CONFIG = DAEMON_CONFIG + "[warm.default]\nsize = 0\n"
+WARM_CONFIG = DAEMON_CONFIG + f"[warm.default]\nsize = {WARM_POOL}\n"
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
 RESULTS = REPO / "bench" / "results"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -163,10 +168,11 @@ class Progress:
 class DriverProcess:
     """bench/driver.py inside the test host, spoken to in JSON lines."""
 
-    def __init__(self, host: TestHost, base_url: str, log: Path) -> None:
+    def __init__(self, host: TestHost, base_url: str, warm_url: str, log: Path) -> None:
         self._log = log.open("ab")
         self.proc = subprocess.Popen(
-            host.command(str(REPO / ".venv" / "bin" / "python"), str(REPO / "bench" / "driver.py"), base_url),
+            host.command(str(REPO / ".venv" / "bin" / "python"), str(REPO / "bench" / "driver.py"), base_url,
+                         warm_url),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
         self.log = log
         self._expect("ready")
@@ -226,27 +232,40 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noqa:
     collect_stale_hosts()
     with booted("bench") as host:
         prepare_host(host)
-        daemon = Daemon(host, workdir, config=DAEMON_CONFIG, name="bench")
+        daemon = Daemon(host, workdir, config=COLD_CONFIG, name="bench")
         daemon.start()
+        warm_daemon = Daemon(host, workdir, config=WARM_CONFIG, name="bench-warm")
+        warm_daemon.start()
         driver = None
         try:
-            driver = DriverProcess(host, daemon.client.base_url, workdir / "driver.log")
+            driver = DriverProcess(host, daemon.client.base_url, warm_daemon.client.base_url, workdir / "driver.log")
             pid, pid1 = daemon.pid, host.pid
 
             def run_batch(mode: str, program: str, concurrency: int, runs: int, label: str) -> dict[str, Any]:
                 nonlocal done_before
                 assert driver is not None
-                lag0 = lag_histogram(daemon) if mode in UNITBOX_MODES else {}
-                cpu0, broker0, pid1_cpu0 = cpu_seconds(pid), broker_cpu_seconds(pid), cpu_seconds(pid1)
-                loop0 = loop_thread_cpu_seconds(pid)
+                target = warm_daemon if mode == "http-warm" else daemon
+                tpid = target.pid
+                if mode == "http-warm":  # each batch starts with a full pool, as after a pause
+                    wait_for_pool(warm_daemon)
+                lag0 = lag_histogram(target) if mode in UNITBOX_MODES else {}
+                pool0 = warm_counts(warm_daemon) if mode == "http-warm" else {}
+                cpu0, broker0, pid1_cpu0 = cpu_seconds(tpid), broker_cpu_seconds(tpid), cpu_seconds(pid1)
+                loop0 = loop_thread_cpu_seconds(tpid)
                 result = driver.batch(mode, program, concurrency, runs,
                                       lambda n: progress.show(done_before + n, label))
-                result["daemon_cpu_s"] = cpu_seconds(pid) - cpu0
-                result["broker_cpu_s"] = broker_cpu_seconds(pid) - broker0
-                result["daemon_loop_cpu_s"] = loop_thread_cpu_seconds(pid) - loop0
+                result["daemon_cpu_s"] = cpu_seconds(tpid) - cpu0
+                result["broker_cpu_s"] = broker_cpu_seconds(tpid) - broker0
+                result["daemon_loop_cpu_s"] = loop_thread_cpu_seconds(tpid) - loop0
                 result["pid1_cpu_s"] = cpu_seconds(pid1) - pid1_cpu0
                 if mode in UNITBOX_MODES:
-                    result["lag_hist"] = hist_delta(lag0, lag_histogram(daemon))
+                    result["lag_hist"] = hist_delta(lag0, lag_histogram(target))
+                if mode == "http-warm":
+                    time.sleep(0.6)  # the counts come with the broker's heartbeat
+                    pool1 = warm_counts(warm_daemon)
+                    result["warm_hits"] = pool1["hits"] - pool0["hits"]
+                    result["warm_misses"] = pool1["misses"] - pool0["misses"]
+                    wait_for_pool(warm_daemon)  # its refill is not left to load the next batch of another mode
                 done_before += runs
                 progress.show(done_before, label)
                 if result["errors"]:
@@ -276,7 +295,20 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:  # noqa:
             if driver is not None:
                 driver.close()
             daemon.stop()
+            warm_daemon.stop()
     return results
+
+
+def warm_counts(daemon: Daemon) -> dict[str, float]:
+    text = daemon.client.get("/metrics").body.decode()
+    return {key: float(m.group(1)) if (m := re.search(rf"^unitbox_warm_{key} (\S+)$", text, re.M)) else 0.0
+            for key in ("hits", "misses", "ready")}
+
+
+def wait_for_pool(daemon: Daemon, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while warm_counts(daemon)["ready"] < WARM_POOL and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def machine_info() -> dict[str, Any]:
@@ -389,7 +421,7 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
     for b in results["batches"]:
         cell = cells.setdefault((b["program"], b["mode"], b["concurrency"]), {
             "latencies": [], "wall_s": 0.0, "errors": 0, "daemon_cpu_s": 0.0, "broker_cpu_s": 0.0, "pid1_cpu_s": 0.0,
-            "lag_hist": defaultdict(int), "error_samples": []})
+            "lag_hist": defaultdict(int), "error_samples": [], "warm_hits": 0, "warm_misses": 0})
         cell["latencies"] += b["latencies"]
         cell["wall_s"] += b["wall_s"]
         cell["errors"] += b["errors"]
@@ -397,6 +429,8 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
         cell["daemon_cpu_s"] += b["daemon_cpu_s"]
         cell["broker_cpu_s"] += b.get("broker_cpu_s", 0.0)
         cell["pid1_cpu_s"] += b["pid1_cpu_s"]
+        cell["warm_hits"] += b.get("warm_hits", 0)
+        cell["warm_misses"] += b.get("warm_misses", 0)
         for le, n in b.get("lag_hist", {}).items():
             cell["lag_hist"][float(le)] += n
     table = []
@@ -413,6 +447,8 @@ def aggregate(results: dict[str, Any]) -> dict[str, Any]:
             "unitbox_cpu_ms_per_run": 1000 * (cell["daemon_cpu_s"] + cell["broker_cpu_s"]) / runs if runs else None,
             "pid1_cpu_ms_per_run": 1000 * cell["pid1_cpu_s"] / runs if runs else None,
             "lag_hist": dict(cell["lag_hist"]),
+            "warm_hit_rate": (cell["warm_hits"] / (cell["warm_hits"] + cell["warm_misses"])
+                              if cell["warm_hits"] + cell["warm_misses"] else None),
         })
     key = {(r["program"], r["mode"], r["concurrency"]): r for r in table}
     for row in table:
@@ -490,6 +526,20 @@ def targets(table: list[dict[str, Any]], summary: dict[str, Any]) -> list[dict[s
                   "value": f"{w['unitbox_cpu_ms_per_run']:.2f} ms (daemon {w['daemon_cpu_ms_per_run']:.2f} + "
                            f"broker {w['broker_cpu_ms_per_run']:.2f}, x{w['concurrency']})",
                   "met": w["unitbox_cpu_ms_per_run"] <= most})
+    warm = {(r["program"], r["concurrency"]): r for r in table if r["mode"] == "http-warm"}
+    if (one := warm.get(("pass", 1))) is not None and one["p50_ms"] is not None:
+        t.append({"target": "unitbox warm: p50 ≤ 7 ms, p99 ≤ 20 ms (pass, concurrency 1, wait=true)",
+                  "value": f"p50 {one['p50_ms']:.1f} ms, p99 {one['p99_ms']:.1f} ms "
+                           f"(hit rate {_f(100 * (one['warm_hit_rate'] or 0), '.0f')} %)",
+                  "met": one["p50_ms"] <= 7 and one["p99_ms"] <= 20})
+    cold = {(r["program"], r["concurrency"]): r for r in wait}
+    saturated = [(w, cold[k]) for k, w in warm.items() if k[1] == 16 and k in cold]
+    if saturated:
+        lowest = min(saturated, key=lambda pair: pair[0]["throughput"] / max(pair[1]["throughput"], 1e-9))
+        t.append({"target": "unitbox warm: throughput at 16-way not below the cold path's",
+                  "value": f"worst {lowest[0]['throughput'] / max(lowest[1]['throughput'], 1e-9):.2f}× "
+                           f"({lowest[0]['program']})",
+                  "met": all(w["throughput"] >= 0.95 * c["throughput"] for w, c in saturated)})
     before, after = summary["rss_kib_before_soak"] / 1024, summary["rss_kib_after_soak"] / 1024
     t.append({"target": f"RSS growth < 20 MB over {summary['soak_runs']} runs",
               "value": f"{summary['rss_growth_mib_soak']:+.1f} MiB ({before:.0f} → {after:.0f} MiB)",
@@ -522,8 +572,11 @@ def markdown(report: dict[str, Any], meta: dict[str, Any]) -> str:
                 continue
             daemon_cpu = (f"{_f(r['unitbox_cpu_ms_per_run'], '.2f')} ({_f(r['daemon_cpu_ms_per_run'], '.2f')} + "
                           f"{_f(r['broker_cpu_ms_per_run'], '.2f')})") if r["mode"] in UNITBOX_MODES else ""
+            label = LABELS[r["mode"]]
+            if r.get("warm_hit_rate") is not None:
+                label += f" ({100 * r['warm_hit_rate']:.0f} % warm)"
             lines.append(
-                f"| {r['concurrency']} | {LABELS[r['mode']]} | {_f(r['throughput'])} | {_f(r['p50_ms'])} | "
+                f"| {r['concurrency']} | {label} | {_f(r['throughput'])} | {_f(r['p50_ms'])} | "
                 f"{_f(r['p90_ms'])} | {_f(r['p99_ms'])} | {_f(r['x_systemd_run'], '.2f')} | "
                 f"{_f(r['x_ceiling'], '.2f')} | {_f(r['p50_x_systemd_run'], '.2f')} | {daemon_cpu} | "
                 f"{_f(r['pid1_cpu_ms_per_run'], '.2f')} | {r['errors']} |")

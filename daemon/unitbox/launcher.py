@@ -70,6 +70,7 @@ class Launcher:
             raise
         self.release(run)
         if warm is not None:
+            run.record = run.record.evolve(unit=warm)  # stored with its start (runner._running)
             log.debug("run %s handed to %s", record.id, warm, extra={"run_id": record.id, "unit": warm})
 
     def _prepare(self, run: RunLife) -> list[int]:

@@ -44,13 +44,13 @@ def slice_path(slice_name: str) -> str:
 
 
 def counter_file(root: Path, slice_name: str) -> Callable[[str], Path] | None:
-    """Where a run's OOM kill counter is, on this host; None if nowhere."""
+    """Where a unit's OOM kill counter is, by unit name, on this host; None if nowhere."""
     base = slice_path(slice_name)
     if (root / "memory" / "memory.oom_control").exists():  # v1 memory controller (legacy or hybrid)
-        return lambda run_id: root / "memory" / base.lstrip("/") / unit_name(run_id) / "memory.oom_control"
+        return lambda unit: root / "memory" / base.lstrip("/") / unit / "memory.oom_control"
     with contextlib.suppress(OSError):
         if "memory" in (root / "cgroup.controllers").read_text().split():  # unified hierarchy
-            return lambda run_id: root / base.lstrip("/") / unit_name(run_id) / "memory.events"
+            return lambda unit: root / base.lstrip("/") / unit / "memory.events"
     return None
 
 
@@ -86,10 +86,12 @@ class OomWatch:
         if self._file is None:
             log.warning("no memory cgroup found under %s: a run is ended at an OOM kill only by systemd", root)
 
-    def watch(self, run_id: str) -> None:
-        if self._file is None or run_id in self._runs:
+    def watch(self, run_id: str, unit: str | None = None) -> None:
+        """`unit`: the warm unit the run was handed to, if not its own (it
+        may be learnt after the run's first watch: it then replaces it)."""
+        if self._file is None or (run_id in self._runs and unit is None):
             return
-        self._runs[run_id] = self._file(run_id)
+        self._runs[run_id] = self._file(unit or unit_name(run_id))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._interval_s, self._tick)
 

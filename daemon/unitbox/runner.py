@@ -117,7 +117,7 @@ class Runner:
         if self._on_advance is not None:
             self._on_advance(run)
         if to in (Phase.STARTED, Phase.RUNNING):
-            self._oom.watch(run.id)
+            self._oom.watch(run.id, run.record.unit)
         elif to is Phase.ENDING:
             self._oom.forget(run.id)
         if to is Phase.DONE:
@@ -160,6 +160,11 @@ class Runner:
                           extra={"run_id": run.id, "unit": name})
                 self._end(run)
             return
+        if run.record.unit is not None and run.phase in (Phase.STARTED, Phase.RUNNING):
+            # Its events came before the start's answer was taken: the warm unit is news to both.
+            self._oom.watch(run.id, run.record.unit)
+            if run.phase is Phase.RUNNING:
+                self.spawn(self.records.persist(run.record))
         self._started(run)
 
     def _started(self, run: RunLife, info: UnitInfo | None = None) -> None:
@@ -359,7 +364,7 @@ class Runner:
                                  "that was lost (its writes failed with EPIPE)")
             if action is Action.ATTACH:
                 self._broker.watch(run.id, self._watcher(run))
-                self._oom.watch(run.id)
+                self._oom.watch(run.id, record.unit)
                 self._arm(run)
                 self.spawn(self._look(run))  # it may have ended between list_units and watch
             elif action is Action.FINISH:

@@ -78,6 +78,7 @@ class RunRecord:
     output_files: int | None = None  # files collected when it ended; None: none were there
     result_bytes: int | None = None  # size of the entrypoint's value as JSON; None: no value
     lint_findings: int | None = None  # None: no lint report
+    unit: str | None = None  # the warm unit it was handed to (broker/warm.py); None: its own unitbox-run-<id>
     seq: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
@@ -120,6 +121,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN output_files INTEGER;
     ALTER TABLE runs ADD COLUMN result_bytes INTEGER;
     ALTER TABLE runs ADD COLUMN lint_findings INTEGER;
+    """,
+    # 4: warm units: the unit a run was handed to, when it is not its own
+    """
+    ALTER TABLE runs ADD COLUMN unit TEXT;
     """,
 ]
 

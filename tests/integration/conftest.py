@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,13 +11,30 @@ import pytest
 
 from tests.support.daemon import Client, Daemon
 from tests.support.split import Split
-from tests.support.testhost import TestHost, booted, collect_stale_hosts
+from tests.support.testhost import TestHost, booted, collect_stale_hosts, wait_until
+
+# The session's daemon runs with a pool of warm units (the default); the
+# attack catalogue (test_attacks_*.py) runs again against one without, so
+# every attack is tried on a pooled run and on a cold one.
+DAEMON_CONFIG = "max_concurrent = 24\nlog_target = \"journal\"\n[max_limits]\ncpu_percent = 200\n"
+POOLS = {"warm": "[warm.default]\nsize = 4\n", "cold": "[warm.default]\nsize = 0\n"}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def attack(item: pytest.Item) -> bool:
+    return item.path.name.startswith("test_attacks_")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept, dropped = [], []
     for item in items:
         if "tests/integration/" in str(item.path):
             item.add_marker(pytest.mark.integration)
+        callspec = getattr(item, "callspec", None)
+        cold = callspec is not None and callspec.params.get("daemon") == "cold"
+        (dropped if cold and not attack(item) else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +46,31 @@ def testhost() -> Iterator[TestHost]:
         yield host
 
 
-@pytest.fixture(scope="session")
-def daemon(testhost: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    workdir = tmp_path_factory.mktemp("daemon")
-    server = Daemon(testhost, workdir, config="max_concurrent = 24\nlog_target = \"journal\"\n[max_limits]\ncpu_percent = 200\n")
+@pytest.fixture(scope="session", params=list(POOLS))
+def daemon(request: pytest.FixtureRequest, testhost: TestHost,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    pool = request.param
+    workdir = tmp_path_factory.mktemp(f"daemon-{pool}")
+    server = Daemon(testhost, workdir, config=DAEMON_CONFIG + POOLS[pool], name=f"daemon-{pool}")
+    server.pool = pool
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _a_warm_unit_is_ready(request: pytest.FixtureRequest) -> None:
+    """Before each attack on the pooled daemon: a unit ready, so that the attack's run is handed to one."""
+    if "daemon" not in request.fixturenames or not attack(request.node):
+        return
+    server: Daemon = request.getfixturevalue("daemon")
+    if server.pool == "warm":
+        wait_until(lambda: warm_ready(server.client) >= 1, 30, interval=0.1)
+
+
+def warm_ready(client: Client) -> float:
+    found = re.search(r"^unitbox_warm_ready (\S+)$", client.get("/metrics").body.decode(), re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 @pytest.fixture

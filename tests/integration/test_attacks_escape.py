@@ -181,7 +181,8 @@ def test_daemon_database_and_run_directories_are_invisible(client: Client, daemo
     state = daemon.state_dir
     code = (
         f"state = {state!r}\n"
-        "rid = open('/proc/self/cgroup').read().split('unitbox-run-')[1].split('.service')[0]\n"
+        # Its own id, from its cgroup (a warm unit's: its slot; the whole state dir is hidden either way).
+        "rid = open('/proc/self/cgroup').read().split('unitbox-')[1].split('.service')[0].split('-')[-1]\n"
         "report(listing=attempt(os.listdir, state), db=attempt(lambda: open(state + '/daemon/unitbox.db', 'rb').read()),\n"
         "       own_stdout=attempt(lambda: open(f'{state}/daemon/runs/{rid}/stdout', 'rb').read()),\n"
         "       own_result=attempt(lambda: open(f'{state}/ends/{rid}/result').read()),\n"
@@ -200,11 +201,11 @@ def test_another_concurrent_runs_code_and_output_are_unreachable(client: Client,
                            f"open('/tmp/secret', 'w').write(SECRET)\nopen('secret', 'w').write(SECRET)\n"
                            "time.sleep(30)\n")
     wait_output(client, victim, marker)
-    pid = main_pid(testhost, victim)
-    state = daemon.state_dir
+    pid = main_pid(testhost, client, victim)
+    state, unit = daemon.state_dir, client.status(victim)["unit"]
+    stage = victim if unit.startswith("unitbox-run-") else unit.removeprefix("unitbox-").removesuffix(".service")
     targets = [f"{state}/daemon/runs/{victim}/in/main.py", f"{state}/daemon/runs/{victim}/stdout",
-               f"/run/unitbox-runs/{victim}/in/main.py",
-               f"/run/systemd/transient/unitbox-run-{victim}.service", f"/proc/{pid}/cmdline",
+               f"/run/unitbox-runs/{stage}/in/main.py", f"/run/systemd/transient/{unit}", f"/proc/{pid}/cmdline",
                f"/proc/{pid}/environ", f"/proc/{pid}/root/tmp/secret", f"/proc/{pid}/cwd/secret",
                f"/proc/{pid}/fd/1", f"/proc/{pid}/mem"]
     code = (
@@ -533,7 +534,7 @@ def test_concurrent_runs_cannot_signal_or_read_each_other(client: Client, testho
     a, b = submit_hostile(client, hold), submit_hostile(client, hold)
     for run_id in (a, b):
         wait_output(client, run_id, '"uid"')
-    pid_a, pid_b = main_pid(testhost, a), main_pid(testhost, b)
+    pid_a, pid_b = main_pid(testhost, client, a), main_pid(testhost, client, b)
     attack = (
         "import signal\n"
         f"victims = [{pid_a}, {pid_b}]\n"
@@ -615,7 +616,7 @@ def test_every_live_run_unit_scores_at_most_1_in_systemd_analyze_security(client
             wait_running(client, run_id)
         live = [u for u in run_units(testhost) if testhost.run("systemctl", "is-active", u, check=False)
                 .stdout.strip() == "active"]
-        assert {f"unitbox-run-{i}.service" for i in ids} <= set(live)
+        assert {client.status(i)["unit"] for i in ids} <= set(live)
         with ThreadPoolExecutor(4) as pool:
             scores = dict(zip(live, pool.map(lambda u: security_score(testhost, u), live), strict=True))
         assert all(score <= 1.0 for score in scores.values()), scores

@@ -243,9 +243,9 @@ def test_fork_bomb_stops_at_tasks_limit(client: Client, testhost: TestHost, daem
         "            os.write(1, (json.dumps({'first_error': errno.errorcode[e.errno]}) + '\\n').encode())\n"
     )
     run_id = submit_hostile(client, code, tasks=24, timeout_s=2)
-    unit = f"unitbox-run-{run_id}.service"
     peak, health = 0, []
-    while client.status(run_id)["state"] in ("queued", "starting", "running"):
+    while (status := client.status(run_id))["state"] in ("queued", "starting", "running"):
+        unit = status["unit"]
         current = testhost.run("systemctl", "show", "-P", "TasksCurrent", unit, check=False).stdout.strip()
         if current.isdigit():
             peak = max(peak, int(current))

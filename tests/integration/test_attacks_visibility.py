@@ -132,10 +132,11 @@ def test_cgroupfs_shows_no_other_run(client: Client) -> None:
         for other in others:
             wait_running(client, other)
         code = (
-            "own = open('/proc/self/cgroup').read().split('unitbox-run-')[1].split('.service')[0]\n"
+            # Its own unit, from /proc/self/cgroup (unitbox-run-<id>, or a warm unit's unitbox-warm-<slot>).
+            "own = 'unitbox-' + open('/proc/self/cgroup').read().split('unitbox-')[1].split('.service')[0]\n"
             "names = set()\n"
             "for top, dirs, files in os.walk('/sys/fs/cgroup'):\n"
-            "    names.update(d for d in dirs if d.startswith('unitbox-run-'))\n"
+            "    names.update(d for d in dirs if d.startswith('unitbox-'))\n"
             "report(own=own, runs=sorted(names), listing=sorted(os.listdir('/sys/fs/cgroup')))\n"
         )
         seen = report_of(run_hostile(client, code))
@@ -143,7 +144,7 @@ def test_cgroupfs_shows_no_other_run(client: Client) -> None:
         for other in others:
             client.request("POST", f"/runs/{other}/cancel")
     assert not any(other in name for name in seen["runs"] for other in others), seen
-    assert set(seen["runs"]) <= {f"unitbox-run-{seen['own']}.service"}, seen
+    assert set(seen["runs"]) <= {f"{seen['own']}.service"}, seen
     assert {client.wait(other)["state"] for other in others} == {"cancelled"}
 
 

@@ -27,10 +27,13 @@ def host() -> Iterator[TestHost]:
 
 
 def starts_of(host: TestHost, run_id: str) -> int:
-    """How many times systemd began starting the run's unit (its journal's "Starting …" lines)."""
+    """How many times the run was started: systemd began starting its own unit (that unit's
+    journal's "Starting …" lines), or the broker handed it to a warm unit (its log line)."""
     out = host.run("journalctl", "--no-pager", "-o", "cat", f"UNIT=unitbox-run-{run_id}.service",
                    check=False).stdout
-    return sum(1 for line in out.splitlines() if line.startswith("Starting "))
+    handed = host.run("journalctl", "--no-pager", "-o", "cat", f"UNITBOX_RUN_ID={run_id}", check=False).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("Starting ")) + \
+        sum(1 for line in handed.splitlines() if line.startswith(f"run {run_id} handed to "))
 
 
 def test_kill_9_of_the_broker_with_50_runs_in_flight(host: TestHost, tmp_path: Path) -> None:

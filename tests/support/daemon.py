@@ -128,6 +128,7 @@ class Daemon:
         self.process: subprocess.Popen[bytes] | None = None
         self.client = Client(f"http://127.0.0.1:{self.port}")
         self.extra_listen: list[str] = []
+        self.pool = "warm"  # warm units: "warm" (the default pool), or "cold" (a config without)
 
     def config_text(self) -> str:
         listen = ", ".join(f'"{a}"' for a in [f"127.0.0.1:{self.port}", *self.extra_listen])

@@ -57,6 +57,7 @@ class FakeSystemd:
         self.warm = warm  # warm units play the stub: ready, then run what is handed over (else they never get ready)
         self.warm_started: list[str] = []
         self.warm_stopped: list[str] = []
+        self.stage_root: Path | None = None  # where the broker under test stages runs (warm units' directories)
         self.warm_units: dict[str, FakeUnit] = {}  # apart from `units`, which are runs' own
         self.start_requests: list[str] = []
         self.started: list[str] = []
@@ -129,8 +130,8 @@ class FakeSystemd:
     def _start_warm(self, name: str, properties: Mapping[str, Any], stdio: Mapping[str, int]) -> None:
         self.warm_started.append(name)
         self.properties[name] = properties
-        stop_post = properties["ExecStopPost"]
-        stage = Path(stop_post[stop_post.index("unitbox-stop-post") + 1])
+        # The broker's staging root (the profile names the host's /run/unitbox-runs, not the test's).
+        stage = (self.stage_root or Path("/run/unitbox-runs")) / f"warm-{name[len('unitbox-warm-'):-len('.service')]}"
         unit = self.warm_units[name] = FakeUnit(None, {}, stage=stage, properties_set=[])
         unit.stub = socket.socket(fileno=os.dup(stdio["input"]))  # held: else the broker reads EOF
         unit.stub.setblocking(False)

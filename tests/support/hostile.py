@@ -75,9 +75,9 @@ def wait_running(client: Client, run_id: str, timeout: float = 15) -> None:
     assert wait_until(lambda: client.status(run_id)["state"] == "running", timeout), client.status(run_id)
 
 
-def main_pid(testhost: TestHost, run_id: str) -> int:
+def main_pid(testhost: TestHost, client: Client, run_id: str) -> int:
     """The run's main process as its siblings see it (the test host's PID space)."""
-    out = testhost.run("systemctl", "show", "-P", "MainPID", f"unitbox-run-{run_id}.service").stdout
+    out = testhost.run("systemctl", "show", "-P", "MainPID", client.status(run_id)["unit"]).stdout
     return int(out.strip() or 0)
 
 
@@ -94,14 +94,16 @@ def wait_output(client: Client, run_id: str, needle: str, timeout: float = 15) -
 
 
 def slice_pids(testhost: TestHost) -> list[str]:
-    """Every process in unitbox.slice (the pids hierarchy exists on v1 and v2)."""
+    """Every process in unitbox.slice (the pids hierarchy exists on v1 and v2) but idle warm units'."""
+    idle = " ".join(f"-not -path '*/{unit}/*'" for unit in testhost.idle_warm_units())
     script = ("for d in /sys/fs/cgroup/pids/unitbox.slice /sys/fs/cgroup/unitbox.slice; do "
-              "[ -d $d ] && find $d -name cgroup.procs -exec cat {} +; done; true")
+              f"[ -d $d ] && find $d -name cgroup.procs {idle} -exec cat {{}} +; done; true")
     return testhost.sh(script).split()
 
 
 def run_units(testhost: TestHost) -> list[str]:
-    return testhost.units("unitbox-run-*")
+    """Units running a run: runs' own, and warm units handed one."""
+    return testhost.units()
 
 
 def security_score(testhost: TestHost, unit: str) -> float:

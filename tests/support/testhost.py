@@ -81,9 +81,20 @@ class TestHost:
         """A path inside the host, seen from outside (through its PID 1's root)."""
         return Path(f"/proc/{self.pid}/root") / inside.lstrip("/")
 
-    def units(self, pattern: str = "unitbox-run-*") -> list[str]:
+    def units(self, pattern: str | None = None) -> list[str]:
+        """Units matching `pattern`; by default those running a run: runs' own
+        (unitbox-run-*) and warm units handed one (their description no longer says idle)."""
+        if pattern is not None:
+            return [line.split()[0] for line in self._list_units(pattern)]
+        return self.units("unitbox-run-*") + [line.split()[0] for line in self._list_units("unitbox-warm-*")
+                                              if "(idle)" not in line]
+
+    def idle_warm_units(self) -> list[str]:
+        return [line.split()[0] for line in self._list_units("unitbox-warm-*") if "(idle)" in line]
+
+    def _list_units(self, pattern: str) -> list[str]:
         out = self.run("systemctl", "list-units", "--all", "--plain", "--no-legend", pattern).stdout
-        return [line.split()[0] for line in out.splitlines() if line.strip()]
+        return [line for line in out.splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

@@ -31,13 +31,13 @@ def test_counter_files_on_v1_and_v2(tmp_path: Path) -> None:
     v1 = tmp_path / "v1"
     control = v1_tree(v1)
     where = counter_file(v1, "unitbox.slice")
-    assert where is not None and where("0123456789abcdef") == control
+    assert where is not None and where("unitbox-run-0123456789abcdef.service") == control
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
     where = counter_file(v2, "unitbox.slice")
     assert where is not None
-    assert where("0123456789abcdef") == v2 / "unitbox.slice" / "unitbox-run-0123456789abcdef.service" / "memory.events"
+    assert where("unitbox-run-0123456789abcdef.service") == v2 / "unitbox.slice" / "unitbox-run-0123456789abcdef.service" / "memory.events"
     assert counter_file(tmp_path / "nothing", "unitbox.slice") is None
 
 

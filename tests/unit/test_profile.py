@@ -14,15 +14,24 @@ from unitbox.profile import (
     Collector,
     Runtime,
     build_profile,
+    build_warm_profile,
     fallback_result,
     hide_state_dir,
     run_id_of,
     stage_dir,
     thread_cap,
     unit_name,
+    warm_unit_name,
 )
 from unitbox.systemd import unit_path
-from unitbox.unit_scripts import BOOTSTRAP, ON_HOST, START_PRE_SCRIPT, STOP_POST_SCRIPT
+from unitbox.unit_scripts import (
+    BOOTSTRAP,
+    ON_HOST,
+    START_PRE_SCRIPT,
+    STOP_POST_SCRIPT,
+    WARM_STOP_POST_SCRIPT,
+    WARM_STUB,
+)
 
 LIMITS = Limits(timeout_s=2.5, memory_mb=128, cpu_percent=50, tasks=32, output_kb=64, disk_mb=16)
 COLLECTOR = Collector("/usr/bin/python3", "/usr/lib/unitbox/collect.py", (100, 2, 3, 4, 5, 6, 7))
@@ -245,3 +254,36 @@ def test_the_outcome_goes_to_run_when_the_run_directory_cannot_take_it(tmp_path:
     outcome = parse_result_file(Path(f"{stage}.result").read_text())
     assert outcome is not None and (outcome.exit_code, outcome.exit_status) == ("exited", "7")
     assert fallback_result("0123456789abcdef") == f"{stage_dir('0123456789abcdef')}.result"
+
+
+def test_a_warm_unit_has_the_run_profile_but_what_depends_on_the_run() -> None:
+    common = {"state_dir": PurePosixPath("/var/lib/unitbox"), "slice_name": "unitbox.slice",
+              "runtime": Runtime("default", "/usr/bin/python3", stdlib_only=True), "collector": COLLECTOR}
+    warm = build_warm_profile("0a1b2c3d4e5f", LIMITS, ends_root=PurePosixPath("/var/lib/unitbox/ends"),
+                              lifetime_s=900.0, preload=("numpy",), max_tasks=1024, **common)
+    cold = build_profile("warm-0a1b2c3d4e5f", LIMITS, ends_dir=PurePosixPath("/var/lib/unitbox/ends"), **common)
+    differing = {key for key in cold if warm.get(key) != cold[key]}
+    assert differing == {"Description", "ExecStart", "ExecStopPost", "LogExtraFields", "RuntimeMaxSec", "LimitNPROC"}
+    assert warm.keys() == cold.keys()
+    assert warm["ExecStart"] == [":/usr/bin/python3", "-I", "-S", "-u", "-c", WARM_STUB + BOOTSTRAP, "numpy"]
+    assert warm["ExecStopPost"][len(ON_HOST):len(ON_HOST) + 4] == [
+        WARM_STOP_POST_SCRIPT, "unitbox-stop-post", "/run/unitbox-runs/warm-0a1b2c3d4e5f", "/var/lib/unitbox/ends"]
+    assert warm["RuntimeMaxSec"] == 900.0 and warm["LimitNPROC"] == 1024
+    assert warm_unit_name("0a1b2c3d4e5f") == "unitbox-warm-0a1b2c3d4e5f.service"
+    encode_properties(warm)  # every property has its D-Bus signature
+
+
+def test_the_warm_stop_post_records_nothing_for_a_unit_that_never_had_a_run(tmp_path: Path) -> None:
+    stage, ends = tmp_path / "warm-x", tmp_path / "ends"
+    (stage / "box").mkdir(parents=True)
+    ends.mkdir()
+    subprocess.run(["/bin/sh", "-c", WARM_STOP_POST_SCRIPT, "x", str(stage), str(ends), "false"], check=True)
+    assert not stage.exists() and list(ends.iterdir()) == []
+    (stage / "box").mkdir(parents=True)
+    (stage / "run").write_text("0123456789abcdef\n")
+    (stage / "timed-out").touch()
+    (ends / "0123456789abcdef").mkdir()
+    subprocess.run(["/bin/sh", "-c", WARM_STOP_POST_SCRIPT, "x", str(stage), str(ends), "false"], check=True,
+                   env={"SERVICE_RESULT": "signal", "EXIT_CODE": "killed", "EXIT_STATUS": "KILL"})
+    recorded = (ends / "0123456789abcdef" / "result").read_text()
+    assert "service_result=timeout\n" in recorded and "exit_code=killed\n" in recorded

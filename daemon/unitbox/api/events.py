@@ -36,7 +36,6 @@ from unitbox.follow import Follower, StreamCursor, cursors
 from unitbox.leftovers import RunDetails
 from unitbox.lifecycle import STREAMS
 from unitbox.outcome import RunState
-from unitbox.profile import unit_name
 from unitbox.store import RunRecord
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class EventWriter:
 
     async def run(self, record: RunRecord, event: str = "state") -> RunState:
         details = await self.details(record) if event == "end" and self.details is not None else None
-        await self.send(event, RunOut.of(record, unit_name(record.id), details).model_dump_json().encode())
+        await self.send(event, RunOut.of(record, details).model_dump_json().encode())
         return record.state
 
     async def output(self, *, final: bool) -> None:

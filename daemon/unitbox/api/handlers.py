@@ -47,7 +47,7 @@ from unitbox.errors import (
 )
 from unitbox.limits import resolve_limits
 from unitbox.outcome import RunState
-from unitbox.profile import LintMode, unit_name
+from unitbox.profile import LintMode
 from unitbox.store import RunRecord
 
 MULTIPART_FIELDS = frozenset({"file", "stdin", "args", "limits", "runtime", "wait", "entrypoint", "lint",
@@ -75,7 +75,7 @@ def _json(model: Any, status: int = 200, headers: dict[str, str] | None = None) 
 
 
 def _run_out(record: RunRecord) -> RunOut:
-    return RunOut.of(record, unit_name(record.id))
+    return RunOut.of(record)
 
 
 def _flag(raw: str | None, name: str) -> bool:
@@ -249,7 +249,7 @@ async def run_file(request: web.Request) -> web.Response:
 async def _detailed(request: web.Request, record: RunRecord, *, include_output: bool) -> RunOut:
     """One run's full view: its result, diagnostics and files (and output) read from its directory."""
     details = await request.app[ENGINE].details(record, include_output=include_output)
-    return RunOut.of(record, unit_name(record.id), details)
+    return RunOut.of(record, details)
 
 
 async def status(request: web.Request) -> web.Response:

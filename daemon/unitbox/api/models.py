@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field
 
 from unitbox.leftovers import OutputFile, RunDetails
 from unitbox.outcome import RunState
-from unitbox.profile import LintMode
+from unitbox.profile import LintMode, unit_name
 from unitbox.store import RunRecord
 
 _Number = StrictInt | StrictFloat
@@ -177,7 +177,8 @@ class RunOut(BaseModel):
     exit_code: int | None = Field(description="The program's exit status when it exited; null when a signal ended "
                                                 "it or it never ran.")
     signal: str | None = Field(description="The signal that ended it (e.g. SIGKILL, SIGSEGV); null if it exited.")
-    unit: str = Field(description="Its systemd unit: unitbox-run-<id>.service.")
+    unit: str = Field(description="Its systemd unit: unitbox-run-<id>.service, or the warm unit it was handed "
+                                  "to, unitbox-warm-<slot>.service (its description names the run).")
     runtime: str = Field(description="The runtime it ran with.")
     created_at: Timestamp = Field(description="When it was accepted.")
     started_at: Timestamp = Field(description="When its unit started; null until then.")
@@ -220,7 +221,7 @@ class RunOut(BaseModel):
                                           "inline_output_kb (GET /output/<id> has all that was kept).")
 
     @classmethod
-    def of(cls, record: RunRecord, unit: str, details: RunDetails | None = None) -> RunOut:
+    def of(cls, record: RunRecord, details: RunDetails | None = None) -> RunOut:
         extra: dict[str, Any] = {}
         if details is not None:
             extra = {"result": details.result, "files": [FileOut.of(record.id, f) for f in details.files]
@@ -230,7 +231,8 @@ class RunOut(BaseModel):
                      "stdout": details.stdout, "stderr": details.stderr,
                      "inline_truncated": details.inline_truncated}
         return cls(
-            id=record.id, state=record.state, exit_code=record.exit_code, signal=record.signal, unit=unit,
+            id=record.id, state=record.state, exit_code=record.exit_code, signal=record.signal,
+            unit=record.unit or unit_name(record.id),
             runtime=record.runtime, created_at=_time(record.created_at), started_at=_time(record.started_at),
             finished_at=_time(record.finished_at), duration_ms=record.duration_ms, cpu_ms=record.cpu_ms,
             memory_peak_bytes=record.memory_peak_bytes, limits=LimitsOut.model_validate(record.limits.as_dict()),

@@ -79,6 +79,7 @@ class Slot:
     stage: Path
     sock: socket.socket | None  # the broker's end; None once handed over (or adopted)
     identity: str = ""  # the runtime's real path when started: a rebuild makes the unit stale
+    unhidden: tuple[str, ...] = ()  # paths to hide that did not exist at its start (so are not hidden in it)
     started: float = field(default_factory=time.monotonic)
     ready_at: float | None = None
     warm_bytes: int = 0  # its cgroup's memory when ready
@@ -230,6 +231,10 @@ class WarmPools:
             (stage / "in").chmod(0o755)
             (stage / "owner").write_text(self._owner)
             profile = self._build(name, runtime, self._floor, section)
+            # InaccessiblePaths=-X hides X only if it exists when the unit starts: a secret made
+            # later (a config written, /etc/unitbox created) would be visible in this unit.
+            slot.unhidden = tuple(path for entry in profile.get("InaccessiblePaths", [])
+                                  if entry.startswith("-") and not os.path.lexists(path := entry[1:]))
             self._systemd.start_transient_service(slot.unit, profile, {"input": theirs.fileno()})
         except Exception as exc:
             ours.close()
@@ -314,10 +319,11 @@ class WarmPools:
             identity = _identity(self._runtimes.get(pool))
         except UnknownRuntime:
             return None
-        for slot in ready:
-            if slot.identity != identity:
-                self._retire(slot, "its runtime was rebuilt")
-        fresh = [slot for slot in ready if slot.identity == identity and limits.memory_mb * MiB >= MEMORY_MARGIN
+        stale = [slot for slot in ready if slot.identity != identity or any(map(os.path.lexists, slot.unhidden))]
+        for slot in stale:
+            self._retire(slot, "its runtime was rebuilt" if slot.identity != identity else
+                         "a path it should hide appeared after it started")
+        fresh = [slot for slot in ready if slot not in stale and limits.memory_mb * MiB >= MEMORY_MARGIN
                  * slot.warm_bytes]
         return min(fresh, key=lambda slot: slot.ready_at or 0.0) if fresh else None
 
@@ -353,6 +359,7 @@ class WarmPools:
         _write(slot.stage / "run", run)  # from here its ExecStopPost records the run's outcome
         self.stats.hits += 1
         self._arm_deadline(slot, limits.timeout_s)
+        log.info("run %s handed to %s", run, slot.unit, extra={"run_id": run, "unit": slot.unit})
 
     def _drop_reader(self, slot: Slot) -> None:
         if slot.sock is not None:
