@@ -320,7 +320,7 @@ class Runner:
     async def _last_look(self, run: RunLife, phase: Phase) -> None:
         if not await self._look(run) and run.phase is phase:
             log.error("run %s: its unit is still there after being stopped; recording the run as error",
-                      run.id, extra={"run_id": run.id, "unit": unit_name(run.id)})
+                      run.id, extra={"run_id": run.id, "unit": run.record.unit or unit_name(run.id)})
             run.error = "the run's unit did not end by its deadline, even when stopped (systemd overloaded?)"
             self._end(run)
 
@@ -345,7 +345,7 @@ class Runner:
         if record.duration_ms is not None:
             self._metrics.run_duration.observe(record.duration_ms / 1000)
         log.info("run %s %s (exit %s, signal %s)", record.id, record.state, record.exit_code, record.signal,
-                 extra={"run_id": record.id, "unit": unit_name(record.id), "state": str(record.state)})
+                 extra={"run_id": record.id, "unit": record.unit or unit_name(record.id), "state": str(record.state)})
 
     # -- restart reconciliation ------------------------------------------------------------------
     async def take_over(self, plan: Plan) -> None:

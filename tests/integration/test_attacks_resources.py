@@ -252,7 +252,8 @@ def test_fork_bomb_stops_at_tasks_limit(client: Client, testhost: TestHost, daem
         health.append(daemon.client.get("/healthz", timeout=5).status)
         time.sleep(0.05)
     run = finished(client, run_id)
-    assert run["state"] == "timed_out", run
+    assert run["state"] == "timed_out", (run["error"], testhost.run(
+        "journalctl", "--no-pager", "-o", "short-precise", f"UNITBOX_RUN_ID={run_id}", check=False).stdout[-3000:])
     assert run["signal"] in ("SIGTERM", "SIGKILL")
     assert report_of(run) == {"first_error": "EAGAIN"}
     assert 20 <= peak <= 24, peak  # it did fill the budget, and never went past it

@@ -22,6 +22,7 @@ from unitbox.config import Config, load_config
 from unitbox.errors import SystemdError
 from unitbox.limits import Limits
 from unitbox.rundir import RunDir
+from unitbox.systemd import UNKNOWN_END
 
 RUNS = ("0123456789abcdef", "1123456789abcdef", "2123456789abcdef")
 MiB = 1 << 20
@@ -211,3 +212,16 @@ async def test_another_daemon_s_units_are_left_alone(tmp_path: Path) -> None:
     finally:
         other.close()
         mine.close()
+
+
+async def test_a_lookup_of_the_run_s_own_unit_name_does_not_end_a_handed_over_run(side: Side) -> None:
+    """`systemctl status unitbox-run-<id>` loads a unit of that name, which systemd unloads at
+    once (UnitRemoved): for a run in a warm unit that name never existed, and says nothing."""
+    side.fake.auto_finish = False
+    await side.pool_ready(2)
+    unit = (await side.start(RUNS[0]))["ok"]["warm"]
+    side.fake._emit(f"unitbox-run-{RUNS[0]}.service", UNKNOWN_END)
+    await asyncio.sleep(0.05)
+    assert side.ends(RUNS[0]) == []
+    side.fake.finish(unit)
+    await until(lambda: side.ends(RUNS[0]))

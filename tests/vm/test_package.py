@@ -185,12 +185,12 @@ def test_run_unit_in_systemctl_and_journalctl(vm: VM) -> None:
     code = "import time\nprint('begin', flush=True)\ntime.sleep(20)\nprint('end')"
     accepted = vm.curl("POST", "/run-json", {"code": code, "limits": {"timeout_s": 60}})
     run_id = accepted["id"]
-    unit = f"unitbox-run-{run_id}.service"
     deadline = time.monotonic() + 60
     while vm.curl("GET", f"/status/{run_id}")["state"] != "running" and time.monotonic() < deadline:
         time.sleep(0.5)
+    unit = vm.curl("GET", f"/status/{run_id}")["unit"]  # its own, or the warm unit it was handed to
     status = vm.out(f"systemctl status {unit} --no-pager", check=False)
-    step(f"systemctl status unitbox-run-{run_id}",
+    step(f"systemctl status {unit}",
          " | ".join(line.strip() for line in status.splitlines()[:8] if line.strip()))
     assert "Active: active (running)" in status and f"/unitbox.slice/{unit}" in status, status
     security = vm.out(f"systemd-analyze security {unit} --no-pager 2>&1", check=False)
@@ -198,8 +198,8 @@ def test_run_unit_in_systemctl_and_journalctl(vm: VM) -> None:
     assert _exposure(security) <= 1.0
     run = vm.wait_run(run_id)
     assert run["state"] == "succeeded", run
-    journal = vm.out(f"journalctl -u unitbox-run-{run_id} --no-pager -o short", check=False)
-    step(f"journalctl -u unitbox-run-{run_id}", " | ".join(journal.splitlines()[-3:]))
+    journal = vm.out(f"journalctl -u {unit} --no-pager -o short", check=False)
+    step(f"journalctl -u {unit}", " | ".join(journal.splitlines()[-3:]))
     assert f"Started {unit}" in journal
     records = vm.out(f"journalctl UNITBOX_RUN_ID={run_id} --no-pager -o cat", check=False)
     step(f"journalctl UNITBOX_RUN_ID={run_id}", " | ".join(records.splitlines()))

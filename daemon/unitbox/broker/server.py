@@ -278,6 +278,10 @@ class BrokerServer:
         run = run_id_of(name)
         if run is None or not checks.RUN_ID.fullmatch(run):
             return
+        if self._warm.unit_of(run) is not None:
+            # Its unit is a warm one: a unitbox-run-<id> of this name was only loaded by someone's
+            # lookup (`systemctl status`), and unloaded at once; it says nothing of the run.
+            return
         if isinstance(event, UnitActive):
             self._send({"ev": "active", "run": run, "at": event.started_at})
         else:
@@ -325,6 +329,7 @@ class BrokerServer:
         self.close()
 
     def _on_closed(self, reason: str) -> None:
+        self._warm.close()  # the daemon is gone: no run will come for the idle units
         self._systemd.close()
         self.done.set()
 
