@@ -606,7 +606,8 @@ def chart(report: dict[str, Any], path: Path) -> bool:
         print("matplotlib is not installed: no chart (make bench installs it)", file=sys.stderr)
         return False
     styles = {"floor": ("#999999", ":", "o"), "systemd-run": ("#d62728", "--", "s"), "dbus": ("#7f7f7f", "-.", "^"),
-              "http-wait": ("#1f77b4", "-", "o"), "http-poll": ("#17becf", "-", "D")}
+              "http-wait": ("#1f77b4", "-", "o"), "http-poll": ("#17becf", "-", "D"),
+              "http-warm": ("#2ca02c", "-", "*")}
     fig, axes = plt.subplots(2, len(PROGRAMS), figsize=(5 * len(PROGRAMS), 8), constrained_layout=True)
     for col, program in enumerate(PROGRAMS):
         for row, (field, title) in enumerate([("throughput", "runs/s"), ("p50_ms", "p50 latency (ms)")]):

@@ -171,7 +171,7 @@ class Runner:
         """systemd has the run's unit (it answered the start, sent an event, or was seen)."""
         if run.phase is not Phase.LAUNCHING:
             return  # an event or the deadline moved it on already
-        log.debug("run %s starting as %s", run.id, unit_name(run.id), extra={"run_id": run.id})
+        log.debug("run %s starting as %s", run.id, run.record.unit or unit_name(run.id), extra={"run_id": run.id})
         self.advance(run, Phase.STARTED)
         if info is not None and info.active_state == "active":
             self._running(run, None)

@@ -17,7 +17,7 @@ from tests.support.daemon import Client, Daemon
 from tests.support.testhost import TestHost, wait_until
 
 POOL = 3
-CONFIG = f"max_concurrent = 8\n[warm.default]\nsize = {POOL}\n"
+CONFIG = f"max_concurrent = 8\n[warm.default]\nsize = {POOL}\npreload = [\"decimal\"]\n"
 IDENTITY = ("import os\n"
             "print(os.getuid(), sorted(os.listdir('/tmp')), sorted(os.listdir('.')), len(os.listdir('/proc')))\n"
             "open('/tmp/mine', 'w').write('x'); open('left', 'w').write('y')\n")
@@ -63,6 +63,22 @@ def test_the_pool_fills_and_shows_in_systemctl(pooled: Daemon) -> None:
     assert len(units) >= POOL and all(re.fullmatch(r"unitbox-warm-[0-9a-f]{12}\.service", u) for u in units)
     shown = pooled.host.run("systemctl", "show", "-P", "Description", units[0]).stdout
     assert "idle" in shown
+
+
+def test_a_pooled_run_finds_the_pool_s_preloads_imported(pooled: Daemon) -> None:
+    run = handed(pooled.client, "import sys\nprint('decimal' in sys.modules, sys.argv, __name__)")
+    assert run["stdout"] == "True ['/run/unitbox/code/main.py'] __main__\n", run
+
+
+def test_a_pooled_run_reads_its_stdin_and_fails_as_a_cold_one_does(pooled: Daemon) -> None:
+    read = handed(pooled.client, "import sys\nprint(repr(sys.stdin.read()), sys.stdin.seekable())", stdin="hello\n")
+    assert read["stdout"] == "'hello\\n' True\n", read
+    failed = handed(pooled.client, "def f():\n    raise ValueError('no')\nf()\n")
+    assert failed["state"] == "failed" and failed["exit_code"] == 1, failed
+    assert failed["stderr"] == ('Traceback (most recent call last):\n'
+                                '  File "/run/unitbox/code/main.py", line 3, in <module>\n    f()\n'
+                                '  File "/run/unitbox/code/main.py", line 2, in f\n'
+                                "    raise ValueError('no')\nValueError: no\n"), failed["stderr"]  # the stub's frames are hidden, as the bootstrap's
 
 
 def test_consecutive_pooled_runs_are_fresh_units_that_see_nothing_of_each_other(pooled: Daemon) -> None:
