@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.daemon import VENV_UNITBOX, Client, Daemon
+from tests.support.daemon import VENV_UNITBOX, Client, Daemon, serving
 from tests.support.hostile import contained_afterwards, wait_output, wait_running
 from tests.support.testhost import TestHost
 
@@ -34,10 +34,7 @@ LONG_RUN = f"import time\nprint({SECRET_OUTPUT!r}, flush=True)\ntime.sleep(60)\n
 
 @pytest.fixture(scope="module")
 def owners_daemon(testhost: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    server = Daemon(testhost, tmp_path_factory.mktemp("owners"), config=CONFIG, name="owners")
-    server.start()
-    yield server
-    server.stop()
+    yield from serving(testhost, tmp_path_factory.mktemp("owners"), CONFIG, "owners")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Client, Daemon
+from tests.support.daemon import Client, Daemon, serving
+from tests.support.hostile import contained_afterwards
 from tests.support.testhost import TestHost, wait_until
 
 POOL = 3
@@ -41,10 +42,12 @@ def warm_units(host: TestHost) -> list[str]:
 
 @pytest.fixture(scope="module")
 def pooled(testhost: TestHost, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    server = Daemon(testhost, tmp_path_factory.mktemp("warm"), config=CONFIG, name="warm")
-    server.start()
-    yield server
-    server.stop()
+    yield from serving(testhost, tmp_path_factory.mktemp("warm"), CONFIG, "warm")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _contained(pooled: Daemon, testhost: TestHost) -> Iterator[None]:
+    yield from contained_afterwards(pooled, testhost)
 
 
 def handed(client: Client, code: str, **fields: object) -> dict[str, object]:

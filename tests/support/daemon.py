@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,16 @@ class Daemon:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         self.process = None
+
+
+def serving(host: TestHost, workdir: Path, config: str, name: str) -> Iterator[Daemon]:
+    """A module's own daemon, for a fixture to `yield from`: started, and stopped after."""
+    server = Daemon(host, workdir, config=config, name=name)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class DaemonService(Daemon):

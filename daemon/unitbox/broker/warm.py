@@ -41,6 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from unitbox.broker.staging import InputBudget, copy_inputs
+from unitbox.broker.warmstage import (
+    cgroup_cpu_ns,
+    cgroup_memory,
+    read_stage_file,
+    seconds_left,
+    uptime,
+    write_stage_file,
+)
 from unitbox.config import Config, WarmSection
 from unitbox.errors import UnknownRuntime
 from unitbox.limits import Limits
@@ -112,36 +120,6 @@ def slot_of(unit: str) -> str | None:
     return None
 
 
-def uptime() -> str:
-    """/proc/uptime's first field, as the unit's shell steps read it."""
-    with open("/proc/uptime") as f:
-        return f.read().split()[0]
-
-
-def _cgroup_file(cgroup: str, *candidates: str) -> str | None:
-    for name in candidates:
-        with contextlib.suppress(OSError), open(f"/sys/fs/cgroup{name.format(cg=cgroup)}") as f:
-            return f.read()
-    return None
-
-
-def cgroup_cpu_ns(cgroup: str) -> int | None:
-    """The cgroup's CPU usage, from the same file ExecStopPost reads (unit_scripts.STOP_POST_SCRIPT)."""
-    text = _cgroup_file(cgroup, "{cg}/cpu.stat", "/unified{cg}/cpu.stat")
-    if text is not None:
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "usage_usec":
-                return int(value) * 1000
-    text = _cgroup_file(cgroup, "/cpu,cpuacct{cg}/cpuacct.usage", "/cpuacct{cg}/cpuacct.usage")
-    return int(text) if text else None
-
-
-def cgroup_memory(cgroup: str) -> int:
-    text = _cgroup_file(cgroup, "{cg}/memory.current", "/memory{cg}/memory.usage_in_bytes")
-    return int(text) if text else 0
-
-
 class WarmPools:
     def __init__(self, config: Config, systemd: UnitManager, runtimes: Runtimes, *, stage_root: Path,
                  build: Builder) -> None:
@@ -169,9 +147,9 @@ class WarmPools:
             if name is None or info.over:
                 continue
             stage = self._stage_root / f"warm-{name}"
-            if _read(stage / "owner") != self._owner:
+            if read_stage_file(stage / "owner") != self._owner:
                 continue
-            run = _read(stage / "run")
+            run = read_stage_file(stage / "run")
             if run is None:
                 log.info("warm unit %s was an earlier broker's, idle: stopping it", info.name)
                 with contextlib.suppress(Exception):
@@ -179,7 +157,7 @@ class WarmPools:
                 continue
             slot = Slot(name, "", stage, None, run=run)
             self._slots[name], self._runs[run] = slot, slot
-            self._arm_deadline(slot, _seconds_left(stage / "deadline"))
+            self._arm_deadline(slot, seconds_left(stage / "deadline"))
             log.info("warm unit %s runs %s: adopted", info.name, run)
         self.fill()
 
@@ -338,9 +316,9 @@ class WarmPools:
         try:
             copy_inputs(slot.stage / "in", inputs_fd, owner, budget)
             now = uptime()
-            _write(slot.stage / "started", now)
-            _write(slot.stage / "cpu0", str(cgroup_cpu_ns(slot.cgroup) or 0))
-            _write(slot.stage / "deadline", f"{float(now) + limits.timeout_s:.2f}")
+            write_stage_file(slot.stage / "started", now)
+            write_stage_file(slot.stage / "cpu0", str(cgroup_cpu_ns(slot.cgroup) or 0))
+            write_stage_file(slot.stage / "deadline", f"{float(now) + limits.timeout_s:.2f}")
             self._systemd.set_unit_properties(slot.unit, {
                 "Description": f"unitbox run {run} (warm unit {slot.name})",
                 "CPUQuota": limits.cpu_percent, "MemoryMax": limits.memory_mb * MiB,
@@ -356,7 +334,7 @@ class WarmPools:
         self._drop_socket(slot)
         slot.run = run
         self._runs[run] = slot
-        _write(slot.stage / "run", run)  # from here its ExecStopPost records the run's outcome
+        write_stage_file(slot.stage / "run", run)  # from here its ExecStopPost records the run's outcome
         self.stats.hits += 1
         self._arm_deadline(slot, limits.timeout_s)
         log.info("run %s handed to %s", run, slot.unit, extra={"run_id": run, "unit": slot.unit})
@@ -374,7 +352,7 @@ class WarmPools:
         """The run's timeout_s is up: as RuntimeMaxSec= would, but from the hand-over."""
         slot.timer = None
         with contextlib.suppress(OSError):
-            _write(slot.stage / "timed-out", "")
+            write_stage_file(slot.stage / "timed-out", "")
         try:
             self._systemd.kill_unit(slot.unit, 9)
         except Exception as exc:
@@ -420,29 +398,6 @@ def lifetime_s(config: Config, section: WarmSection) -> float:
 
 def _identity(runtime: Runtime) -> str:
     return os.path.realpath(runtime.path) if runtime.path else runtime.python
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _write(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, (text + "\n").encode())
-    finally:
-        os.close(fd)
-
-
-def _seconds_left(deadline_file: Path) -> float:
-    deadline = _read(deadline_file)
-    try:
-        return float(deadline) - float(uptime()) if deadline else 0.0
-    except ValueError:
-        return 0.0
 
 
 def _remove(stage: Path) -> None:
