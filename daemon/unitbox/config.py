@@ -175,8 +175,8 @@ class Config(BaseSettings):
     inline_output_kb: int = Field(default=64, ge=0)  # stdout and stderr each, in a waited answer
     playground: bool = True  # GET / and /playground serve the page (api/playground.py); false: 404
     runtimes: dict[str, RuntimeSection] = Field(default_factory=dict)
-    # Pools of warm units, by runtime name. `default` always has one (WarmSection's
-    # defaults) unless [warm.default] says otherwise; `size = 0` turns a pool off.
+    # Pools of warm units, by runtime name (broker/warm.py). None unless configured: a run
+    # handed to one runs in unitbox-warm-<slot>.service, not in a unit named after it.
     warm: dict[str, WarmSection] = Field(default_factory=dict)
     _source: Path | None = PrivateAttr(default=None)
     _ignored_env: tuple[str, ...] = PrivateAttr(default=())
@@ -229,11 +229,6 @@ class Config(BaseSettings):
                 raise ValueError(f"limits.{name} ({value}) is above max_limits.{name}")
         if "default" in self.runtimes:
             raise ValueError("runtimes.default is built in and cannot be redefined")
-        return self
-
-    @model_validator(mode="after")
-    def _default_pool(self) -> Config:
-        self.warm.setdefault("default", WarmSection())
         return self
 
     @model_validator(mode="after")

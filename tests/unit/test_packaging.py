@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from unitbox import __version__
 from unitbox.cli import _parser
-from unitbox.config import Config, RetentionSection, load_config
+from unitbox.config import Config, RetentionSection, WarmSection, load_config
 from unitbox.profile import STAGE_ROOT
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,8 @@ def test_the_shipped_config_names_every_key_with_its_default() -> None:
     assert set(live["retention"]) == set(RetentionSection.model_fields)
     example = live["runtimes"]
     assert example and all({"python", "path"} <= set(runtime) for runtime in example.values())
-    assert live["warm"] == {"default": defaults["warm"]["default"]}
+    assert defaults["warm"] == {}  # off unless configured
+    assert live["warm"] == {"default": WarmSection().model_dump(mode="json")}  # the example shows the defaults
     assert live["tokens"] and all({"secret", "admin"} <= set(token) for token in live["tokens"].values())
 
 
