@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Client, Daemon
+from tests.support.daemon import Client, Daemon, warm_ready
 from tests.support.split import Split
 from tests.support.testhost import TestHost, booted, collect_stale_hosts, wait_until
 
@@ -68,11 +67,6 @@ def _a_warm_unit_is_ready(request: pytest.FixtureRequest) -> None:
         wait_until(lambda: warm_ready(server.client) >= 1, 30, interval=0.1)
 
 
-def warm_ready(client: Client) -> float:
-    found = re.search(r"^unitbox_warm_ready (\S+)$", client.get("/metrics").body.decode(), re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 @pytest.fixture
 def client(daemon: Daemon) -> Client:
     return daemon.client
@@ -87,7 +81,7 @@ def workdir(tmp_path: Path) -> Path:
 def split() -> Iterator[Split]:
     """The packaged split (the shipped units, the daemon as the user unitbox) in a test host of its own."""
     with booted("split") as host:
-        side = Split(host)
+        side = Split(host, config="[warm.default]\nsize = 2\n")  # the package's units, with a pool of warm units
         side.start()
         try:
             yield side

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from tests.support.daemon import warm_ready
 from tests.support.split import Split
 from tests.support.testhost import wait_until
 
@@ -22,8 +23,10 @@ def _broker_unit(split: Split) -> str:
 @pytest.mark.parametrize("how", ["restart the daemon", "kill the broker", "stop the broker"])
 def test_either_part_restarted_alone_loses_no_run(split: Split, how: str) -> None:
     client = split.client
+    assert wait_until(lambda: warm_ready(client) >= 1, 30)  # the split's config has a pool: the run is handed one
     run_id = client.submit(SLOW)
     assert wait_until(lambda: client.status(run_id)["state"] == "running", 15)
+    assert client.status(run_id)["unit"].startswith("unitbox-warm-"), client.status(run_id)
     broker = _broker_unit(split)
     match how:
         case "restart the daemon":

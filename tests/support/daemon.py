@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -173,6 +174,12 @@ class Daemon:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
         self.process = None
+
+
+def warm_ready(client: Client) -> float:
+    """Warm units ready, from /metrics (as of the broker's last heartbeat)."""
+    found = re.search(r"^unitbox_warm_ready (\S+)$", client.get("/metrics").body.decode(), re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def serving(host: TestHost, workdir: Path, config: str, name: str) -> Iterator[Daemon]:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 
 def uptime() -> str:
-    """/proc/uptime's first field, as the unit's shell steps read it."""
-    with open("/proc/uptime") as f:
-        return f.read().split()[0]
+    """/proc/uptime's first field, as the unit's shell steps read it: CLOCK_BOOTTIME, read
+    directly (the packaged broker's ProcSubset=pid has no /proc/uptime)."""
+    return f"{time.clock_gettime(time.CLOCK_BOOTTIME):.2f}"
 
 
 def _cgroup_file(cgroup: str, *candidates: str) -> str | None:
