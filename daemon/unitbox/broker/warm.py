@@ -170,7 +170,7 @@ class WarmPools:
                 self._retire(slot, "the broker is closing")
 
     def counts(self) -> dict[str, int]:
-        idle = [slot for slot in self._slots.values() if slot.run is None]
+        idle = [slot for slot in self._slots.values() if slot.run is None and slot.sock is not None]  # not retired
         return {"ready": sum(slot.ready_at is not None for slot in idle),
                 "warming": sum(slot.ready_at is None for slot in idle), "running": len(self._runs)}
 
