@@ -215,7 +215,6 @@ class BrokerServer:
             else:
                 self._live.add(run)
                 asyncio.get_running_loop().call_soon(self._send, {"ev": "active", "run": run, "at": None})
-                asyncio.get_running_loop().call_soon(self._warm.fill)
                 return {"warm": slot.unit}
         try:
             stage_inputs(self._stage_root, run, inputs_fd, self._peer.uid, dataclasses.replace(self._input_budget))
@@ -287,7 +286,7 @@ class BrokerServer:
         else:
             self._live.discard(run)
             if event == UNKNOWN_END:
-                event = self._fallback_end(run) or event
+                event = self._fallback_end(Path(fallback_result(run))) or event
             self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
 
     def _on_warm_event(self, name: str, event: UnitEvent) -> None:
@@ -300,14 +299,13 @@ class BrokerServer:
         run, stage = ended
         self._live.discard(run)
         if event == UNKNOWN_END:
-            event = self._fallback_end(f"{stage}.result") or event
+            event = self._fallback_end(Path(f"{stage}.result")) or event
         self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
 
     @staticmethod
-    def _fallback_end(run_or_path: str) -> UnitEnd | None:
-        """The outcome ExecStopPost left on /run because the run's directory
-        could not take it (a full state disk): the end's facts, once."""
-        path = Path(run_or_path if run_or_path.startswith("/") else fallback_result(run_or_path))
+    def _fallback_end(path: Path) -> UnitEnd | None:
+        """The outcome ExecStopPost left on /run (`path`) because the run's
+        directory could not take it (a full state disk): the end's facts, once."""
         try:
             text = path.read_text(errors="replace")
             written = path.stat().st_mtime

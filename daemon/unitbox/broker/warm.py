@@ -123,7 +123,6 @@ def slot_of(unit: str) -> str | None:
 class WarmPools:
     def __init__(self, config: Config, systemd: UnitManager, runtimes: Runtimes, *, stage_root: Path,
                  build: Builder) -> None:
-        self._config = config
         self._systemd = systemd
         self._runtimes = runtimes
         self._stage_root = stage_root
@@ -272,9 +271,8 @@ class WarmPools:
             self._systemd.stop_unit(slot.unit)
 
     def _drop_socket(self, slot: Slot) -> None:
+        self._drop_reader(slot)
         if slot.sock is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(slot.sock.fileno())
             slot.sock.close()
             slot.sock = None
 
@@ -337,6 +335,7 @@ class WarmPools:
         write_stage_file(slot.stage / "run", run)  # from here its ExecStopPost records the run's outcome
         self.stats.hits += 1
         self._arm_deadline(slot, limits.timeout_s)
+        asyncio.get_running_loop().call_soon(self.fill)  # after the broker's reply: one idle unit fewer
         log.info("run %s handed to %s", run, slot.unit, extra={"run_id": run, "unit": slot.unit})
 
     def _drop_reader(self, slot: Slot) -> None:
