@@ -1,7 +1,7 @@
 # make bench: unitbox against raw systemd-run (bench/run_bench.py). Not part of make test.
 BENCH_ARGS ?=
 
-.PHONY: bench bench-quick bench-tools
+.PHONY: bench bench-quick bench-scientific bench-tools
 
 bench-tools: venv
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || { echo "==> pip install matplotlib py-spy into $(VENV) (the chart and the profiler; not runtime dependencies)"; \
@@ -14,3 +14,9 @@ bench: bench-tools  ## benchmark vs systemd-run, D-Bus ceiling and floor (≈20 
 bench-quick: bench-tools  ## the same, one short round (under a minute): bench/results/quick.*
 	@echo "==> quick benchmark: one short interleaved round (numbers are indicative only)"
 	@$(BIN)/python bench/run_bench.py --quick $(BENCH_ARGS)
+
+bench-scientific: venv  ## numpy + pandas cold vs a preloaded warm pool (bench/scientific.py): bench/results/scientific.*
+	@/usr/bin/python3 -c 'import numpy, pandas' 2>/dev/null || { echo "==> apt-get install python3-numpy python3-pandas (the program's imports, in the host's Python that runs use)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-numpy python3-pandas; }
+	@echo "==> booting a systemd test host; one daemon with a numpy+pandas warm pool; the same program cold and warm, alternating"
+	@$(BIN)/python bench/scientific.py $(BENCH_ARGS)

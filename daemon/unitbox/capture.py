@@ -170,6 +170,21 @@ class StreamCapture:
         log.exception("reading output into %s failed", self.path)
         return 0
 
+    def at_end(self) -> bool:
+        """Takes what the pipe holds now (a wakeup's worth at most); True if it
+        is at end of file: every writer is gone, nothing more will come."""
+        if self.closed:
+            return True
+        if not self._ended:
+            kept = self.kept
+            self._read(MAX_READS_PER_WAKEUP)
+            if self.kept != kept and self.on_kept is not None:
+                self.on_kept()
+        if self._ended and self._pause is not None:
+            self._pause.cancel()
+            self._pause = None
+        return self._ended
+
     def finish(self) -> None:
         """The unit is gone: take the rest of the pipe, then close."""
         if self.closed:

@@ -255,7 +255,8 @@ class Engine:
         await self.get(run_id, caller)  # another's run: 404 at once, nothing held
         run, closing = self._runner.runs.get(run_id), self._runner.closing
         if run is not None and not closing.is_set():
-            waiters = [asyncio.ensure_future(run.done.wait()), asyncio.ensure_future(closing.wait())]
+            waiters = [asyncio.ensure_future(run.done.wait()), asyncio.ensure_future(closing.wait()),
+                       asyncio.ensure_future(run.answerable.wait())]  # a warm unit's program has exited
             try:
                 await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             finally:

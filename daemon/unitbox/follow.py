@@ -169,7 +169,7 @@ class Follower:
             first, self._first = self._first, None
             return first
         if (run := self._live(self.id)) is not None:
-            return run.live_view()
+            return run.live_view(early=False)
         if self._feed.final is None:
             record = await self._lookup()  # it ended before it was followed; or is not yet taken over
             if not record.state.terminal:

@@ -93,6 +93,8 @@ class RunLife:
     stdio: list[int] = field(default_factory=list)  # our copies of the fds for its unit, until systemd has them
     start_unanswered: bool = False  # the start request went unanswered: whether the unit exists is unknown
     launches: int = 0  # start requests made (one, unless an unanswered one had to be repeated)
+    exited: tuple[int, float] | None = None  # (exit code, wall clock): a warm unit's program ended by itself
+    answerable: asyncio.Event = field(default_factory=asyncio.Event)  # … and a waiting client can have it
 
     @classmethod
     def adopted(cls, record: RunRecord, run_dir: RunDir) -> RunLife:
@@ -117,16 +119,35 @@ class RunLife:
         if (public := _PUBLIC.get(to)) is not None and public is not self.record.state:
             self.record = self.record.evolve(state=public)
 
-    def live_view(self) -> RunRecord:
-        """The record as a client should see it now: output sizes from the captures."""
+    def live_view(self, *, early: bool = True) -> RunRecord:
+        """The record as a client should see it now: output sizes from the
+        captures; once its program has exited (`exited`), as it ended, unless
+        not `early` (a follower's `end` carries the complete record)."""
+        record = self.record
+        if early and self.exited is not None and self.phase is not Phase.DONE:
+            record = exited_early(record, *self.exited)
         out, err = self.captures.get("stdout"), self.captures.get("stderr")
         if out is None and err is None:
-            return self.record
-        return self.record.evolve(
-            stdout_bytes=out.kept if out else self.record.stdout_bytes,
-            stderr_bytes=err.kept if err else self.record.stderr_bytes,
-            stdout_truncated=bool(out and out.truncated) or self.record.stdout_truncated,
-            stderr_truncated=bool(err and err.truncated) or self.record.stderr_truncated)
+            return record
+        return record.evolve(
+            stdout_bytes=out.kept if out else record.stdout_bytes,
+            stderr_bytes=err.kept if err else record.stderr_bytes,
+            stdout_truncated=bool(out and out.truncated) or record.stdout_truncated,
+            stderr_truncated=bool(err and err.truncated) or record.stderr_truncated)
+
+
+def exited_early(record: RunRecord, code: int, at: float) -> RunRecord:
+    """A run whose program exited by itself with `code` (reported before its
+    unit's end: broker/warm.py), as its final record will be but for the
+    figures only the unit's end gives: CPU and memory are null, the duration
+    is the daemon's. The verdict is `classify`'s, as `conclude` will make it."""
+    outcome = Outcome(service_result="success" if code == 0 else "exit-code", exit_code="exited",
+                      exit_status=str(code))
+    verdict = classify(outcome, cancelled=False, ran=True, exited_in_time=True)
+    started = record.started_at
+    return record.evolve(state=verdict.state, exit_code=verdict.exit_code, signal=verdict.signal,
+                         error=verdict.error, finished_at=at,
+                         duration_ms=round(max(0.0, at - started) * 1000, 3) if started else None)
 
 
 @dataclass(frozen=True, slots=True)

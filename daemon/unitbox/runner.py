@@ -23,19 +23,19 @@ from typing import Any
 
 from unitbox import notify
 from unitbox.admission import Admission
-from unitbox.broker.client import Broker, UnitExists
+from unitbox.broker.client import Broker, ProgramExited, RunEvent, UnitExists
 from unitbox.errors import SystemdError, UnitboxError
 from unitbox.launcher import Launcher
 from unitbox.lifecycle import STOP_GRACE_S, Phase, RunLife, conclude, deadline_s
 from unitbox.metrics import Metrics
 from unitbox.oomwatch import OomWatch
 from unitbox.outcome import RunState
-from unitbox.profile import unit_name
+from unitbox.profile import LintMode, unit_name
 from unitbox.records import Records
 from unitbox.recovery import Action, Plan
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
-from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitEvent, UnitInfo
+from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitInfo
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class Runner:
 
     async def cancel(self, run: RunLife) -> tuple[RunRecord, bool]:
         """Cancel a run in flight: (the run, whether it was still going)."""
-        if run.phase is Phase.ENDING:  # over already: its true end, not a cancel
+        if run.phase is Phase.ENDING or run.exited is not None:  # over already: its true end, not a cancel
             await run.done.wait()
             return run.record, False
         now = time.time()
@@ -205,10 +205,13 @@ class Runner:
             run.start_unanswered = False
             self.spawn(self._launch(run))
 
-    def _watcher(self, run: RunLife) -> Callable[[UnitEvent], None]:
+    def _watcher(self, run: RunLife) -> Callable[[RunEvent], None]:
         return functools.partial(self._on_unit_event, run)
 
-    def _on_unit_event(self, run: RunLife, event: UnitEvent) -> None:
+    def _on_unit_event(self, run: RunLife, event: RunEvent) -> None:
+        if isinstance(event, ProgramExited):
+            self._exited(run, event.code)
+            return
         if run.phase is Phase.LAUNCHING:  # it came before the start's answer was taken: the unit exists
             self._launcher.release(run)
             self._started(run)
@@ -224,6 +227,18 @@ class Runner:
             self.advance(run, Phase.RUNNING)
             run.record = run.record.evolve(started_at=started_at or time.time())
             self.spawn(self.records.persist(run.record))
+
+    def _exited(self, run: RunLife, code: int) -> None:
+        """A warm unit's program ended by itself. A waiting client may have the
+        run now if its final record can only repeat that: no cancel asked, no
+        entrypoint value or lint report to collect, and its output all in (the
+        pipes at end of file). The unit's end completes the record."""
+        if (run.phase is not Phase.RUNNING or run.cancel_at is not None or run.record.entrypoint is not None
+                or run.record.lint != LintMode.OFF or not run.captures):
+            return
+        if all([capture.at_end() for capture in run.captures.values()]):
+            run.exited = (code, time.time())
+            run.answerable.set()
 
     def _end(self, run: RunLife) -> None:
         self._broker.unwatch(run.id)

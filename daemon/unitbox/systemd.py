@@ -16,9 +16,14 @@ when the bus opens, before any StartTransientUnit, so no change is missed:
   missing are a unit's properties read (`probe`, while it is still loaded).
 
 Both are Manager signals sent once per unit, cheap to decode (≈8-9 µs
-measured), and only our units (by name prefix) are reported; PropertiesChanged
-(≈27 per run, half of them for other units, ≈87 µs each) is not listened to
-at all.
+measured), and only our units (by name prefix) are reported. PropertiesChanged
+(≈27 per run, half of them for other units, ≈87 µs each to decode) is
+listened to only when `open` is given `exits_of` (warm units: broker/warm.py),
+and decoded only for those units, until each one's main process has ended:
+
+- the Service interface's ExecMainExitTimestamp set → `MainExited`, with
+  ExecMainCode/Status and Result. systemd says so as the unit enters its
+  stop (ExecStopPost), ≈30 ms before it is over.
 
 A lost bus (dbus restarted, the connection dropped) is detected from sd-bus's
 local `Disconnected` message or from a call failing with ENOTCONN; the reader
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -48,6 +54,7 @@ MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT_IFACE = "org.freedesktop.systemd1.Unit"
 SERVICE_IFACE = "org.freedesktop.systemd1.Service"
 LOCAL_PATH = b"/org/freedesktop/DBus/Local"
+PROPERTIES_IFACE = b"org.freedesktop.DBus.Properties"
 LOCAL_IFACE = b"org.freedesktop.DBus.Local"
 UNIT_PATH_PREFIX = "/org/freedesktop/systemd1/unit/"
 OVER = ("inactive", "failed")
@@ -78,7 +85,17 @@ class UnitEnd:
     exited_at: float | None  # … and when it ended
 
 
-UnitEvent = UnitActive | UnitEnd
+@dataclass(frozen=True, slots=True)
+class MainExited:
+    """The unit's main process has ended; the unit is still stopping (its
+    ExecStopPost runs). Fields as UnitEnd's."""
+
+    result: str
+    exit_code: str
+    exit_status: str
+
+
+UnitEvent = UnitActive | UnitEnd | MainExited
 UNKNOWN_END = UnitEnd("", "", "", None, None)
 EventSink = Callable[[str, UnitEvent], None]  # (unit name, event)
 
@@ -117,9 +134,11 @@ def end_from_service(service: Mapping[str, Any]) -> UnitEnd:
 class UnitManager(Protocol):
     """What the broker needs of systemd: `Systemd` below, or a fake in the fast tests.
     `open` reports, for every unit whose name starts with `prefix`, one
-    UnitActive (if its start job succeeded) and one UnitEnd."""
+    UnitActive (if its start job succeeded) and one UnitEnd; for those whose
+    name starts with `exits_of` (if given), one MainExited before the end."""
 
-    def open(self, on_event: EventSink, on_lost: Callable[[str], None], prefix: str) -> None: ...
+    def open(self, on_event: EventSink, on_lost: Callable[[str], None], prefix: str,
+             exits_of: str = "") -> None: ...
     def close(self) -> None: ...
     def start_transient_service(self, name: str, properties: Mapping[str, Any],
                                 stdio: Mapping[str, int] | None = None) -> None: ...
@@ -141,6 +160,11 @@ def unit_path(name: str) -> str:
     return UNIT_PATH_PREFIX + "".join(c if c in _PATH_SAFE else f"_{ord(c):02x}" for c in name)
 
 
+def unit_of_path(path: str) -> str:
+    """The unit a D-Bus object path names (`unit_path` undone)."""
+    return re.sub(r"_([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), path.removeprefix(UNIT_PATH_PREFIX))
+
+
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -153,28 +177,34 @@ class Systemd:
         self._fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prefix = b""
+        self._exits_of = b""  # unit path prefix whose main process's end is reported (MainExited)
+        self._exited: set[bytes] = set()  # unit paths already reported: their later changes are not decoded
         self._start_jobs: dict[bytes, bytes] = {}  # start job path → unit name, until its JobRemoved
         self._on_event: EventSink = lambda name, event: None
         self._on_lost: Callable[[str], None] = lambda reason: None
         self._disconnected = False
         # pystemd keeps only a borrowed pointer to each callback: hold them here.
         self._callbacks = (self._guarded(self._on_job_removed), self._guarded(self._on_unit_removed),
-                           self._guarded(self._on_disconnected))
+                           self._guarded(self._on_disconnected), self._guarded(self._on_properties_changed))
 
     # -- connection ---------------------------------------------------------
-    def open(self, on_event: EventSink, on_lost: Callable[[str], None], prefix: str) -> None:
+    def open(self, on_event: EventSink, on_lost: Callable[[str], None], prefix: str,
+             exits_of: str = "") -> None:
         """Connect and subscribe. `on_lost(reason)` is called once if the
         connection later breaks."""
         self.close()
         self._on_event, self._on_lost, self._prefix = on_event, on_lost, prefix.encode()
+        self._exits_of = unit_path(exits_of).encode() if exits_of else b""
         loop = asyncio.get_running_loop()
         bus = DBus()
-        job_removed, unit_removed, disconnected = self._callbacks
+        job_removed, unit_removed, disconnected, properties_changed = self._callbacks
         try:
             bus.open()
             bus.match_signal(None, LOCAL_PATH, LOCAL_IFACE, b"Disconnected", disconnected)
             bus.match_signal(DEST, MANAGER_PATH, MANAGER, b"JobRemoved", job_removed)
             bus.match_signal(DEST, MANAGER_PATH, MANAGER, b"UnitRemoved", unit_removed)
+            if exits_of:
+                bus.match_signal(DEST, None, PROPERTIES_IFACE, b"PropertiesChanged", properties_changed)
             bus.call_method(DEST, MANAGER_PATH, MANAGER, b"Subscribe", [])
         except DBusBaseError as exc:
             bus.close()
@@ -262,9 +292,22 @@ class Systemd:
 
     def _on_unit_removed(self, msg: Any) -> None:
         msg.process_reply(False)
-        name, _path = msg.body
+        name, path = msg.body
+        self._exited.discard(path)
         if name.startswith(self._prefix):
             self._on_event(name.decode(), UNKNOWN_END)
+
+    def _on_properties_changed(self, msg: Any) -> None:
+        path = msg.get_path()  # read before the body, which is what costs
+        if not self._exits_of or not path.startswith(self._exits_of) or path in self._exited:
+            return
+        msg.process_reply(False)
+        interface, changed, _invalidated = msg.body
+        if interface != SERVICE_IFACE.encode() or not changed.get(b"ExecMainExitTimestamp"):
+            return
+        self._exited.add(path)
+        end = end_from_service({key.decode(): _text(value) for key, value in changed.items()})
+        self._on_event(unit_of_path(path.decode()), MainExited(end.result, end.exit_code, end.exit_status))
 
     # -- units ---------------------------------------------------------------
     def start_transient_service(self, name: str, properties: Mapping[str, Any],

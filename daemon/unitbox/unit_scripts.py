@@ -81,7 +81,10 @@ BOOTSTRAP = (
 WARM_STUB = (
     "import sys\n"
     "for n in sys.argv[1:]:__import__(n)\n"
-    "import array,json,os,resource,socket\n"
+    # The preloads' objects live as long as the unit: out of the collector's sight, the
+    # program's exit does not walk them all (≈80 ms for numpy + pandas, measured).
+    "import array,gc,json,os,resource,socket\n"
+    "gc.freeze()\n"
     "s=socket.socket(fileno=0)\n"
     "s.send(b'ready')\n"
     "m,a,f,_=s.recvmsg(4096,socket.CMSG_SPACE(12))\n"

@@ -132,9 +132,48 @@ def test_a_pooled_run_s_figures_are_its_own(pooled: Daemon) -> None:
     assert 0 < float(run["cpu_ms"]) < 2000 and float(run["duration_ms"]) < 2000, run  # type: ignore[arg-type]
 
 
+def answered(client: Client, code: str) -> tuple[dict[str, object], dict[str, object]]:
+    """A pooled run submitted with wait=true: (the answer as it came, the record once complete)."""
+    ready(client, 1)
+    reply = client.post_json("/run-json?wait=true", {"code": code})
+    assert reply.status == 200, reply.body
+    answer: dict[str, object] = reply.json()
+    assert str(answer["unit"]).startswith("unitbox-warm-"), answer
+    return answer, client.complete(answer)
+
+
+def test_a_waiting_client_is_answered_at_the_program_s_exit_and_the_figures_follow(pooled: Daemon) -> None:
+    answer, final = answered(pooled.client, "print('hi')\nimport sys\nsys.exit(3)")
+    assert (answer["state"], answer["exit_code"], answer["stdout"]) == ("failed", 3, "hi\n"), answer
+    assert answer["cpu_ms"] is None and answer["memory_peak_bytes"] is None, answer  # before the unit's end
+    assert (final["state"], final["exit_code"], final["stdout_bytes"]) == ("failed", 3, 3), final
+    assert float(final["cpu_ms"]) > 0 and int(final["memory_peak_bytes"]) > 0, final  # type: ignore[arg-type]
+
+
+def test_a_run_that_leaves_files_is_answered_with_them(pooled: Daemon) -> None:
+    answer, _ = answered(pooled.client, "open('plot.txt', 'w').write('x')")
+    assert answer["output_files"] == 1 and answer["cpu_ms"] is not None, answer  # the unit's end collected it
+
+
+def test_a_process_left_holding_the_output_defers_the_answer_to_the_unit_s_end(pooled: Daemon) -> None:
+    answer, _ = answered(pooled.client, "import os, time\nif os.fork() == 0:\n    time.sleep(1)\n"
+                                        "    print('late', flush=True)\n    os._exit(0)\nprint('early', flush=True)")
+    assert answer["stdout"] == "early\n" and answer["cpu_ms"] is not None, answer  # its leftover was killed
+
+
+def owned(host: TestHost, state_dir: str) -> set[str]:
+    """The warm units a daemon's broker started (their staging directory names its state dir)."""
+    def owner(unit: str) -> str:
+        slot = unit.removeprefix("unitbox-warm-").removesuffix(".service")
+        try:
+            return host.path(f"/run/unitbox-runs/warm-{slot}/owner").read_text()
+        except OSError:
+            return ""
+    return {unit for unit in warm_units(host) if owner(unit) == state_dir}
+
+
 def test_a_killed_daemon_leaks_no_warm_unit_and_its_pooled_runs_end_right(testhost: TestHost, tmp_path: Path) -> None:
     server = Daemon(testhost, tmp_path, config=CONFIG, name="warm-kill")
-    others = set(warm_units(testhost))  # another daemon's pool (this module's): left alone
     server.start()
     try:
         ready(server.client)
@@ -143,7 +182,7 @@ def test_a_killed_daemon_leaks_no_warm_unit_and_its_pooled_runs_end_right(testho
         run_id = server.client.submit("import time\ntime.sleep(3)\nopen('done', 'w').write('yes')")
         assert wait_until(lambda: server.client.status(run_id)["state"] == "running", 10)
         assert wait_until(lambda: metric(server.client, "unitbox_warm_hits") == hits + 1, 3, interval=0.1)
-        before = set(warm_units(testhost)) - others
+        before = owned(testhost, server.state_dir)  # not the module's pool, which it leaves alone
         assert len(before) == POOL + 1
         server.stop(signal.SIGKILL)
         # Idle units end by themselves (their stub reads EOF); the handed-over one runs on.
@@ -156,4 +195,4 @@ def test_a_killed_daemon_leaks_no_warm_unit_and_its_pooled_runs_end_right(testho
     finally:
         server.stop()
     assert wait_until(lambda: not (set(warm_units(testhost)) & before), 30, interval=0.2)
-    assert wait_until(lambda: set(warm_units(testhost)) <= others, 30, interval=0.2), "the new broker's pool leaked"
+    assert wait_until(lambda: not owned(testhost, server.state_dir), 30, interval=0.2), "the new broker's pool leaked"

@@ -93,10 +93,12 @@ class Client:
         return str(reply.json()["id"])
 
     def run(self, code: str, **fields: Any) -> dict[str, Any]:
-        """Submit with wait=true; the finished Run object with its output merged in."""
+        """Submit with wait=true; the finished Run object with its output merged in.
+        Complete: a warm run answered at its program's exit, before its unit's end
+        gave CPU and memory (docs/api.md), is asked for again until they are in."""
         reply = self.post_json("/run-json?wait=true", {"code": code, **fields})
         assert reply.status == 200, (reply.status, reply.body)
-        run: dict[str, Any] = reply.json()
+        run: dict[str, Any] = self.complete(reply.json())
         output = self.get(f"/output/{run['id']}").json()
         run["stdout"], run["stderr"] = output["stdout"], output["stderr"]
         return run
@@ -107,11 +109,21 @@ class Client:
         result: dict[str, Any] = reply.json()
         return result
 
+    def complete(self, run: dict[str, Any]) -> dict[str, Any]:
+        """`run` (finished), with CPU and memory: a warm run seen at its program's exit
+        gets them a moment later, at its unit's end (docs/api.md "Waiting for a run")."""
+        if run["state"] in ("succeeded", "failed") and run["cpu_ms"] is None:
+            wait_until(lambda: self.status(run["id"])["cpu_ms"] is not None, 10)
+            return self.status(run["id"])
+        return run
+
     def wait(self, run_id: str, timeout: float = 60) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             run = self.status(run_id)
-            if run["state"] in TERMINAL or time.monotonic() > deadline:
+            if run["state"] in TERMINAL:
+                return self.complete(run)
+            if time.monotonic() > deadline:
                 return run
             time.sleep(0.05)
 

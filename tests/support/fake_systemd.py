@@ -23,7 +23,7 @@ from typing import Any
 from unitbox.broker.client import Broker, in_process_spawner
 from unitbox.config import Config
 from unitbox.errors import SystemdError
-from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitInfo
+from unitbox.systemd import MainExited, NoAnswer, UnitActive, UnitEnd, UnitEvent, UnitInfo
 
 
 @dataclass
@@ -68,16 +68,17 @@ class FakeSystemd:
         self.opened = 0
         self.units: dict[str, FakeUnit] = {}
         self.silenced: set[str] = set()  # units whose events are not sent (e.g. a dead broker's)
-        self._on_event: Callable[[str, UnitActive | UnitEnd], None] | None = None
+        self._on_event: Callable[[str, UnitEvent], None] | None = None
+        self.exits_of = ""  # units whose main process's end is reported (open's `exits_of`)
         self._on_lost: Callable[[str], None] = lambda reason: None
 
     # -- connection ----------------------------------------------------------
-    def open(self, on_event: Callable[[str, UnitActive | UnitEnd], None], on_lost: Callable[[str], None],
-             prefix: str) -> None:
+    def open(self, on_event: Callable[[str, UnitEvent], None], on_lost: Callable[[str], None],
+             prefix: str, exits_of: str = "") -> None:
         if not self.reachable:
             raise SystemdError("cannot talk to systemd over the system bus: fake outage")
         self.opened += 1
-        self._on_event, self._on_lost = on_event, on_lost
+        self._on_event, self._on_lost, self.exits_of = on_event, on_lost, exits_of
 
     def close(self) -> None:
         self._on_event = None
@@ -133,6 +134,9 @@ class FakeSystemd:
         # The broker's staging root (the profile names the host's /run/unitbox-runs, not the test's).
         stage = (self.stage_root or Path("/run/unitbox-runs")) / f"warm-{name[len('unitbox-warm-'):-len('.service')]}"
         unit = self.warm_units[name] = FakeUnit(None, {}, stage=stage, properties_set=[])
+        if self.stage_root is not None:  # as ExecStartPre mounts it: where the program may leave files
+            for place in ("work", "out"):
+                (stage / "box" / place).mkdir(parents=True, exist_ok=True)
         unit.stub = socket.socket(fileno=os.dup(stdio["input"]))  # held: else the broker reads EOF
         unit.stub.setblocking(False)
         if self.warm:  # else it never gets ready
@@ -160,6 +164,21 @@ class FakeSystemd:
         unit.run_dir = ends / (unit.stage / "run").read_text().strip()
         if self.auto_finish:
             asyncio.get_running_loop().call_soon(self.finish, name)
+
+    def program_exits(self, name: str, status: int = 0, *, killed: bool = False, result: str | None = None,
+                      leftover_holds_pipes: bool = False) -> None:
+        """A warm unit's program ends (exit `status`, or killed by signal `status`):
+        its output written, its pipes closed (unless a process it left holds them),
+        and MainExited said as systemd says it when the unit enters its stop (a
+        report for units under `exits_of` only). The unit is not over yet."""
+        unit = self.warm_units[name]
+        if "output" in unit.fds:
+            os.write(unit.fds["output"], self.stdout)
+        if not leftover_holds_pipes:
+            self._close_fds(unit)
+        if self.exits_of and name.startswith(self.exits_of):
+            result = result or ("signal" if killed else "success" if status == 0 else "exit-code")
+            self._emit(name, MainExited(result, "killed" if killed else "exited", str(status)))
 
     def set_unit_properties(self, name: str, properties: Mapping[str, Any]) -> None:
         self._check()
@@ -214,7 +233,7 @@ class FakeSystemd:
         unit.end = UnitEnd(result, exit_code, status, now - 0.01, exited_at or now)
         self._emit(name, unit.end)
 
-    def _emit(self, name: str, event: UnitActive | UnitEnd) -> None:
+    def _emit(self, name: str, event: UnitEvent) -> None:
         if self._on_event is None or not self.reachable or self.lose_signals or name in self.silenced:
             return
         self._on_event(name, event)

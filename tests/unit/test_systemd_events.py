@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from unitbox.systemd import UNKNOWN_END, Systemd, UnitActive, UnitEvent, unit_path
+from unitbox.systemd import UNKNOWN_END, MainExited, Systemd, UnitActive, UnitEvent, unit_of_path, unit_path
 
 NAME = "unitbox-run-0123456789abcdef.service"
 START_JOB = b"/org/freedesktop/systemd1/job/123"
@@ -73,6 +73,61 @@ def test_a_fast_unit_merged_into_its_removal_still_ends() -> None:
     adapter, events = started()
     adapter._on_unit_removed(unit_removed(NAME))
     assert events == [(NAME, UNKNOWN_END)]
+
+
+class Changed(Msg):
+    """A PropertiesChanged as systemd 252 sends it: its path in the header, the body decoded on demand."""
+
+    def __init__(self, unit: str, interface: bytes, changed: dict[bytes, Any]) -> None:
+        super().__init__(None)
+        self.path, self._body = unit_path(unit).encode(), (interface, changed, [])
+        self.decoded = False
+
+    def get_path(self) -> bytes:
+        return self.path
+
+    def process_reply(self, _: bool) -> None:
+        self.body, self.decoded = self._body, True
+
+
+WARM = "unitbox-warm-0a1b2c3d4e5f.service"
+SERVICE = b"org.freedesktop.systemd1.Service"
+RUNNING = {b"ExecMainCode": 0, b"ExecMainStatus": 0, b"Result": b"success", b"ExecMainExitTimestamp": 0}
+EXITED = {b"ExecMainCode": 1, b"ExecMainStatus": 3, b"Result": b"exit-code",
+          b"ExecMainExitTimestamp": 1796060866381528}
+
+
+def test_a_warm_unit_s_main_process_end_is_told_once_and_only_for_units_asked_about() -> None:
+    adapter = Systemd()
+    events: list[tuple[str, UnitEvent]] = []
+    adapter._on_event = lambda name, event: events.append((name, event))
+    adapter._prefix, adapter._exits_of = b"unitbox-", unit_path("unitbox-warm-").encode()
+    other = Changed("cron.service", SERVICE, EXITED)
+    adapter._on_properties_changed(other)
+    assert not other.decoded  # another unit's change is not even decoded
+    adapter._on_properties_changed(Changed(WARM, SERVICE, RUNNING))  # started, running: not yet
+    adapter._on_properties_changed(Changed(WARM, b"org.freedesktop.systemd1.Unit", {b"ActiveState": b"deactivating"}))
+    adapter._on_properties_changed(Changed(WARM, SERVICE, EXITED))  # entering its stop (ExecStopPost)
+    later = Changed(WARM, SERVICE, EXITED)  # … and again when it is over
+    adapter._on_properties_changed(later)
+    assert events == [(WARM, MainExited("exit-code", "exited", "3"))] and not later.decoded
+    adapter._on_unit_removed(unit_removed(WARM))  # a unit of this name later is another unit
+    adapter._on_properties_changed(Changed(WARM, SERVICE, {**EXITED, b"ExecMainCode": 2, b"ExecMainStatus": 9,
+                                                           b"Result": b"signal"}))
+    assert events[1:] == [(WARM, UNKNOWN_END), (WARM, MainExited("signal", "killed", "9"))]
+
+
+def test_a_cold_run_s_change_is_not_decoded() -> None:
+    adapter = Systemd()
+    adapter._on_event = lambda name, event: None
+    adapter._prefix, adapter._exits_of = b"unitbox-", unit_path("unitbox-warm-").encode()
+    change = Changed(NAME, SERVICE, EXITED)
+    adapter._on_properties_changed(change)
+    assert not change.decoded  # ≈87 µs each: only warm units' are
+
+
+def test_a_unit_path_names_its_unit() -> None:
+    assert unit_of_path(unit_path(WARM)) == WARM and unit_of_path(unit_path(NAME)) == NAME
 
 
 class DeadBus:

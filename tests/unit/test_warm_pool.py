@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support.fake_systemd import FakeSystemd, until
+from unitbox.broker import handover, warm
 from unitbox.broker.server import BrokerServer
 from unitbox.broker.wire import Channel, Message, socket_pair
 from unitbox.config import Config, load_config
@@ -117,6 +118,50 @@ async def test_a_fitting_run_is_handed_to_a_ready_unit_with_its_limits_its_stdio
     await until(lambda: len(side.fake.warm_started) == 3)  # the pool is filled again
 
 
+@pytest.mark.parametrize(("ending", "left", "oom_kills", "passed_on"), [
+    ({"status": 0}, None, 0, 0),
+    ({"status": 3}, None, 0, 3),
+    ({"status": 9, "killed": True}, None, 0, None),  # the unit's end says by whom (OOM, the deadline, a stop)
+    ({"status": 0}, "timed-out", 0, None),  # the deadline passed as it exited: the end decides
+    ({"status": 0}, "box/work/plot.png", 0, None),  # files to collect: only the unit's end has them
+    ({"status": 0}, "box/out/result.json", 0, None),
+    ({"status": 0}, None, 1, None),  # something in the unit was OOM-killed
+    ({"status": 0}, None, None, None),  # its cgroup cannot be read
+])
+async def test_the_program_s_exit_is_passed_on_only_when_the_unit_s_end_can_add_nothing_but_figures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: dict[str, Any], left: str | None,
+        oom_kills: int | None, passed_on: int | None) -> None:
+    monkeypatch.setattr(handover, "cgroup_oom_kills", lambda cgroup: oom_kills)
+    fake = FakeSystemd(warm=True, auto_finish=False)
+    broker = Side(config_of(tmp_path), fake, tmp_path / "stage")
+    try:
+        await broker.pool_ready(2)
+        assert fake.exits_of == "unitbox-warm-"  # asked of systemd because there is a pool
+        unit = (await broker.start(RUNS[0]))["ok"]["warm"]
+        await until(lambda: [e for e in broker.events if e.get("run") == RUNS[0]])  # active
+        stage = fake.warm_units[unit].stage
+        assert stage is not None
+        if left is not None:
+            (stage / left).write_bytes(b"x")
+        fake.program_exits(unit, **ending)
+        fake.program_exits(unit, **ending)  # systemd says it again at the next step of the stop
+        await asyncio.sleep(0.05)
+        exits = [e for e in broker.events if e.get("run") == RUNS[0] and e["ev"] == "exited"]
+        assert exits == ([{"ev": "exited", "run": RUNS[0], "code": passed_on}] if passed_on is not None else [])
+        fake.finish(unit)
+        await until(lambda: broker.ends(RUNS[0]))  # the unit's end follows either way
+    finally:
+        broker.close()
+
+
+async def test_without_a_pool_no_exit_is_asked_of_systemd(tmp_path: Path) -> None:
+    fake = FakeSystemd()
+    broker = Side(config_of(tmp_path, ""), fake, tmp_path / "stage")
+    await until(lambda: fake.opened)
+    assert fake.exits_of == ""  # PropertiesChanged is costly to decode: not listened to
+    broker.close()
+
+
 async def test_runs_that_do_not_fit_start_cold(side: Side) -> None:
     await side.pool_ready(2)
     assert (await side.start(RUNS[0], limits={**Limits().as_dict(), "disk_mb": 32}))["ok"] is None  # another box size
@@ -155,13 +200,11 @@ async def test_units_that_never_get_ready_pause_their_pool(tmp_path: Path) -> No
     fake = FakeSystemd(warm=False)  # its stubs never say ready …
     broker = Side(config_of(tmp_path), fake, tmp_path / "stage")
     try:
-        await until(lambda: len(fake.warm_started) == 2)
-        for name in list(fake.warm_units):  # … and end: a preload that cannot be imported
-            fake.finish(name)
-        await until(lambda: len(fake.warm_started) == 4)
-        for name in fake.warm_started[2:]:
-            fake.finish(name)
-        await until(lambda: broker.server._warm.stats.failed >= 3)
+        while broker.server._warm.stats.failed < 3:
+            await until(lambda: len(fake.warm_units) > 0)
+            for name in list(fake.warm_units):  # … and end: a preload that cannot be imported
+                fake.finish(name)
+            await asyncio.sleep(0.02)
         await asyncio.sleep(0.1)
         started = len(fake.warm_started)
         for name in fake.warm_started[4:]:
@@ -170,6 +213,26 @@ async def test_units_that_never_get_ready_pause_their_pool(tmp_path: Path) -> No
         assert len(fake.warm_started) == started  # paused: no new unit for a while
         reply = await broker.start(RUNS[0])
         assert reply["ok"] is None  # runs start cold meanwhile
+    finally:
+        broker.close()
+
+
+async def test_a_pool_warms_up_a_bounded_number_of_units_at_once(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warm, "WARMING_AT_ONCE", 1)  # so refills do not crowd out runs at saturation
+    fake = FakeSystemd(warm=False)  # its stubs say ready only when the test says so
+    broker = Side(config_of(tmp_path, "[warm.default]\nsize = 3\n"), fake, tmp_path / "stage")
+    try:
+        for ready in range(3):
+            await until(lambda n=ready + 1: len(fake.warm_started) == n)
+            await asyncio.sleep(0.05)
+            assert len(fake.warm_started) == ready + 1  # the next waits for this one
+            stub = fake.warm_units[fake.warm_started[-1]].stub
+            assert stub is not None
+            stub.send(b"ready")
+        await until(lambda: broker.server._warm.counts()["ready"] == 3)
+        await asyncio.sleep(0.05)
+        assert len(fake.warm_started) == 3
     finally:
         broker.close()
 

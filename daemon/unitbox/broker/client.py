@@ -28,7 +28,7 @@ from unitbox.broker.wire import Channel, Message, end_from_wire, info_from_wire,
 from unitbox.config import Config
 from unitbox.errors import SystemdError
 from unitbox.limits import Limits
-from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitEvent, UnitInfo, UnitManager
+from unitbox.systemd import NoAnswer, UnitActive, UnitEnd, UnitInfo, UnitManager
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,18 @@ READY_TIMEOUT_S = 20.0
 CALL_TIMEOUT = "5s"  # sd-bus's method-call timeout in the broker ($SYSTEMD_BUS_TIMEOUT; default 25 s)
 RESPAWN_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 FORGET_BATCH = 500  # run ids per `forget` (the broker takes up to checks.MAX_FORGET)
-Watcher = Callable[[UnitEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramExited:
+    """A warm unit's program ended by itself with `code`, and its record will
+    say no more than that (broker/warm.py); its unit is not over yet."""
+
+    code: int
+
+
+RunEvent = UnitActive | UnitEnd | ProgramExited
+Watcher = Callable[[RunEvent], None]
 
 
 class BrokerLost(NoAnswer):
@@ -253,8 +264,10 @@ class Broker:
                 self._deliver(message.get("run"), UnitActive(message.get("at")))
             case "end":
                 self._deliver(message.get("run"), end_from_wire(message["end"]))
+            case "exited" if isinstance(message.get("code"), int):
+                self._deliver(message.get("run"), ProgramExited(message["code"]))
 
-    def _deliver(self, run_id: Any, event: UnitEvent) -> None:
+    def _deliver(self, run_id: Any, event: RunEvent) -> None:
         watcher = self._watchers.get(run_id) if isinstance(run_id, str) else None
         if watcher is None:
             return  # not a run of ours, or no longer watched

@@ -53,7 +53,17 @@ from unitbox.profile import (
     unit_name,
 )
 from unitbox.runtimes import Runtimes
-from unitbox.systemd import UNKNOWN_END, NoAnswer, Systemd, UnitActive, UnitEnd, UnitEvent, UnitInfo, UnitManager
+from unitbox.systemd import (
+    UNKNOWN_END,
+    MainExited,
+    NoAnswer,
+    Systemd,
+    UnitActive,
+    UnitEnd,
+    UnitEvent,
+    UnitInfo,
+    UnitManager,
+)
 
 UNITS_PREFIX = "unitbox-"  # run units and warm units (profile.UNIT_PREFIX, WARM_PREFIX)
 
@@ -119,7 +129,8 @@ class BrokerServer:
         self._collector = collector_of(config)
         self._linter = find_linter(config)
         self._native_private_cgroups = False
-        self._warm = WarmPools(config, systemd, self._runtimes, stage_root=stage_root, build=self._warm_profile)
+        self._warm = WarmPools(config, systemd, self._runtimes, stage_root=stage_root, build=self._warm_profile,
+                                on_exit=self._on_program_exit)
         self._channel: Channel | None = None
         self.done = asyncio.Event()
         self._ops: dict[str, Callable[[Message, list[int]], Any]] = {
@@ -131,7 +142,9 @@ class BrokerServer:
     def start(self) -> None:
         self._channel = Channel(self._sock, self._on_message, self._on_closed)
         try:
-            self._systemd.open(self._on_event, self._on_lost, UNITS_PREFIX)
+            # A warm unit's program's end is reported before its unit's (answering fast: warm.py).
+            self._systemd.open(self._on_event, self._on_lost, UNITS_PREFIX,
+                               exits_of=WARM_PREFIX if self.config.warm else "")
             version = self._systemd.version()
             major = systemd_major(version)
             self._native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE
@@ -271,6 +284,9 @@ class BrokerServer:
 
     # -- events ----------------------------------------------------------------------------
     def _on_event(self, name: str, event: UnitEvent) -> None:
+        if isinstance(event, MainExited):  # asked for warm units only
+            self._warm.main_exited(name, event)
+            return
         if name.startswith(WARM_PREFIX):
             self._on_warm_event(name, event)
             return
@@ -289,7 +305,7 @@ class BrokerServer:
                 event = self._fallback_end(Path(fallback_result(run))) or event
             self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
 
-    def _on_warm_event(self, name: str, event: UnitEvent) -> None:
+    def _on_warm_event(self, name: str, event: UnitActive | UnitEnd) -> None:
         """A warm unit's start is the pool's business; its end, if it had a run, is the run's end."""
         if isinstance(event, UnitActive):
             return
@@ -301,6 +317,9 @@ class BrokerServer:
         if event == UNKNOWN_END:
             event = self._fallback_end(Path(f"{stage}.result")) or event
         self._send({"ev": "end", "run": run, "end": end_to_wire(event)})
+
+    def _on_program_exit(self, run: str, code: int) -> None:
+        self._send({"ev": "exited", "run": run, "code": code})
 
     @staticmethod
     def _fallback_end(path: Path) -> UnitEnd | None:

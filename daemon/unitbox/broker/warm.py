@@ -19,6 +19,13 @@ What cannot change on a running unit is handled here: the run's deadline
 is a timer (then `timed-out` is noted for ExecStopPost and the unit
 SIGKILLed); the CPU the unit used before the hand-over is subtracted.
 
+Answering fast: systemd says a unit's main process has ended as the unit
+enters its stop (MainExited, ≈30 ms before ExecStopPost and the teardown
+are done). When the record can only say the exit code (`main_exited`), the
+daemon is told at once, and answers a waiting client when the run's pipes
+are at end of file; the unit's end completes the record with its figures.
+Refills start at most WARMING_AT_ONCE units at a time.
+
 A broker that starts finds the units of an earlier one: those that hold a
 run are adopted (their id is in their staging directory, their deadline
 re-armed), idle ones stopped. A broker that goes away takes its sockets
@@ -28,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -36,34 +42,19 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unitbox.broker.staging import InputBudget, copy_inputs
-from unitbox.broker.warmstage import (
-    cgroup_cpu_ns,
-    cgroup_memory,
-    read_stage_file,
-    seconds_left,
-    uptime,
-    write_stage_file,
-)
+from unitbox.broker.handover import Slot, final_exit_code, kill_at_deadline, send_run, slot_of
+from unitbox.broker.staging import InputBudget
+from unitbox.broker.warmstage import cgroup_memory, read_stage_file, seconds_left, write_stage_file
 from unitbox.config import Config, WarmSection
 from unitbox.errors import UnknownRuntime
 from unitbox.limits import Limits
-from unitbox.profile import (
-    STEP_TASKS,
-    THREAD_VARIABLES,
-    UNIT_SUFFIX,
-    WARM_PREFIX,
-    LintMode,
-    Runtime,
-    environment,
-    warm_unit_name,
-)
+from unitbox.profile import UNIT_SUFFIX, WARM_PREFIX, LintMode, Runtime
 from unitbox.runtimes import Runtimes
-from unitbox.systemd import UnitManager
+from unitbox.systemd import MainExited, UnitManager
 
 log = logging.getLogger(__name__)
 
@@ -72,37 +63,15 @@ READY = b"ready"
 WARM_UP_BOUND_S = 120.0  # a unit not ready by then is stopped (a preload that hangs)
 FAILURES_BEFORE_PAUSE = 3  # units of a pool that died before ready, in a row …
 PAUSE_S = 60.0  # … then the pool starts none for this long (a preload that cannot be imported)
+# Units warming up at once, across pools: a drained pool refills one or two at a time, so at
+# saturation its warm-ups do not crowd out the runs (measured: 8 at once cost 20 % of throughput).
+WARMING_AT_ONCE = max(1, (os.cpu_count() or 2) // 2)
 MEMORY_MARGIN = 2  # a run's memory_mb must be this many times what its unit used warming up
 LIFETIME_SLACK_S = 60.0
 Builder = Callable[[str, Runtime, Limits, WarmSection], dict[str, Any]]
 """(slot, runtime, floor limits, pool section) → the warm unit's properties."""
-
-
-@dataclass(eq=False, slots=True)
-class Slot:
-    """One warm unit, from its start to its end."""
-
-    name: str
-    pool: str  # the runtime's name
-    stage: Path
-    sock: socket.socket | None  # the broker's end; None once handed over (or adopted)
-    identity: str = ""  # the runtime's real path when started: a rebuild makes the unit stale
-    unhidden: tuple[str, ...] = ()  # paths to hide that did not exist at its start (so are not hidden in it)
-    started: float = field(default_factory=time.monotonic)
-    ready_at: float | None = None
-    warm_bytes: int = 0  # its cgroup's memory when ready
-    cgroup: str = ""
-    run: str | None = None
-    timer: asyncio.TimerHandle | None = None  # warm-up bound or idle age; then the run's deadline
-
-    @property
-    def unit(self) -> str:
-        return warm_unit_name(self.name)
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+ExitSink = Callable[[str, int], None]
+"""(run id, exit code): a handed-over program ended by itself, and its record will say no more."""
 
 
 @dataclass(slots=True)
@@ -114,16 +83,11 @@ class PoolStats:
     last_warmup_s: float = 0.0
 
 
-def slot_of(unit: str) -> str | None:
-    if unit.startswith(WARM_PREFIX) and unit.endswith(UNIT_SUFFIX):
-        return unit[len(WARM_PREFIX):-len(UNIT_SUFFIX)]
-    return None
-
-
 class WarmPools:
     def __init__(self, config: Config, systemd: UnitManager, runtimes: Runtimes, *, stage_root: Path,
-                 build: Builder) -> None:
+                 build: Builder, on_exit: ExitSink) -> None:
         self._systemd = systemd
+        self._on_exit = on_exit
         self._runtimes = runtimes
         self._stage_root = stage_root
         self._build = build
@@ -185,7 +149,7 @@ class WarmPools:
                     continue
                 idle = sum(1 for slot in self._slots.values() if slot.pool == pool and slot.run is None)
                 for _ in range(section.size - idle):
-                    if not self._start_one(pool, section):
+                    if self.counts()["warming"] >= WARMING_AT_ONCE or not self._start_one(pool, section):
                         break
         finally:
             self._filling = False
@@ -252,6 +216,7 @@ class WarmPools:
             slot.cancel_timer()
             section = self._pools[slot.pool]
             slot.timer = asyncio.get_running_loop().call_later(section.max_idle_s, self._expire, slot, "idle too long")
+            self.fill()  # the next one may warm up now
         else:  # EOF: the stub is gone (it failed warming up); or it said something it never says
             self._retire(slot, "its stub ended" if not said else "its stub said something unexpected")
 
@@ -307,24 +272,11 @@ class WarmPools:
                   budget: InputBudget) -> None:
         """Give `slot` the run. Raises (having stopped the unit) if it could
         not: then nothing of the run was started, and it starts cold."""
-        sock = slot.sock
-        assert sock is not None and slot.run is None
+        assert slot.sock is not None and slot.run is None
         slot.cancel_timer()
         self._drop_reader(slot)
         try:
-            copy_inputs(slot.stage / "in", inputs_fd, owner, budget)
-            now = uptime()
-            write_stage_file(slot.stage / "started", now)
-            write_stage_file(slot.stage / "cpu0", str(cgroup_cpu_ns(slot.cgroup) or 0))
-            write_stage_file(slot.stage / "deadline", f"{float(now) + limits.timeout_s:.2f}")
-            self._systemd.set_unit_properties(slot.unit, {
-                "Description": f"unitbox run {run} (warm unit {slot.name})",
-                "CPUQuota": limits.cpu_percent, "MemoryMax": limits.memory_mb * MiB,
-                "TasksMax": limits.tasks + STEP_TASKS})
-            env = dict(v.split("=", 1) for v in environment(limits) if v.split("=", 1)[0] in THREAD_VARIABLES)
-            frame = json.dumps({"nproc": limits.tasks, "fsize": limits.disk_mb * MiB, "env": env}).encode()
-            sock.setblocking(True)
-            socket.send_fds(sock, [frame], list(stdio))
+            send_run(self._systemd, slot, run, limits, stdio=stdio, inputs_fd=inputs_fd, owner=owner, budget=budget)
         except BaseException:
             self._slots.pop(slot.name, None)
             self._retire(slot, "its hand-over failed")
@@ -338,6 +290,20 @@ class WarmPools:
         asyncio.get_running_loop().call_soon(self.fill)  # after the broker's reply: one idle unit fewer
         log.info("run %s handed to %s", run, slot.unit, extra={"run_id": run, "unit": slot.unit})
 
+    def main_exited(self, unit: str, event: MainExited) -> None:
+        """A unit's program has ended; its unit is still stopping (ExecStopPost records the
+        outcome and collects what the run left, ≈30 ms). Passed on (`on_exit`) when the record
+        can only say its exit code: the program exited by itself, nothing in the unit was
+        OOM-killed, the deadline had not passed, and it left no files. Then a waiting client can
+        be answered now; CPU and memory figures follow with the unit's end."""
+        name = slot_of(unit)
+        slot = self._slots.get(name) if name is not None else None
+        if slot is None or slot.run is None or slot.exit_seen:
+            return
+        slot.exit_seen = True  # systemd says it again at each later step of the stop
+        if (code := final_exit_code(slot, event)) is not None:
+            self._on_exit(slot.run, code)
+
     def _drop_reader(self, slot: Slot) -> None:
         if slot.sock is not None:
             with contextlib.suppress(Exception):
@@ -350,13 +316,7 @@ class WarmPools:
     def _deadline(self, slot: Slot) -> None:
         """The run's timeout_s is up: as RuntimeMaxSec= would, but from the hand-over."""
         slot.timer = None
-        with contextlib.suppress(OSError):
-            write_stage_file(slot.stage / "timed-out", "")
-        try:
-            self._systemd.kill_unit(slot.unit, 9)
-        except Exception as exc:
-            log.warning("warm unit %s: killing run %s at its deadline: %s", slot.unit, slot.run,
-                        getattr(exc, "message", exc))
+        kill_at_deadline(self._systemd, slot)
 
     # -- what the broker asks --------------------------------------------------------------
     def unit_of(self, run: str) -> str | None:

@@ -43,6 +43,16 @@ def cgroup_memory(cgroup: str) -> int:
     return int(text) if text else 0
 
 
+def cgroup_oom_kills(cgroup: str) -> int | None:
+    """Processes of the cgroup the kernel OOM-killed so far; None if unreadable."""
+    text = _cgroup_file(cgroup, "{cg}/memory.events", "/memory{cg}/memory.oom_control")
+    for line in (text or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return None
+
+
 def read_stage_file(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
