@@ -124,7 +124,7 @@ class RunLife:
         captures; once its program has exited (`exited`), as it ended, unless
         not `early` (a follower's `end` carries the complete record)."""
         record = self.record
-        if early and self.exited is not None and self.phase is not Phase.DONE:
+        if early and self.exited is not None and not record.state.terminal:  # else it is the final record
             record = exited_early(record, *self.exited)
         out, err = self.captures.get("stdout"), self.captures.get("stderr")
         if out is None and err is None:

@@ -16,10 +16,12 @@ from tests.support.fake_systemd import FakeSystemd, fake_broker, until
 from unitbox.broker import handover
 from unitbox.config import load_config
 from unitbox.engine import Engine, Submission
+from unitbox.lifecycle import Phase, RunLife
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
+from unitbox.rundir import RunDir
 from unitbox.runtimes import Runtimes
-from unitbox.store import RunStore
+from unitbox.store import RunRecord, RunStore
 
 
 @pytest.fixture
@@ -106,3 +108,15 @@ async def test_no_early_answer_for_a_run_cancelled_before_its_program_exited(poo
     assert not waiter.done()  # whether the cancel counted is the unit's end's to say
     fake.finish(unit)
     assert (await asyncio.wait_for(waiter, 2)).state is RunState.CANCELLED
+
+
+def test_once_the_final_record_is_made_it_is_shown_as_it_is(tmp_path: Path) -> None:
+    record = RunRecord(id="0123456789abcdef", state=RunState.RUNNING, created_at=1.0, limits=Limits(),
+                       started_at=10.0)
+    run = RunLife(record, RunDir(tmp_path, tmp_path), Phase.ENDING)
+    run.exited = (3, 10.5)
+    early = run.live_view()
+    assert (early.state, early.exit_code, early.duration_ms, early.cpu_ms) == (RunState.FAILED, 3, 500.0, None)
+    run.record = record.evolve(state=RunState.FAILED, exit_code=3, duration_ms=480.0, cpu_ms=12.0, finished_at=10.6)
+    assert run.live_view() == run.record  # made, not yet stored: not mixed with the early view
+    assert run.live_view(early=False) == run.record

@@ -187,9 +187,11 @@ class RunOut(BaseModel):
                                                   "program's sandbox is set up) to the end of its last process, "
                                                   "as the run's own outcome recorder measured it (10 ms steps); "
                                                   "null while it runs.")
-    cpu_ms: float | None = Field(description="CPU time of all its processes; null until it has finished.")
-    memory_peak_bytes: int | None = Field(description="Its cgroup's memory peak; null until it has finished "
-                                                      "(and where the kernel does not report one).")
+    cpu_ms: float | None = Field(description="CPU time of all its processes; null until it has finished (a "
+                                             "pooled run answered at its program's exit: until its unit's end, "
+                                             "a moment later).")
+    memory_peak_bytes: int | None = Field(description="Its cgroup's memory peak; null until it has finished, as "
+                                                      "cpu_ms (and where the kernel does not report one).")
     limits: LimitsOut = Field(description="The limits it got: its request's, the rest the server's defaults.")
     stdout_bytes: int = Field(description="Bytes of stdout kept (at most output_kb); grows while it runs.")
     stderr_bytes: int = Field(description="Bytes of stderr kept (at most output_kb).")
