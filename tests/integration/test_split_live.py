@@ -44,3 +44,14 @@ def test_either_part_restarted_alone_loses_no_run(split: Split, how: str) -> Non
     assert client.run("print('next')")["stdout"] == "next\n"
     time.sleep(0.1)
     assert len(split.brokers()) == 1, split.brokers()
+
+
+def test_the_packaged_broker_answers_a_pooled_run_at_its_program_s_exit(split: Split) -> None:
+    """Its own unit's sandbox still lets it hear systemd's PropertiesChanged and see the run's box."""
+    client = split.client
+    assert wait_until(lambda: warm_ready(client) >= 1, 30)
+    reply = client.post_json("/run-json?wait=true", {"code": "print('x')"})
+    answer = reply.json()
+    assert answer["unit"].startswith("unitbox-warm-") and answer["stdout"] == "x\n", answer
+    assert answer["state"] == "succeeded" and answer["cpu_ms"] is None, answer  # before the unit's end
+    assert client.complete(answer)["cpu_ms"] is not None

@@ -154,11 +154,12 @@ async def test_the_program_s_exit_is_passed_on_only_when_the_unit_s_end_can_add_
         broker.close()
 
 
-async def test_without_a_pool_no_exit_is_asked_of_systemd(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pools", ["", "[warm.default]\nsize = 0\n"])
+async def test_without_a_pool_no_exit_is_asked_of_systemd(tmp_path: Path, pools: str) -> None:
     fake = FakeSystemd()
-    broker = Side(config_of(tmp_path, ""), fake, tmp_path / "stage")
+    broker = Side(config_of(tmp_path, pools), fake, tmp_path / "stage")
     await until(lambda: fake.opened)
-    assert fake.exits_of == ""  # PropertiesChanged is costly to decode: not listened to
+    assert fake.exits_of == ""  # PropertiesChanged: every unit's comes to a listener, not listened to
     broker.close()
 
 

@@ -144,7 +144,7 @@ class BrokerServer:
         try:
             # A warm unit's program's end is reported before its unit's (answering fast: warm.py).
             self._systemd.open(self._on_event, self._on_lost, UNITS_PREFIX,
-                               exits_of=WARM_PREFIX if self.config.warm else "")
+                               exits_of=WARM_PREFIX if self._warm.enabled else "")
             version = self._systemd.version()
             major = systemd_major(version)
             self._native_private_cgroups = major >= NATIVE_PRIVATE_CGROUPS_SINCE

@@ -132,6 +132,11 @@ class WarmPools:
             if slot.run is None:
                 self._retire(slot, "the broker is closing")
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any pool has units (`size = 0` is none)."""
+        return bool(self._pools)
+
     def counts(self) -> dict[str, int]:
         idle = [slot for slot in self._slots.values() if slot.run is None and slot.sock is not None]  # not retired
         return {"ready": sum(slot.ready_at is not None for slot in idle),
