@@ -170,20 +170,17 @@ class StreamCapture:
         log.exception("reading output into %s failed", self.path)
         return 0
 
-    def at_end(self) -> bool:
-        """Takes what the pipe holds now (a wakeup's worth at most); True if it
-        is at end of file: every writer is gone, nothing more will come."""
-        if self.closed:
+    def drained(self) -> bool:
+        """Takes what the pipe holds now (a wakeup's worth at most); True if that
+        emptied it. Once no process that could write is left, that is all there
+        is, even while a copy of the write end waits in systemd's fd store."""
+        if self.closed or self._ended:
             return True
-        if not self._ended:
-            kept = self.kept
-            self._read(MAX_READS_PER_WAKEUP)
-            if self.kept != kept and self.on_kept is not None:
-                self.on_kept()
-        if self._ended and self._pause is not None:
-            self._pause.cancel()
-            self._pause = None
-        return self._ended
+        kept = self.kept
+        emptied = self._read(MAX_READS_PER_WAKEUP)
+        if self.kept != kept and self.on_kept is not None:
+            self.on_kept()
+        return emptied
 
     def finish(self) -> None:
         """The unit is gone: take the rest of the pipe, then close."""

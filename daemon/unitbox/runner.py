@@ -229,14 +229,15 @@ class Runner:
             self.spawn(self.records.persist(run.record))
 
     def _exited(self, run: RunLife, code: int) -> None:
-        """A warm unit's program ended by itself. A waiting client may have the
-        run now if its final record can only repeat that: no cancel asked, no
-        entrypoint value or lint report to collect, and its output all in (the
-        pipes at end of file). The unit's end completes the record."""
+        """A warm unit's program ended by itself and no process of it is left
+        (broker/warm.py). A waiting client may have the run now if its final
+        record can only repeat that: no cancel asked, no entrypoint value or
+        lint report to collect; its output is what its pipes hold now. The
+        unit's end completes the record."""
         if (run.phase is not Phase.RUNNING or run.cancel_at is not None or run.record.entrypoint is not None
                 or run.record.lint != LintMode.OFF or not run.captures):
             return
-        if all([capture.at_end() for capture in run.captures.values()]):
+        if all([capture.drained() for capture in run.captures.values()]):
             run.exited = (code, time.time())
             run.answerable.set()
 

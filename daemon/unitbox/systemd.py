@@ -21,9 +21,11 @@ measured), and only our units (by name prefix) are reported. PropertiesChanged
 listened to only when `open` is given `exits_of` (warm units: broker/warm.py),
 and decoded only for those units, until each one's main process has ended:
 
-- the Service interface's ExecMainExitTimestamp set → `MainExited`, with
-  ExecMainCode/Status and Result. systemd says so as the unit enters its
-  stop (ExecStopPost), ≈30 ms before it is over.
+- the Service interface's ExecMainExitTimestamp set (the program ended,
+  with ExecMainCode/Status and Result) and the Unit interface's SubState at
+  `stop-post` or later (systemd has killed what the program left and seen
+  its cgroup empty: no process of the run remains) → `MainExited`, ≈30 ms
+  before the unit is over (its ExecStopPost, the teardown).
 
 A lost bus (dbus restarted, the connection dropped) is detected from sd-bus's
 local `Disconnected` message or from a call failing with ENOTCONN; the reader
@@ -64,6 +66,9 @@ _NO_ANSWER = ("ETIMEDOUT", "err -110", "timed out")
 _END_PROPERTIES = {"Result": b"s", "ExecMainCode": b"i", "ExecMainStatus": b"i",
                    "ExecMainStartTimestamp": b"t", "ExecMainExitTimestamp": b"t"}
 _EXEC_CODES = {1: "exited", 2: "killed", 3: "dumped"}  # CLD_EXITED, CLD_KILLED, CLD_DUMPED
+# A service's sub-states once its stop has killed its processes and seen its cgroup empty.
+_PROCESSES_GONE = frozenset({b"stop-post", b"final-sigterm", b"final-sigkill", b"final-watchdog", b"dead",
+                             b"failed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +92,8 @@ class UnitEnd:
 
 @dataclass(frozen=True, slots=True)
 class MainExited:
-    """The unit's main process has ended; the unit is still stopping (its
-    ExecStopPost runs). Fields as UnitEnd's."""
+    """The unit's main process has ended and no process of it is left; the
+    unit is still stopping (its ExecStopPost runs). Fields as UnitEnd's."""
 
     result: str
     exit_code: str
@@ -179,6 +184,8 @@ class Systemd:
         self._prefix = b""
         self._exits_of = b""  # unit path prefix whose main process's end is reported (MainExited)
         self._exited: set[bytes] = set()  # unit paths already reported: their later changes are not decoded
+        self._main_ends: dict[bytes, UnitEnd] = {}  # by unit path: how its main process ended, …
+        self._processes_gone: set[bytes] = set()  # … and whether none of its processes is left
         self._start_jobs: dict[bytes, bytes] = {}  # start job path → unit name, until its JobRemoved
         self._on_event: EventSink = lambda name, event: None
         self._on_lost: Callable[[str], None] = lambda reason: None
@@ -294,6 +301,8 @@ class Systemd:
         msg.process_reply(False)
         name, path = msg.body
         self._exited.discard(path)
+        self._main_ends.pop(path, None)
+        self._processes_gone.discard(path)
         if name.startswith(self._prefix):
             self._on_event(name.decode(), UNKNOWN_END)
 
@@ -303,11 +312,14 @@ class Systemd:
             return
         msg.process_reply(False)
         interface, changed, _invalidated = msg.body
-        if interface != SERVICE_IFACE.encode() or not changed.get(b"ExecMainExitTimestamp"):
-            return
-        self._exited.add(path)
-        end = end_from_service({key.decode(): _text(value) for key, value in changed.items()})
-        self._on_event(unit_of_path(path.decode()), MainExited(end.result, end.exit_code, end.exit_status))
+        if interface == SERVICE_IFACE.encode() and changed.get(b"ExecMainExitTimestamp"):
+            self._main_ends[path] = end_from_service({key.decode(): _text(value) for key, value in changed.items()})
+        elif interface == UNIT_IFACE.encode() and changed.get(b"SubState") in _PROCESSES_GONE:
+            self._processes_gone.add(path)
+        if path in self._processes_gone and (end := self._main_ends.pop(path, None)) is not None:
+            self._exited.add(path)
+            self._processes_gone.discard(path)
+            self._on_event(unit_of_path(path.decode()), MainExited(end.result, end.exit_code, end.exit_status))
 
     # -- units ---------------------------------------------------------------
     def start_transient_service(self, name: str, properties: Mapping[str, Any],

@@ -155,10 +155,11 @@ def test_a_run_that_leaves_files_is_answered_with_them(pooled: Daemon) -> None:
     assert answer["output_files"] == 1 and answer["cpu_ms"] is not None, answer  # the unit's end collected it
 
 
-def test_a_process_left_holding_the_output_defers_the_answer_to_the_unit_s_end(pooled: Daemon) -> None:
-    answer, _ = answered(pooled.client, "import os, time\nif os.fork() == 0:\n    time.sleep(1)\n"
-                                        "    print('late', flush=True)\n    os._exit(0)\nprint('early', flush=True)")
-    assert answer["stdout"] == "early\n" and answer["cpu_ms"] is not None, answer  # its leftover was killed
+def test_a_process_the_program_left_is_gone_before_the_answer(pooled: Daemon) -> None:
+    answer, final = answered(pooled.client, "import os, time\nif os.fork() == 0:\n    time.sleep(1)\n"
+                                            "    print('late', flush=True)\n    os._exit(0)\nprint('early', flush=True)")
+    assert answer["stdout"] == "early\n" and answer["state"] == "succeeded", answer  # its leftover was killed
+    assert final["stdout_bytes"] == 6 and pooled.client.get(f"/output/{final['id']}").json()["stdout"] == "early\n"
 
 
 def owned(host: TestHost, state_dir: str) -> set[str]:

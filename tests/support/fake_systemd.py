@@ -165,17 +165,15 @@ class FakeSystemd:
         if self.auto_finish:
             asyncio.get_running_loop().call_soon(self.finish, name)
 
-    def program_exits(self, name: str, status: int = 0, *, killed: bool = False, result: str | None = None,
-                      leftover_holds_pipes: bool = False) -> None:
+    def program_exits(self, name: str, status: int = 0, *, killed: bool = False, result: str | None = None) -> None:
         """A warm unit's program ends (exit `status`, or killed by signal `status`):
-        its output written, its pipes closed (unless a process it left holds them),
-        and MainExited said as systemd says it when the unit enters its stop (a
-        report for units under `exits_of` only). The unit is not over yet."""
+        its output written, its processes gone, and MainExited said as systemd says
+        it when the unit enters ExecStopPost (for units under `exits_of` only).
+        The unit is not over yet."""
         unit = self.warm_units[name]
         if "output" in unit.fds:
             os.write(unit.fds["output"], self.stdout)
-        if not leftover_holds_pipes:
-            self._close_fds(unit)
+        self._close_fds(unit)
         if self.exits_of and name.startswith(self.exits_of):
             result = result or ("signal" if killed else "success" if status == 0 else "exit-code")
             self._emit(name, MainExited(result, "killed" if killed else "exited", str(status)))

@@ -195,6 +195,9 @@ _stage2)   # PID 1 of the new namespaces; becomes systemd
   for d in "$@"; do mkdir -p "$R$d"; mount --bind "$d" "$R$d"; done
   hostname "$NAME"
   cd $R; mkdir -p .oldroot; pivot_root . .oldroot; umount -l /.oldroot
+  # As systemd does at boot on a real machine (it skips it in a container): mounts made
+  # later on the host reach the units' namespaces. Peers of this namespace's mounts only.
+  mount --make-rshared /
   exec env -i container=unitbox-test PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     /lib/systemd/systemd --unit=basic.target --log-target=journal-or-kmsg
   ;;

@@ -92,6 +92,7 @@ class Changed(Msg):
 
 WARM = "unitbox-warm-0a1b2c3d4e5f.service"
 SERVICE = b"org.freedesktop.systemd1.Service"
+UNIT = b"org.freedesktop.systemd1.Unit"
 RUNNING = {b"ExecMainCode": 0, b"ExecMainStatus": 0, b"Result": b"success", b"ExecMainExitTimestamp": 0}
 EXITED = {b"ExecMainCode": 1, b"ExecMainStatus": 3, b"Result": b"exit-code",
           b"ExecMainExitTimestamp": 1796060866381528}
@@ -106,12 +107,17 @@ def test_a_warm_unit_s_main_process_end_is_told_once_and_only_for_units_asked_ab
     adapter._on_properties_changed(other)
     assert not other.decoded  # another unit's change is not even decoded
     adapter._on_properties_changed(Changed(WARM, SERVICE, RUNNING))  # started, running: not yet
-    adapter._on_properties_changed(Changed(WARM, b"org.freedesktop.systemd1.Unit", {b"ActiveState": b"deactivating"}))
-    adapter._on_properties_changed(Changed(WARM, SERVICE, EXITED))  # entering its stop (ExecStopPost)
+    adapter._on_properties_changed(Changed(WARM, UNIT, {b"SubState": b"running"}))
+    adapter._on_properties_changed(Changed(WARM, SERVICE, EXITED))  # its program exited …
+    adapter._on_properties_changed(Changed(WARM, UNIT, {b"SubState": b"stop-sigterm"}))  # … what it left is killed
+    assert events == []
+    adapter._on_properties_changed(Changed(WARM, SERVICE, EXITED))
+    adapter._on_properties_changed(Changed(WARM, UNIT, {b"SubState": b"stop-post"}))  # none left: ExecStopPost
     later = Changed(WARM, SERVICE, EXITED)  # … and again when it is over
     adapter._on_properties_changed(later)
     assert events == [(WARM, MainExited("exit-code", "exited", "3"))] and not later.decoded
     adapter._on_unit_removed(unit_removed(WARM))  # a unit of this name later is another unit
+    adapter._on_properties_changed(Changed(WARM, UNIT, {b"SubState": b"stop-post"}))  # either order
     adapter._on_properties_changed(Changed(WARM, SERVICE, {**EXITED, b"ExecMainCode": 2, b"ExecMainStatus": 9,
                                                            b"Result": b"signal"}))
     assert events[1:] == [(WARM, UNKNOWN_END), (WARM, MainExited("signal", "killed", "9"))]

@@ -98,15 +98,19 @@ def kill_at_deadline(systemd: UnitManager, slot: Slot) -> None:
                     getattr(exc, "message", exc))
 
 
-def final_exit_code(slot: Slot, event: MainExited) -> int | None:
+def final_exit_code(slot: Slot, event: MainExited) -> tuple[int | None, str]:
     """The program's exit code if its record can say nothing else: it exited by
     itself, before its deadline, nothing in its unit was OOM-killed, and it left
-    no files for ExecStopPost to collect. None: only the unit's end can tell."""
+    no files for ExecStopPost to collect. (None, why) if only the unit's end can tell."""
     if event.exit_code != "exited" or event.result not in ("success", "exit-code"):
-        return None
-    if os.path.exists(slot.stage / "timed-out") or cgroup_oom_kills(slot.cgroup) != 0:
-        return None
-    return None if left_files(slot.stage / "box") else int(event.exit_status)
+        return None, f"it ended {event.exit_code or 'unseen'} {event.exit_status}, result {event.result}"
+    if os.path.exists(slot.stage / "timed-out"):
+        return None, "its deadline passed"
+    if (oom_kills := cgroup_oom_kills(slot.cgroup)) != 0:
+        return None, "its cgroup's OOM kills cannot be read" if oom_kills is None else "a process was OOM-killed"
+    if left_files(slot.stage / "box"):
+        return None, "it left files to collect (or its box cannot be seen)"
+    return int(event.exit_status), ""
 
 
 def left_files(box: Path) -> bool:

@@ -19,11 +19,12 @@ What cannot change on a running unit is handled here: the run's deadline
 is a timer (then `timed-out` is noted for ExecStopPost and the unit
 SIGKILLed); the CPU the unit used before the hand-over is subtracted.
 
-Answering fast: systemd says a unit's main process has ended as the unit
-enters its stop (MainExited, ≈30 ms before ExecStopPost and the teardown
-are done). When the record can only say the exit code (`main_exited`), the
-daemon is told at once, and answers a waiting client when the run's pipes
-are at end of file; the unit's end completes the record with its figures.
+Answering fast: systemd says a unit's main process has ended, and that no
+process of it is left, as the unit enters ExecStopPost (MainExited, ≈30 ms
+before the teardown is done). When the record can only say the exit code
+(`main_exited`), the daemon is told at once, takes what the run's pipes
+hold and answers a waiting client; the unit's end completes the record
+with its figures.
 Refills start at most WARMING_AT_ONCE units at a time.
 
 A broker that starts finds the units of an earlier one: those that hold a
@@ -306,8 +307,11 @@ class WarmPools:
         if slot is None or slot.run is None or slot.exit_seen:
             return
         slot.exit_seen = True  # systemd says it again at each later step of the stop
-        if (code := final_exit_code(slot, event)) is not None:
+        code, why_not = final_exit_code(slot, event)
+        if code is not None:
             self._on_exit(slot.run, code)
+        else:
+            log.debug("run %s: answered at its unit's end: %s", slot.run, why_not, extra={"run_id": slot.run})
 
     def _drop_reader(self, slot: Slot) -> None:
         if slot.sock is not None:
