@@ -3,9 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd dbus curl util-linux iproute2
+# libpq5: psycopg's library, for `store = "postgresql://…"` (imported only then).
+APT_PACKAGES := libsystemd-dev pkg-config python3-venv python3-dev gcc systemd dbus curl util-linux iproute2 libpq5
 # The browser tests (tests/integration/test_playground_live.py) drive Debian's chromium with Playwright.
-TEST_APT_PACKAGES := chromium
+# The store's contract tests and the daemon on PostgreSQL start throw-away servers of Debian's postgresql.
+TEST_APT_PACKAGES := chromium postgresql
 PLAYGROUND := daemon/unitbox/playground/index.html
 PYTEST_ARGS ?=
 # Names this run's test hosts (ubx-<tag>-…) so the leftover check sees only its own.
@@ -20,7 +22,7 @@ help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
 deps: .cache/apt.stamp  ## install the Debian packages the build and tests need
-.cache/apt.stamp:
+.cache/apt.stamp: Makefile
 	@echo "==> checking Debian packages: $(APT_PACKAGES)"
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -30,8 +32,8 @@ deps: .cache/apt.stamp  ## install the Debian packages the build and tests need
 	fi
 	@mkdir -p .cache && touch $@
 
-test-deps: .cache/test-apt.stamp  ## install the Debian packages only the tests need (chromium)
-.cache/test-apt.stamp: .cache/apt.stamp
+test-deps: .cache/test-apt.stamp  ## install the Debian packages only the tests need (chromium, postgresql)
+.cache/test-apt.stamp: .cache/apt.stamp Makefile
 	@missing=$$(for p in $(TEST_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "==> apt-get install $$missing"; \
@@ -70,8 +72,8 @@ lint: venv  ## ruff and mypy --strict
 	@$(BIN)/mypy
 
 test: venv lint playground test-deps  ## everything: lint, unit, API, integration (systemd test host) and the Debian VM tier
-	@echo "==> pytest (unit, API, integration on the systemd test host)"
-	@$(BIN)/pytest -ra $(PYTEST_ARGS)
+	@echo "==> pytest (unit, API, integration on the systemd test host; stores on SQLite and a throw-away PostgreSQL)"
+	@UBX_REQUIRE_POSTGRESQL=1 $(BIN)/pytest -ra $(PYTEST_ARGS)
 	@echo "==> checking that no test host was left behind"
 	@bash tests/testhost/check-clean.sh
 	@$(MAKE) --no-print-directory vm-test

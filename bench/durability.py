@@ -1,5 +1,5 @@
 """The cost of making an accepted run survive a power loss, through the
-daemon's own code: RunStore.insert committed with synchronous=FULL against
+daemon's own code: SqliteStore.insert committed with synchronous=FULL against
 NORMAL, and RunDir.create with its fsyncs against without. Interleaved, so
 the disk's drift hits all four alike; prints the medians (ms).
 
@@ -26,14 +26,15 @@ from unittest import mock
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
 from unitbox.rundir import RunDir
-from unitbox.store import RunRecord, RunStore
+from unitbox.store import RunRecord
+from unitbox.store.sqlite import SqliteStore
 
 T = TypeVar("T")
 WARM_UP = 20
 CODE = b"print('hello')\n" * 20
 
 
-class NormalStore(RunStore):
+class NormalStore(SqliteStore):
     """The store as it was: every commit with synchronous=NORMAL."""
 
     async def _run(self, fn: Callable[[Any], T], *, durable: bool = False) -> T:
@@ -59,7 +60,7 @@ async def timed(action: Callable[[], Awaitable[Any]]) -> float:
 async def measure(base: Path, runs: int) -> dict[str, list[float]]:
     runs_dir = base / "runs"
     runs_dir.mkdir(parents=True)
-    full, normal = RunStore(base / "full.db"), NormalStore(base / "normal.db")
+    full, normal = SqliteStore(base / "full.db"), NormalStore(base / "normal.db")
     await full.open()
     await normal.open()
     loop = asyncio.get_running_loop()

@@ -32,6 +32,7 @@ from unitbox.limits import Limits
 from unitbox.outcome import RunState
 from unitbox.rundir import RunDir
 from unitbox.store import RunRecord, RunStore
+from unitbox.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1_000_000
@@ -94,7 +95,7 @@ async def one_run(store: RunStore) -> None:
 
 async def bench_store(base: Path, n: int) -> None:
     for ways in (1, 16):
-        store = RunStore(base / f"store{ways}.db")
+        store = SqliteStore(base / f"store{ways}.db")
         await store.open()
         for _ in range(20):
             await one_run(store)
@@ -190,18 +191,18 @@ async def bench_api(base: Path, n: int) -> None:
     in this process too: its CPU is in the figure."""
     sys.path.insert(0, str(REPO))  # for tests.support
     from aiohttp.test_utils import TestClient, TestServer
+
+    from tests.support.fake_systemd import FakeSystemd, fake_broker
     from unitbox.api.app import create_app
     from unitbox.config import load_config
     from unitbox.engine import Engine
     from unitbox.runtimes import Runtimes
-    from unitbox.store import RunStore
-
-    from tests.support.fake_systemd import FakeSystemd, fake_broker
+    from unitbox.store import open_store
 
     for ways in (1, 16):
         cfg = load_config(Path("/dev/null"), environ={},
                           cli={"state_dir": str(base / f"api{ways}"), "max_concurrent": 16, "queue_size": 64})
-        engine = Engine(cfg, fake_broker(cfg, FakeSystemd()), RunStore(cfg.database_path), Runtimes(cfg))
+        engine = Engine(cfg, fake_broker(cfg, FakeSystemd()), open_store(cfg), Runtimes(cfg))
         async with TestClient(TestServer(create_app(engine))) as client:
             async def one() -> None:
                 reply = await client.post("/run-json", json={"code": "pass", "wait": True})

@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from unitbox.fdbudget import ensure_fd_budget
         from unitbox.serve import serve
+        from unitbox.store import ensure_store_support
         try:
             ensure_fd_budget(config)
+            ensure_store_support(config)
         except ConfigError as exc:
             print(f"unitbox: {exc}", file=sys.stderr)
             return 2

@@ -133,6 +133,9 @@ class _Inputs:
 _INPUTS: ContextVar[_Inputs | None] = ContextVar("unitbox_config_inputs", default=None)
 
 
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
 class Config(BaseSettings):
     model_config = SettingsConfigDict(
         extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter=NESTING,
@@ -146,6 +149,9 @@ class Config(BaseSettings):
     listen: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080"])
     tokens: dict[str, TokenSection] = Field(default_factory=dict)
     state_dir: Path = Path("/var/lib/unitbox")
+    # The run store (store/): None is SQLite under state_dir; a PostgreSQL URL (libpq's form,
+    # "postgresql:///unitbox?host=/run/postgresql") keeps the records in that database.
+    store: str | None = None
     # The broker's socket (the packaged split: the daemon as its own user, the
     # broker a root unit of its own); None: the daemon, as root, starts the
     # broker as its child (`unitbox serve` by hand, `make run`, the tests).
@@ -198,6 +204,13 @@ class Config(BaseSettings):
     def _listen_addresses(cls, value: list[str]) -> list[str]:
         for address in value:
             parse_listen(address)
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(POSTGRESQL_SCHEMES):
+            raise ValueError(f"not a PostgreSQL URL: {value!r} (postgresql://…; leave it out for SQLite)")
         return value
 
     _tokens_from_list = field_validator("tokens", mode="before")(tokens_from_list)

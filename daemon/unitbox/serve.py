@@ -22,7 +22,7 @@ from unitbox.engine import Engine
 from unitbox.metrics import Metrics, watch_loop_lag
 from unitbox.notify import InheritedFds, inherited_fds, notify, watchdog_interval_s
 from unitbox.runtimes import Runtimes
-from unitbox.store import RunStore
+from unitbox.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ HTTP_SHUTDOWN_S = 3.0
 
 def build_engine(config: Config, inherited: InheritedFds | None = None) -> Engine:
     stored = inherited.stored if inherited else {}
-    return Engine(config, Broker(spawner_of(config)), RunStore(config.database_path), Runtimes(config),
+    return Engine(config, Broker(spawner_of(config)), open_store(config), Runtimes(config),
                   metrics=Metrics(), stored_fds=stored)
 
 

@@ -15,7 +15,7 @@ from unitbox.api.app import create_app
 from unitbox.config import load_config
 from unitbox.engine import Engine
 from unitbox.runtimes import Runtimes
-from unitbox.store import RunStore
+from unitbox.store import open_store
 
 MakeClient = Callable[..., Awaitable[TestClient[Any, web.Application]]]
 
@@ -25,7 +25,7 @@ def make_client(tmp_path: Path, aiohttp_client: Any) -> MakeClient:
     async def make(fake: FakeSystemd | None = None, **config: Any) -> TestClient[Any, web.Application]:
         settings = {"state_dir": str(tmp_path / "state"), **config}
         cfg = load_config(Path("/dev/null"), environ={}, cli=settings)
-        engine = Engine(cfg, fake_broker(cfg, fake or FakeSystemd()), RunStore(cfg.database_path), Runtimes(cfg))
+        engine = Engine(cfg, fake_broker(cfg, fake or FakeSystemd()), open_store(cfg), Runtimes(cfg))
         client: TestClient[Any, web.Application] = await aiohttp_client(create_app(engine))
         return client
     return make

@@ -25,7 +25,7 @@ from unitbox.limits import Limits
 from unitbox.outcome import RunState
 from unitbox.profile import unit_name
 from unitbox.runtimes import Runtimes
-from unitbox.store import RunRecord, RunStore
+from unitbox.store import RunRecord, open_store
 
 MakeEngine = Callable[..., Awaitable[Engine]]
 TERMINAL = {s for s in RunState if s.terminal}
@@ -38,7 +38,7 @@ async def make_engine(tmp_path: Path) -> AsyncIterator[MakeEngine]:
     async def make(fake: FakeSystemd, **settings: Any) -> Engine:
         cfg = load_config(Path("/dev/null"), environ={},
                           cli={"state_dir": str(tmp_path / "state"), **settings})
-        engine = Engine(cfg, fake_broker(cfg, fake), RunStore(cfg.database_path), Runtimes(cfg))
+        engine = Engine(cfg, fake_broker(cfg, fake), open_store(cfg), Runtimes(cfg))
         await engine.start()
         engines.append(engine)
         return engine

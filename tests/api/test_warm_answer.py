@@ -21,7 +21,7 @@ from unitbox.limits import Limits
 from unitbox.outcome import RunState
 from unitbox.rundir import RunDir
 from unitbox.runtimes import Runtimes
-from unitbox.store import RunRecord, RunStore
+from unitbox.store import RunRecord, open_store
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ async def pooled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterat
                          cli={"state_dir": str(tmp_path / "state"), "warm": {"default": {"size": 1}}})
     fake = FakeSystemd(warm=True, auto_finish=False, stdout=b"hello\n")
     fake.stage_root = config.state_dir / "stage"
-    engine = Engine(config, fake_broker(config, fake), RunStore(config.database_path), Runtimes(config))
+    engine = Engine(config, fake_broker(config, fake), open_store(config), Runtimes(config))
     await engine.start()
     yield engine, fake
     await engine.stop()

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from unitbox.store import RunStore
+from unitbox.store.sqlite import SqliteStore
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
-    opened = RunStore(tmp_path / "unitbox.db")
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    opened = SqliteStore(tmp_path / "unitbox.db")
     await opened.open()
     yield opened
     await opened.close()

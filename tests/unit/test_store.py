@@ -13,7 +13,8 @@ import pytest
 from unitbox.errors import Unavailable
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import RunRecord, RunStore
+from unitbox.store import RunRecord
+from unitbox.store.sqlite import SqliteStore
 
 GARBAGE = b"this is no SQLite database\n" * 1000
 
@@ -27,7 +28,7 @@ def record(run_id: str) -> RunRecord:
 async def test_a_file_that_is_no_database_cannot_be_opened(tmp_path: Path) -> None:
     path = tmp_path / "unitbox.db"
     path.write_bytes(GARBAGE)
-    store = RunStore(path)
+    store = SqliteStore(path)
     with pytest.raises(Unavailable, match="not a database") as caught:
         await store.open()
     assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
@@ -36,7 +37,7 @@ async def test_a_file_that_is_no_database_cannot_be_opened(tmp_path: Path) -> No
     await store.close()
 
 
-async def test_a_store_damaged_while_open_answers_unavailable(store: RunStore) -> None:
+async def test_a_store_damaged_while_open_answers_unavailable(store: SqliteStore) -> None:
     await store.insert(record("a" * 16))
     # Overwritten in place, the WAL index too, as a bad disk or a stray `dd` would.
     for path in store.path.parent.glob(store.path.name + "*"):
@@ -47,7 +48,7 @@ async def test_a_store_damaged_while_open_answers_unavailable(store: RunStore) -
         assert isinstance(caught.value.__cause__, sqlite3.DatabaseError)
 
 
-async def test_a_refused_write_is_unavailable(store: RunStore) -> None:
+async def test_a_refused_write_is_unavailable(store: SqliteStore) -> None:
     await store.insert(record("a" * 16))
     with pytest.raises(Unavailable, match="refused a change: UNIQUE constraint failed") as caught:
         await store.insert(record("a" * 16))
@@ -55,7 +56,7 @@ async def test_a_refused_write_is_unavailable(store: RunStore) -> None:
 
 
 async def test_a_closed_store_answers_unavailable(tmp_path: Path) -> None:
-    store = RunStore(tmp_path / "unitbox.db")
+    store = SqliteStore(tmp_path / "unitbox.db")
     await store.open()
     await store.close()
     for call in (store.insert(record("a" * 16)), store.get("a" * 16), store.ping(), store.open()):
@@ -64,7 +65,7 @@ async def test_a_closed_store_answers_unavailable(tmp_path: Path) -> None:
     await store.close()  # twice is fine
 
 
-async def test_only_the_insert_that_accepts_a_run_waits_for_the_disk(store: RunStore) -> None:
+async def test_only_the_insert_that_accepts_a_run_waits_for_the_disk(store: SqliteStore) -> None:
     statements: list[str] = []
     assert store._db is not None
     store._db.set_trace_callback(statements.append)
@@ -80,7 +81,7 @@ async def test_only_the_insert_that_accepts_a_run_waits_for_the_disk(store: RunS
     assert statements.count("PRAGMA synchronous=FULL") == 1
 
 
-async def test_known_ids_looks_up_more_ids_than_one_statement_takes(store: RunStore) -> None:
+async def test_known_ids_looks_up_more_ids_than_one_statement_takes(store: SqliteStore) -> None:
     recorded = ["a" * 16, "b" * 16]
     for run_id in recorded:
         await store.insert(record(run_id))
@@ -89,7 +90,7 @@ async def test_known_ids_looks_up_more_ids_than_one_statement_takes(store: RunSt
     assert await store.known_ids([]) == set()
 
 
-async def test_writes_that_arrive_together_share_one_commit(store: RunStore) -> None:
+async def test_writes_that_arrive_together_share_one_commit(store: SqliteStore) -> None:
     inserted = [await store.insert(record(f"{n:016x}")) for n in range(16)]
     statements: list[str] = []
     assert store._db is not None
@@ -99,7 +100,7 @@ async def test_writes_that_arrive_together_share_one_commit(store: RunStore) -> 
     assert [r.state for r in await store.page(None, 20, None)] == [RunState.RUNNING] * 16
 
 
-async def test_one_refused_write_does_not_take_its_batch_down(store: RunStore) -> None:
+async def test_one_refused_write_does_not_take_its_batch_down(store: SqliteStore) -> None:
     await store.insert(record("a" * 16))
     results = await asyncio.gather(store.insert(record("b" * 16)), store.insert(record("a" * 16)),
                                    store.insert(record("c" * 16)), return_exceptions=True)
@@ -110,7 +111,7 @@ async def test_one_refused_write_does_not_take_its_batch_down(store: RunStore) -
 
 @pytest.mark.parametrize(("started_at", "synced"), [(None, True), (2.0, False)])
 async def test_a_final_record_is_synced_only_for_a_run_that_never_started(
-        store: RunStore, started_at: float | None, synced: bool) -> None:
+        store: SqliteStore, started_at: float | None, synced: bool) -> None:
     """A started run's end is in its result file (recovery takes it from there);
     a run cancelled while queued has nothing else on disk."""
     inserted = await store.insert(record("a" * 16))
@@ -122,19 +123,19 @@ async def test_a_final_record_is_synced_only_for_a_run_that_never_started(
 
 
 async def test_writes_asked_for_before_close_are_made(tmp_path: Path) -> None:
-    store = RunStore(tmp_path / "unitbox.db")
+    store = SqliteStore(tmp_path / "unitbox.db")
     await store.open()
     writes = [asyncio.ensure_future(store.insert(record(f"{n:016x}"))) for n in range(5)]
     await asyncio.sleep(0)  # they are asked for
     await store.close()
     assert all(w.done() and not w.exception() for w in writes)
-    reopened = RunStore(tmp_path / "unitbox.db")
+    reopened = SqliteStore(tmp_path / "unitbox.db")
     await reopened.open()
     assert len(await reopened.known_ids([f"{n:016x}" for n in range(5)])) == 5
     await reopened.close()
 
 
-async def test_a_final_record_just_written_is_read_back_without_the_database_until_deleted(store: RunStore) -> None:
+async def test_a_final_record_just_written_is_read_back_without_the_database_until_deleted(store: SqliteStore) -> None:
     record = await store.insert(RunRecord(id="0123456789abcdef", state=RunState.QUEUED, created_at=1.0,
                                           limits=Limits()))
     final = record.evolve(state=RunState.SUCCEEDED, started_at=2.0, finished_at=3.0, exit_code=0)

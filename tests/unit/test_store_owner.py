@@ -10,7 +10,8 @@ from pathlib import Path
 
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import MIGRATIONS, RunRecord, RunStore
+from unitbox.store import RunRecord
+from unitbox.store.sqlite import MIGRATIONS, SqliteStore
 
 
 def schema_1_database(path: Path) -> None:
@@ -26,7 +27,7 @@ def schema_1_database(path: Path) -> None:
 async def test_a_schema_1_database_is_upgraded_and_keeps_its_runs(tmp_path: Path) -> None:
     path = tmp_path / "unitbox.db"
     schema_1_database(path)
-    store = RunStore(path)
+    store = SqliteStore(path)
     await store.open()
     try:
         old = await store.get("a" * 16)
@@ -41,14 +42,14 @@ async def test_a_schema_1_database_is_upgraded_and_keeps_its_runs(tmp_path: Path
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 4
     assert "runs_owner" in {row[1] for row in db.execute("PRAGMA index_list(runs)")}
     db.close()
-    reopened = RunStore(path)  # a second open migrates nothing and loses nothing
+    reopened = SqliteStore(path)  # a second open migrates nothing and loses nothing
     await reopened.open()
     assert [r.id for r in await reopened.page(None, 10, None)] == ["b" * 16, "a" * 16]
     await reopened.close()
 
 
 async def test_page_filters_by_owner_before_the_limit(tmp_path: Path) -> None:
-    store = RunStore(tmp_path / "unitbox.db")
+    store = SqliteStore(tmp_path / "unitbox.db")
     await store.open()
     try:
         for number, owner in enumerate(["alice", "bob", "bob", "bob", None]):

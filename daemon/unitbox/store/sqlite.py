@@ -1,5 +1,5 @@
-"""The run store: SQLite in WAL mode under the state directory, schema
-versioned with migrations. One worker thread owns the connection, so the
+"""The SQLite store (the default): WAL mode under the state directory, schema
+versioned with PRAGMA user_version. One worker thread owns the connection, so the
 event loop never waits on the disk. Whatever goes wrong in SQLite is a 503
 (Unavailable), never a 500: the request may succeed later, or on a repaired
 store.
@@ -32,121 +32,25 @@ transaction; wrapping it would keep every line here and add a dependency."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
-import json
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from unitbox.errors import Unavailable
-from unitbox.limits import Limits
 from unitbox.outcome import RunState
+from unitbox.store import UNFINISHED, RecentFinals, RunRecord, unavailable_message
+from unitbox.store.schema import COLUMNS, from_row, migrations, page_query, to_row
 
 T = TypeVar("T")
 
 _IDS_PER_QUERY = 500  # bound parameters per statement (SQLite's limit was 999 before 3.32)
 
-
-@dataclass(frozen=True, slots=True)
-class RunRecord:
-    id: str
-    state: RunState
-    created_at: float
-    limits: Limits
-    runtime: str = "default"
-    started_at: float | None = None
-    finished_at: float | None = None
-    exit_code: int | None = None
-    signal: str | None = None
-    duration_ms: float | None = None
-    cpu_ms: float | None = None
-    memory_peak_bytes: int | None = None
-    stdout_bytes: int = 0
-    stderr_bytes: int = 0
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    error: str | None = None
-    cancel_requested: bool = False
-    owner: str | None = None  # the name of the token that submitted it; None without tokens
-    entrypoint: str | None = None  # the function called (its value is the result); None: run as a script
-    lint: str = "off"  # profile.LintMode: off, before (then run), only
-    input_files: int = 0
-    output_files: int | None = None  # files collected when it ended; None: none were there
-    result_bytes: int | None = None  # size of the entrypoint's value as JSON; None: no value
-    lint_findings: int | None = None  # None: no lint report
-    unit: str | None = None  # the warm unit it was handed to (broker/warm.py); None: its own unitbox-run-<id>
-    seq: int = 0
-
-    def evolve(self, **changes: Any) -> RunRecord:
-        return replace(self, **changes)
-
-
-_COLUMNS = [f.name for f in fields(RunRecord) if f.name != "seq"]
-
-MIGRATIONS: list[str] = [
-    # 1: the runs table
-    """
-    CREATE TABLE runs (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        limits TEXT NOT NULL,
-        runtime TEXT NOT NULL,
-        started_at REAL, finished_at REAL,
-        exit_code INTEGER, signal TEXT,
-        duration_ms REAL, cpu_ms REAL, memory_peak_bytes INTEGER,
-        stdout_bytes INTEGER NOT NULL DEFAULT 0, stderr_bytes INTEGER NOT NULL DEFAULT 0,
-        stdout_truncated INTEGER NOT NULL DEFAULT 0, stderr_truncated INTEGER NOT NULL DEFAULT 0,
-        error TEXT,
-        cancel_requested INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE INDEX runs_state ON runs(state, seq);
-    CREATE INDEX runs_finished ON runs(finished_at);
-    """,
-    # 2: who submitted each run (a token's name); runs from before stay NULL: only admins see them
-    """
-    ALTER TABLE runs ADD COLUMN owner TEXT;
-    CREATE INDEX runs_owner ON runs(owner, seq);
-    """,
-    # 3: the ways to run (API v1.1): entrypoint, lint, files in and out
-    """
-    ALTER TABLE runs ADD COLUMN entrypoint TEXT;
-    ALTER TABLE runs ADD COLUMN lint TEXT NOT NULL DEFAULT 'off';
-    ALTER TABLE runs ADD COLUMN input_files INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE runs ADD COLUMN output_files INTEGER;
-    ALTER TABLE runs ADD COLUMN result_bytes INTEGER;
-    ALTER TABLE runs ADD COLUMN lint_findings INTEGER;
-    """,
-    # 4: warm units: the unit a run was handed to, when it is not its own
-    """
-    ALTER TABLE runs ADD COLUMN unit TEXT;
-    """,
-]
-
-
-def _to_row(record: RunRecord) -> dict[str, Any]:
-    row = {name: getattr(record, name) for name in _COLUMNS}  # not asdict(): it deep-copies, 7 times slower
-    row["limits"] = json.dumps(record.limits.as_dict())
-    row["state"] = str(record.state)
-    return row
-
-
-_INSERT = f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join(':' + c for c in _COLUMNS)})"  # noqa: S608
-_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = :{c}' for c in _COLUMNS if c != 'id')} WHERE id = :id"  # noqa: S608
-
-
-def _from_row(row: sqlite3.Row) -> RunRecord:
-    values = dict(row)
-    values["limits"] = Limits(**json.loads(values["limits"]))
-    values["state"] = RunState(values["state"])
-    for flag in ("stdout_truncated", "stderr_truncated", "cancel_requested"):
-        values[flag] = bool(values[flag])
-    return RunRecord(**values)
+_INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})"  # noqa: S608
+_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = :{c}' for c in COLUMNS if c != 'id')} WHERE id = :id"  # noqa: S608
+MIGRATIONS = migrations("sqlite")
 
 
 def _unavailable(exc: sqlite3.Error) -> Unavailable:
@@ -159,7 +63,7 @@ def _unavailable(exc: sqlite3.Error) -> Unavailable:
         problem = "is damaged"
     else:
         problem = "failed"
-    return Unavailable(f"the run store {problem}: {exc}")
+    return Unavailable(unavailable_message(problem, exc))
 
 
 def _caused(exc: sqlite3.Error) -> Unavailable:
@@ -168,20 +72,16 @@ def _caused(exc: sqlite3.Error) -> Unavailable:
     return unavailable
 
 
-RECENT_FINAL = 1024
-
 _Write = tuple[Callable[[sqlite3.Connection], Any], bool, "asyncio.Future[Any]"]
 
 
-class RunStore:
+class SqliteStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitbox-store")
         self._db: sqlite3.Connection | None = None
         self._closed = False
-        # The last final records written: the reads that follow a run's end (a held `wait`, then its
-        # output) are answered from here. Rows change only through update() and delete(), which keep it true.
-        self._recent: collections.OrderedDict[str, RunRecord] = collections.OrderedDict()
+        self._recent = RecentFinals()
         self._writes: list[_Write] = []  # waiting for the next group commit
         self._writer: asyncio.Future[None] | None = None  # committing them
 
@@ -309,20 +209,17 @@ class RunStore:
 
     # -- runs ------------------------------------------------------------------
     async def insert(self, record: RunRecord) -> RunRecord:
-        row = _to_row(record)
+        row = to_row(record)
 
         def insert(db: sqlite3.Connection) -> int:
             return int(db.execute(_INSERT, row).lastrowid or 0)
         return record.evolve(seq=await self._write(insert, durable=True))
 
     async def update(self, record: RunRecord) -> None:
-        row = _to_row(record)
+        row = to_row(record)
         never_started = record.state.terminal and record.started_at is None  # no result file behind it
         await self._write(lambda db: db.execute(_UPDATE, row), durable=never_started)
-        if record.state.terminal:
-            self._recent[record.id] = record
-            if len(self._recent) > RECENT_FINAL:
-                self._recent.popitem(last=False)
+        self._recent.written(record)
 
     async def get(self, run_id: str) -> RunRecord | None:
         if (recent := self._recent.get(run_id)) is not None:
@@ -330,33 +227,25 @@ class RunStore:
 
         def get(db: sqlite3.Connection) -> RunRecord | None:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-            return _from_row(row) if row else None
+            return from_row(row) if row else None
         return await self._run(get)
 
     async def page(self, state: RunState | None, limit: int, before_seq: int | None,
                    owner: str | None = None) -> list[RunRecord]:
         """Newest first: up to `limit` runs older than `before_seq` (only `owner`'s, if given)."""
+        query, params = page_query(state, limit, before_seq, owner, mark="?")
+
         def page(db: sqlite3.Connection) -> list[RunRecord]:
-            query = "SELECT * FROM runs WHERE seq < ?"
-            params: list[Any] = [before_seq if before_seq is not None else 2**62]
-            if owner is not None:
-                query += " AND owner = ?"
-                params.append(owner)
-            if state is not None:
-                query += " AND state = ?"
-                params.append(str(state))
-            query += " ORDER BY seq DESC LIMIT ?"
-            params.append(limit)
-            return [_from_row(r) for r in db.execute(query, params)]
+            return [from_row(r) for r in db.execute(query, params)]
         return await self._run(page)
 
     async def unfinished(self) -> list[RunRecord]:
         """Runs not in a terminal state, oldest first (for restart reconciliation)."""
-        states = [str(s) for s in (RunState.QUEUED, RunState.STARTING, RunState.RUNNING)]
+        states = [str(s) for s in UNFINISHED]
 
         def unfinished(db: sqlite3.Connection) -> list[RunRecord]:
             rows = db.execute("SELECT * FROM runs WHERE state IN (?, ?, ?) ORDER BY seq", states)
-            return [_from_row(r) for r in rows]
+            return [from_row(r) for r in rows]
         return await self._run(unfinished)
 
     async def finished_before(self, cutoff: float) -> list[str]:
@@ -369,8 +258,7 @@ class RunStore:
             "SELECT id, stdout_bytes + stderr_bytes FROM runs WHERE finished_at IS NOT NULL ORDER BY seq")])
 
     async def delete(self, run_ids: Sequence[str]) -> None:
-        for run_id in run_ids:
-            self._recent.pop(run_id, None)
+        self._recent.deleted(run_ids)
         await self._write(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
 
     async def known_ids(self, run_ids: Collection[str]) -> set[str]:

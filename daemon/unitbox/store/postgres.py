@@ -1,0 +1,247 @@
+"""The PostgreSQL store (`store = "postgresql://…"`): the same runs table as
+SQLite's (schema.py), over psycopg 3's asyncio connections from a
+psycopg_pool pool, so the event loop never waits on the server.
+
+Why psycopg 3: it speaks libpq, so a URL, a Unix socket, a ~/.pgpass, TLS
+and peer authentication work as for psql, with Debian's libpq5 (security
+updates from Debian, as for python3-lxml). Its pool checks a connection
+before handing it out, so a restarted server costs no request an error.
+asyncpg would bring its own protocol code and no libpq.
+
+Durability as in SQLite (store/sqlite.py): the INSERT that accepts a run
+commits with synchronous_commit on, as does the final record of a run that
+never started; other state changes commit with it off (PostgreSQL's group
+commit: a crash of the server may undo the last ones, which recovery
+re-derives from systemd and the result file).
+
+The schema's version is in the table unitbox_schema; nodes that start
+together migrate one at a time, under an advisory lock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from unitbox.errors import Unavailable
+from unitbox.outcome import RunState
+from unitbox.store import UNFINISHED, RecentFinals, RunRecord, unavailable_message
+from unitbox.store.schema import COLUMNS, from_row, migrations, page_query, to_row
+
+T = TypeVar("T")
+Connection = psycopg.AsyncConnection[DictRow]
+
+POOL_SIZE = 8  # connections per node: the writes of many runs in flight at once
+CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: a server that does not answer is a 503 soon
+WAIT_S = 5.0  # for a free connection from the pool, or a new one
+MIGRATION_LOCK = 0x756E6974626F78  # "unitbox": the advisory lock nodes migrate under
+
+_INSERT = (f"INSERT INTO runs ({', '.join(COLUMNS)}) "  # noqa: S608
+           f"VALUES ({', '.join(f'%({c})s' for c in COLUMNS)}) RETURNING seq")
+_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = %({c})s' for c in COLUMNS if c != 'id')} WHERE id = %(id)s"  # noqa: S608
+
+
+def _unavailable(exc: psycopg.Error) -> Unavailable:
+    """What went wrong, in words, for the 503's message (the pool's
+    timeout is an OperationalError too)."""
+    if isinstance(exc, psycopg.OperationalError):  # down, unreachable, restarting, refused the login
+        problem = "cannot be reached"
+    elif isinstance(exc, psycopg.IntegrityError):
+        problem = "refused a change"
+    else:
+        problem = "failed"
+    unavailable = Unavailable(unavailable_message(problem, str(exc).strip() or type(exc).__name__))
+    unavailable.__cause__ = exc
+    return unavailable
+
+
+class PostgresStore:
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
+        self.url = url
+        self._pool_size = pool_size
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._closed = False
+        self._recent = RecentFinals()
+        self._lost = False  # a connection failed: make sure of the server before the next request
+        self._reconnecting = asyncio.Lock()
+        self._writing: dict[str, asyncio.Task[Any]] = {}  # each run's last write, by id
+        self._connect_args: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S,
+                                              "application_name": "unitbox"}
+
+    # -- plumbing --------------------------------------------------------------
+    async def _transaction(self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = True) -> T:
+        """`fn` in one transaction on a connection of the pool: committed, or
+        rolled back on error. Not `durable`: its commit does not wait for the disk."""
+        try:
+            pool = await self._connected_pool()
+            async with pool.connection() as conn, conn.transaction():
+                if not durable:
+                    await conn.execute("SET LOCAL synchronous_commit TO off")
+                return await fn(conn)
+        except psycopg.OperationalError as exc:  # the server went away, or the pool found none
+            self._lost = True
+            raise _unavailable(exc) from exc
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    async def _connected_pool(self) -> AsyncConnectionPool[Connection]:
+        """The pool; after a lost connection, a new pool once the server
+        answers again. psycopg_pool would retry with a backoff that grows to
+        minutes and hold each request WAIT_S meanwhile; one direct connection
+        says at once whether the server is back, and if not, why."""
+        if self._closed:
+            raise Unavailable("the run store is closed")
+        if self._pool is None:
+            raise Unavailable("the run store is not open")
+        if self._lost:
+            async with self._reconnecting:  # one attempt at a time; those waiting see its outcome
+                if self._lost:
+                    await self._connect_once()
+                    old, self._pool = self._pool, await self._new_pool()
+                    self._lost = False
+                    await old.close()
+        return self._pool
+
+    async def _connect_once(self, then: Callable[[Connection], Awaitable[None]] | None = None) -> None:
+        async with await Connection.connect(self.url, **self._connect_args) as conn, conn.transaction():
+            if then is not None:
+                await then(conn)
+
+    async def _new_pool(self) -> AsyncConnectionPool[Connection]:
+        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+            self.url, connection_class=Connection, min_size=1, max_size=self._pool_size, open=False,
+            timeout=WAIT_S, check=AsyncConnectionPool.check_connection, name="unitbox-store",
+            kwargs=self._connect_args)
+        try:
+            await pool.open(wait=True, timeout=WAIT_S + CONNECT_TIMEOUT_S)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    async def _write(self, run_id: str, fn: Callable[[Connection], Awaitable[T]], *, durable: bool) -> T:
+        """`fn` once the earlier writes of the same run are committed: with
+        several connections, a run's `running` could otherwise commit after
+        its end. Made even if the caller is cancelled, as SQLite's writes."""
+        previous = self._writing.get(run_id)
+
+        async def write() -> T:
+            if previous is not None:
+                await asyncio.wait([previous])  # its outcome is its own caller's
+            return await self._transaction(fn, durable=durable)
+        task = asyncio.ensure_future(write())
+        self._writing[run_id] = task
+
+        def done(task: asyncio.Task[T]) -> None:
+            if self._writing.get(run_id) is task:
+                del self._writing[run_id]
+            if not task.cancelled():
+                task.exception()  # retrieved: a caller that went away leaves no warning
+        task.add_done_callback(done)
+        return await asyncio.shield(task)
+
+    async def _rows(self, query: str, params: Sequence[Any] = ()) -> list[DictRow]:
+        async def fetch(conn: Connection) -> list[DictRow]:
+            return await (await conn.execute(query, params)).fetchall()
+        return await self._transaction(fetch)
+
+    async def _migrate(self, conn: Connection) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute("CREATE TABLE IF NOT EXISTS unitbox_schema (version INTEGER NOT NULL)")
+        row = await (await conn.execute("SELECT version FROM unitbox_schema")).fetchone()
+        if row is None:
+            await conn.execute("INSERT INTO unitbox_schema (version) VALUES (0)")
+        version = row["version"] if row else 0
+        scripts = migrations("postgresql")
+        for script in scripts[version:]:
+            await conn.execute(script)  # no parameters: several statements in one go
+        if version < len(scripts):
+            await conn.execute("UPDATE unitbox_schema SET version = %s", (len(scripts),))
+
+    async def open(self) -> None:
+        """Migrates on a connection of its own first: a server that refuses
+        (down, no such database, the login refused) says why at once, where
+        the pool would only retry until its timeout."""
+        if self._closed:
+            raise Unavailable("the run store is closed")
+        try:
+            await self._connect_once(then=self._migrate)
+            self._pool = await self._new_pool()
+        except psycopg.Error as exc:
+            raise _unavailable(exc) from exc
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await asyncio.gather(*self._writing.values(), return_exceptions=True)  # asked for before close: made
+        if self._closed:  # by another close() meanwhile
+            return
+        self._closed = True
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def ping(self) -> None:
+        await self._rows("SELECT 1")
+
+    # -- runs ------------------------------------------------------------------
+    async def insert(self, record: RunRecord) -> RunRecord:
+        row = to_row(record)
+
+        async def insert(conn: Connection) -> int:
+            inserted = await (await conn.execute(_INSERT, row)).fetchone()
+            assert inserted is not None  # RETURNING gives a row
+            return int(inserted["seq"])
+        return record.evolve(seq=await self._write(record.id, insert, durable=True))
+
+    async def update(self, record: RunRecord) -> None:
+        row = to_row(record)
+        never_started = record.state.terminal and record.started_at is None  # no result file behind it
+
+        async def update(conn: Connection) -> None:
+            await conn.execute(_UPDATE, row)
+        await self._write(record.id, update, durable=never_started)
+        self._recent.written(record)
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        if (recent := self._recent.get(run_id)) is not None:
+            return recent
+        rows = await self._rows("SELECT * FROM runs WHERE id = %s", (run_id,))
+        return from_row(rows[0]) if rows else None
+
+    async def page(self, state: RunState | None, limit: int, before_seq: int | None,
+                   owner: str | None = None) -> list[RunRecord]:
+        query, params = page_query(state, limit, before_seq, owner, mark="%s")
+        return [from_row(r) for r in await self._rows(query, params)]
+
+    async def unfinished(self) -> list[RunRecord]:
+        states = [str(s) for s in UNFINISHED]
+        rows = await self._rows("SELECT * FROM runs WHERE state = ANY(%s) ORDER BY seq", (states,))
+        return [from_row(r) for r in rows]
+
+    async def finished_before(self, cutoff: float) -> list[str]:
+        rows = await self._rows(
+            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < %s ORDER BY seq", (cutoff,))
+        return [r["id"] for r in rows]
+
+    async def finished_oldest_first(self) -> list[tuple[str, int]]:
+        rows = await self._rows(
+            "SELECT id, stdout_bytes + stderr_bytes AS stored FROM runs WHERE finished_at IS NOT NULL ORDER BY seq")
+        return [(r["id"], int(r["stored"])) for r in rows]
+
+    async def delete(self, run_ids: Sequence[str]) -> None:
+        self._recent.deleted(run_ids)
+        ids = list(run_ids)
+
+        async def delete(conn: Connection) -> None:
+            await conn.execute("DELETE FROM runs WHERE id = ANY(%s)", (ids,))
+        await self._transaction(delete, durable=False)
+
+    async def known_ids(self, run_ids: Collection[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        return {r["id"] for r in await self._rows("SELECT id FROM runs WHERE id = ANY(%s)", (list(run_ids),))}

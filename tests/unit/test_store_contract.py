@@ -1,0 +1,170 @@
+"""The store's contract, run against both engines: SQLite in a file, and a
+real PostgreSQL server (tests/support/postgres.py). Whatever the engine, the
+engine, recovery and retention get the same answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from unitbox.errors import Unavailable
+from unitbox.limits import Limits
+from unitbox.outcome import RunState
+from unitbox.store import RunRecord, RunStore
+from unitbox.store.schema import migrations
+from unitbox.store.sqlite import SqliteStore
+
+MakeStore = Callable[[], RunStore]
+
+
+def record(run_id: str, **fields: object) -> RunRecord:
+    return RunRecord(id=run_id, state=RunState.QUEUED, created_at=1.0, limits=Limits()).evolve(**fields)
+
+
+def rid(number: int) -> str:
+    return f"{number:016x}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
+    """A factory of stores on one empty database: each call, a new store on it (as a restarted daemon)."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "unitbox.db")
+    url = request.getfixturevalue("postgres").new_database()  # skipped here without a server to start
+    from unitbox.store.postgres import PostgresStore  # psycopg needs libpq5, which the server brings
+    return lambda: PostgresStore(url)
+
+
+@pytest.fixture
+async def store(make_store: MakeStore) -> AsyncIterator[RunStore]:
+    opened = make_store()
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+EVERY_FIELD = dict(
+    state=RunState.SUCCEEDED, runtime="science", started_at=2.5, finished_at=3.75, exit_code=0, signal="SIGKILL",
+    duration_ms=1250.5, cpu_ms=99.25, memory_peak_bytes=6 * 2**30, stdout_bytes=3 * 2**30, stderr_bytes=7,
+    stdout_truncated=True, stderr_truncated=False, error="node lost", cancel_requested=True, owner="alice",
+    entrypoint="main", lint="before", input_files=3, output_files=2, result_bytes=17, lint_findings=4,
+    unit="unitbox-warm-0001.service",
+)
+
+
+async def test_a_record_comes_back_as_it_was_written_every_field(store: RunStore) -> None:
+    inserted = await store.insert(record(rid(1), limits=Limits(timeout_s=3.5, memory_mb=64)))
+    assert inserted.seq > 0
+    assert await store.get(rid(1)) == inserted
+    final = inserted.evolve(**EVERY_FIELD)
+    await store.update(final)
+    assert await store.get(rid(1)) == final
+    assert await store.get(rid(2)) is None
+
+
+async def test_every_field_survives_a_restart(make_store: MakeStore) -> None:
+    """Read by a new store (no memory of the write): a value above 2^31 included."""
+    first = make_store()
+    await first.open()
+    final = (await first.insert(record(rid(1)))).evolve(**EVERY_FIELD)
+    await first.update(final)
+    await first.close()
+    second = make_store()
+    await second.open()
+    try:
+        assert await second.get(rid(1)) == final
+    finally:
+        await second.close()
+
+
+async def test_seq_follows_arrival_and_pages_go_newest_first(store: RunStore) -> None:
+    owners = ["alice", "bob", "bob", "bob", None, "alice"]
+    inserted = [await store.insert(record(rid(n), owner=owner)) for n, owner in enumerate(owners)]
+    assert [r.seq for r in inserted] == sorted({r.seq for r in inserted})
+    await store.update(inserted[2].evolve(state=RunState.FAILED, finished_at=5.0))
+    everything = await store.page(None, 10, None)
+    assert [r.id for r in everything] == [rid(n) for n in reversed(range(6))]
+    first, second = await store.page(None, 4, None), await store.page(None, 4, inserted[2].seq)
+    assert [r.id for r in first + second] == [r.id for r in everything]
+    assert [r.id for r in await store.page(None, 10, None, owner="bob")] == [rid(3), rid(2), rid(1)]
+    assert [r.id for r in await store.page(None, 1, None, owner="alice")] == [rid(5)]
+    assert [r.id for r in await store.page(RunState.FAILED, 10, None)] == [rid(2)]
+    assert await store.page(RunState.FAILED, 10, None, owner="alice") == []
+
+
+async def test_unfinished_runs_are_listed_oldest_first(store: RunStore) -> None:
+    states = [RunState.RUNNING, RunState.SUCCEEDED, RunState.QUEUED, RunState.CANCELLED, RunState.STARTING]
+    for number, state in enumerate(states):
+        inserted = await store.insert(record(rid(number)))
+        await store.update(inserted.evolve(state=state, finished_at=2.0 if state.terminal else None))
+    assert [r.id for r in await store.unfinished()] == [rid(0), rid(2), rid(4)]
+
+
+async def test_retention_finds_finished_runs_by_age_and_size_and_deletes_them(store: RunStore) -> None:
+    for number, finished in enumerate([5.0, None, 3.0, 9.0]):
+        inserted = await store.insert(record(rid(number)))
+        if finished is not None:
+            await store.update(inserted.evolve(state=RunState.SUCCEEDED, finished_at=finished,
+                                               stdout_bytes=100 * number, stderr_bytes=number))
+    assert await store.finished_before(6.0) == [rid(0), rid(2)]  # by arrival, not by end
+    assert await store.finished_oldest_first() == [(rid(0), 0), (rid(2), 202), (rid(3), 303)]
+    await store.delete([rid(0), rid(2)])
+    assert await store.get(rid(0)) is None and await store.get(rid(2)) is None  # the recent final too
+    assert await store.known_ids([rid(n) for n in range(4)]) == {rid(1), rid(3)}
+    await store.delete([])
+
+
+async def test_known_ids_answers_for_many_ids_at_once(store: RunStore) -> None:
+    for number in (7, 1100):
+        await store.insert(record(rid(number)))
+    assert await store.known_ids([rid(n) for n in range(1200)]) == {rid(7), rid(1100)}
+    assert await store.known_ids([]) == set()
+
+
+async def test_a_second_insert_of_an_id_is_refused_and_harms_nothing(store: RunStore) -> None:
+    first = await store.insert(record(rid(1)))
+    results = await asyncio.gather(store.insert(record(rid(2))), store.insert(record(rid(1))),
+                                   store.insert(record(rid(3))), return_exceptions=True)
+    refused = results[1]
+    assert isinstance(refused, Unavailable) and "the run store refused a change" in refused.message
+    assert await store.get(rid(1)) == first
+    assert await store.known_ids([rid(1), rid(2), rid(3)]) == {rid(1), rid(2), rid(3)}
+
+
+async def test_many_writes_at_once_all_land(store: RunStore) -> None:
+    inserted = await asyncio.gather(*(store.insert(record(rid(n))) for n in range(64)))
+    assert len({r.seq for r in inserted}) == 64
+    await asyncio.gather(*(store.update(r.evolve(state=RunState.RUNNING, started_at=2.0)) for r in inserted))
+    assert {r.state for r in await store.page(None, 100, None)} == {RunState.RUNNING}
+
+
+async def test_a_closed_store_answers_unavailable(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    await store.close()
+    calls: list[Awaitable[object]] = [store.insert(record(rid(1))), store.get(rid(1)), store.ping(), store.open(),
+                                      store.page(None, 1, None)]
+    for call in calls:
+        with pytest.raises(Unavailable, match="the run store is closed"):
+            await call
+    await store.close()  # twice is fine
+
+
+async def test_a_reopened_store_migrates_nothing_and_loses_nothing(make_store: MakeStore) -> None:
+    for number in range(2):
+        store = make_store()
+        await store.open()
+        await store.insert(record(rid(number)))
+        assert [r.id for r in await store.page(None, 10, None)] == [rid(n) for n in reversed(range(number + 1))]
+        await store.close()
+
+
+def test_both_engines_have_the_same_migrations() -> None:
+    sqlite, postgresql = migrations("sqlite"), migrations("postgresql")
+    assert len(sqlite) == len(postgresql) == 4
+    for mine, theirs in zip(sqlite, postgresql, strict=True):
+        assert mine.count("ADD COLUMN") == theirs.count("ADD COLUMN")
+        assert mine.count("CREATE INDEX") == theirs.count("CREATE INDEX")
