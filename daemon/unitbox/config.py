@@ -11,6 +11,7 @@ comma-separated lists the environment has always accepted."""
 from __future__ import annotations
 
 import os
+import socket
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -152,6 +153,11 @@ class Config(BaseSettings):
     # The run store (store/): None is SQLite under state_dir; a PostgreSQL URL (libpq's form,
     # "postgresql:///unitbox?host=/run/postgresql") keeps the records in that database.
     store: str | None = None
+    # Nodes sharing a PostgreSQL store (docs/operations.md "Several nodes"): this daemon's name
+    # there (None: the host name) and the URL the other nodes relay requests for its runs to
+    # (None: http:// and the first TCP address of `listen`; a wildcard address becomes the host name).
+    node: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    advertise: str | None = Field(default=None, pattern=r"^https?://[^/]+$")
     # The broker's socket (the packaged split: the daemon as its own user, the
     # broker a root unit of its own); None: the daemon, as root, starts the
     # broker as its child (`unitbox serve` by hand, `make run`, the tests).
@@ -270,6 +276,23 @@ class Config(BaseSettings):
         return self.max_limits.to_limits()
 
     # The state directory's parts: who writes each is the point (docs/sandbox.md).
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+    @property
+    def advertise_url(self) -> str:
+        """Where other nodes reach this one: `advertise`, or the first TCP `listen` address."""
+        if self.advertise is not None:
+            return self.advertise
+        for address in self.listen:
+            target = parse_listen(address)
+            if isinstance(target, tuple):
+                host, port = target
+                host = socket.gethostname() if host in ("0.0.0.0", "::") else host
+                return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"http://{socket.gethostname()}"  # Unix sockets only: set `advertise` for a cluster
+
     @property
     def data_dir(self) -> Path:
         """The daemon's own: its database and each run's inputs and output (its user's)."""

@@ -26,6 +26,7 @@ from unitbox import notify
 from unitbox.admission import Admission
 from unitbox.broker.client import Broker
 from unitbox.budget import DiskBudget, submission_bytes
+from unitbox.cluster import Cluster, Load
 from unitbox.config import Config
 from unitbox.errors import Busy, InvalidInput, NotFound, Unavailable, UnitboxError
 from unitbox.follow import Follower, Followers
@@ -106,6 +107,10 @@ class Engine:
                               run_dir=self.run_dir, stored_fds=stored_fds, on_advance=self._followers.advanced)
         self._stopped = False
         self._linter = find_linter(config)  # the broker finds the same one
+        self.cluster = Cluster(config, store, lambda: Load(self.executing, self.queue_depth))
+        if self.cluster.shared:
+            self.metrics.gauge("unitbox_cluster_queue_depth", "Runs queued on any node of the cluster "
+                               "(as of this node's last heartbeat).", lambda: self.cluster.queued_everywhere)
         self.metrics.gauge("unitbox_runs_in_flight", "Runs starting or running.", lambda: self.executing)
         self.metrics.gauge("unitbox_queue_depth", "Runs waiting for a free slot.", lambda: self.queue_depth)
         self.metrics.gauge("unitbox_stored_bytes", "Bytes stored for runs, against retention.max_total_mb.",
@@ -126,6 +131,8 @@ class Engine:
         runner.accepting = True
         await runner.take_over(await recover(self._store, self._broker, self.config))
         runner.spawn(runner.records.retry_unsaved())
+        if self.cluster.shared:
+            runner.spawn(self.cluster.heartbeat_loop())
         files = RunFiles(self.config.runs_dir, self.config.ends_dir, self._broker.forget)
         runner.spawn(retention_loop(self._store, files, self.config.retention, self.budget,
                                     is_live=runner.runs.__contains__))
@@ -181,7 +188,7 @@ class Engine:
         record = RunRecord(id=run_id, state=RunState.QUEUED, created_at=time.time(),
                            limits=submission.limits, runtime=submission.runtime, owner=submission.owner,
                            entrypoint=submission.entrypoint, lint=submission.lint.value,
-                           input_files=len(submission.files))
+                           input_files=len(submission.files), node=self._store.node)
         entry = f"{submission.entrypoint} {self.config.result_kb * 1024}" if submission.entrypoint else None
         try:
             # In a thread: its 6 fsyncs would hold the loop ≈0.7 ms (more on a slow disk); the hop costs ≈0.08.
@@ -277,6 +284,13 @@ class Engine:
         if run is None:
             return record, False
         return await self._runner.cancel(run)
+
+    async def home_of(self, run_id: str, caller: Caller = EVERYONE) -> tuple[str, str] | None:
+        """(node, URL) of the node a run is on, when that is another node of
+        the cluster (api/relay.py relays there); None: answered here."""
+        if not self.cluster.shared or run_id in self._runner.runs:
+            return None
+        return await self.cluster.home_of(await self.get(run_id, caller))
 
     async def health(self) -> Health:
         """systemd answering (the broker's heartbeat, cached: no call to PID 1

@@ -30,6 +30,13 @@ class Unauthorized(UnitboxError):
     code = "unauthorized"
 
 
+class Forbidden(UnitboxError):
+    """A token that may not do this (an admin's endpoint)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(UnitboxError):
     status = 404
     code = "not_found"

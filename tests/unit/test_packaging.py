@@ -39,7 +39,7 @@ def test_the_shipped_config_names_every_key_with_its_default() -> None:
     live = tomllib.loads(_uncommented())
     defaults = Config().model_dump(mode="json")
     machine_dependent = {"max_concurrent", "max_limits.cpu_percent"}
-    examples = {"broker_socket", "store"}  # default None, which TOML cannot write: shown with an example
+    examples = {"broker_socket", "store", "node", "advertise"}  # default None, which TOML cannot write: shown with an example
 
     def check(model: type[BaseModel], values: dict[str, Any], expected: dict[str, Any], prefix: str) -> None:
         for name in model.model_fields:

@@ -13,11 +13,11 @@ import pytest
 from unitbox.errors import Unavailable
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import RunRecord, RunStore
+from unitbox.store import NodeInfo, RunRecord, RunStore
 from unitbox.store.schema import migrations
 from unitbox.store.sqlite import SqliteStore
 
-MakeStore = Callable[[], RunStore]
+MakeStore = Callable[..., RunStore]
 
 
 def record(run_id: str, **fields: object) -> RunRecord:
@@ -30,12 +30,13 @@ def rid(number: int) -> str:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
-    """A factory of stores on one empty database: each call, a new store on it (as a restarted daemon)."""
+    """A factory of stores on one empty database: each call, a new store on it (as a restarted
+    daemon, or with `node=`, another node sharing it)."""
     if request.param == "sqlite":
-        return lambda: SqliteStore(tmp_path / "unitbox.db")
+        return lambda node=None: SqliteStore(tmp_path / "unitbox.db", node=node)
     url = request.getfixturevalue("postgres").new_database()  # skipped here without a server to start
     from unitbox.store.postgres import PostgresStore  # psycopg needs libpq5, which the server brings
-    return lambda: PostgresStore(url)
+    return lambda node=None: PostgresStore(url, node=node)
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ EVERY_FIELD = dict(
     duration_ms=1250.5, cpu_ms=99.25, memory_peak_bytes=6 * 2**30, stdout_bytes=3 * 2**30, stderr_bytes=7,
     stdout_truncated=True, stderr_truncated=False, error="node lost", cancel_requested=True, owner="alice",
     entrypoint="main", lint="before", input_files=3, output_files=2, result_bytes=17, lint_findings=4,
-    unit="unitbox-warm-0001.service",
+    unit="unitbox-warm-0001.service", node="node-a",
 )
 
 
@@ -162,9 +163,44 @@ async def test_a_reopened_store_migrates_nothing_and_loses_nothing(make_store: M
         await store.close()
 
 
+async def test_a_node_recovers_and_retains_only_its_own_runs_and_reads_them_all(make_store: MakeStore) -> None:
+    a, b = make_store(node="a"), make_store(node="b")
+    await a.open()
+    await b.open()
+    try:
+        for number, (store, state) in enumerate([(a, RunState.RUNNING), (b, RunState.RUNNING),
+                                                 (a, RunState.SUCCEEDED), (b, RunState.SUCCEEDED)]):
+            inserted = await store.insert(record(rid(number), node=store.node))
+            await store.update(inserted.evolve(state=state, finished_at=2.0 if state.terminal else None,
+                                               stdout_bytes=number))
+        assert [r.id for r in await a.unfinished()] == [rid(0)]
+        assert [r.id for r in await b.unfinished()] == [rid(1)]
+        assert await a.finished_before(3.0) == [rid(2)] and await a.finished_oldest_first() == [(rid(2), 2)]
+        assert await b.finished_before(3.0) == [rid(3)] and await b.finished_oldest_first() == [(rid(3), 3)]
+        for store in (a, b):  # reads see every node's runs
+            assert [r.id for r in await store.page(None, 10, None)] == [rid(n) for n in (3, 2, 1, 0)]
+            assert (await store.get(rid(1)), await store.get(rid(2))) != (None, None)
+            assert await store.queued() == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_nodes_heartbeat_and_are_listed_by_name(store: RunStore) -> None:
+    beat = NodeInfo(name="b", url="http://b:8080", capacity=2, running=1, queued=3, started_at=1.0,
+                    heartbeat_at=2.0)
+    await store.heartbeat(beat)
+    await store.heartbeat(beat.evolve(name="a", url="http://a:8080"))
+    await store.heartbeat(beat.evolve(running=0, queued=0, heartbeat_at=4.5))  # b again: refreshed, not added
+    assert await store.nodes() == [beat.evolve(name="a", url="http://a:8080"),
+                                   beat.evolve(running=0, queued=0, heartbeat_at=4.5)]
+    await store.insert(record(rid(1)))
+    assert await store.queued() == 1
+
+
 def test_both_engines_have_the_same_migrations() -> None:
     sqlite, postgresql = migrations("sqlite"), migrations("postgresql")
-    assert len(sqlite) == len(postgresql) == 4
+    assert len(sqlite) == len(postgresql) == 5
     for mine, theirs in zip(sqlite, postgresql, strict=True):
         assert mine.count("ADD COLUMN") == theirs.count("ADD COLUMN")
         assert mine.count("CREATE INDEX") == theirs.count("CREATE INDEX")

@@ -13,8 +13,14 @@ from unitbox.api import events, files, handlers, output, playground
 from unitbox.api.auth import auth_middleware
 from unitbox.api.errors import Handler, error_middleware
 from unitbox.api.openapi import build_openapi
+from unitbox.api.relay import relay_middleware, relay_session
 from unitbox.api.state import ENGINE, OPENAPI
 from unitbox.engine import Engine
+
+# A run of another node of the cluster: answered by that node (api/relay.py). The
+# others (status, listing, wait) come from the shared store here.
+RELAYED: set[Handler] = {output.output, events.events, handlers.cancel, files.list_files, files.get_file,
+                         files.code}
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/run-json", handlers.run_json),
@@ -30,6 +36,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/runs/{id}/code", files.code),
     ("GET", "/runtimes", handlers.runtimes),
     ("GET", "/limits", handlers.limits),
+    ("GET", "/nodes", handlers.nodes),
     ("GET", "/healthz", handlers.healthz),
     ("GET", "/metrics", handlers.metrics),
     ("GET", "/openapi.json", handlers.openapi),
@@ -39,7 +46,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
 def create_app(engine: Engine, *, manage_engine: bool = True, shutdown_grace_s: float = 0.0) -> web.Application:
     """`manage_engine`: start the engine with the app and stop it on cleanup."""
     config = engine.config
-    middlewares: list[Middleware] = [error_middleware, auth_middleware(config.tokens)]
+    middlewares: list[Middleware] = [error_middleware, auth_middleware(config.tokens), relay_middleware(RELAYED)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_request_kb * 1024)
     app[ENGINE] = engine
     app[OPENAPI] = build_openapi()
@@ -48,6 +55,7 @@ def create_app(engine: Engine, *, manage_engine: bool = True, shutdown_grace_s: 
         app.router.add_route(method, path + "/", handler)
     if config.playground:
         playground.add_routes(app)
+    app.cleanup_ctx.append(relay_session)
 
     if manage_engine:
         async def engine_lifetime(_: web.Application) -> AsyncIterator[None]:

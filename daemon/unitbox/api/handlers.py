@@ -24,6 +24,8 @@ from unitbox.api.models import (
     HealthOut,
     LimitsIn,
     LimitsOut,
+    NodeOut,
+    NodesOut,
     RunOut,
     RunRequest,
     RunsPage,
@@ -36,9 +38,11 @@ from unitbox.api.models import (
     decode_source,
 )
 from unitbox.api.state import ENGINE, OPENAPI
+from unitbox.cluster import ALIVE_S
 from unitbox.engine import Submission
 from unitbox.errors import (
     BadRequest,
+    Forbidden,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
@@ -310,10 +314,23 @@ async def limits(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     health = await engine.health()
+    node = engine.cluster.name
     if not health.ok:
-        return _json(HealthOut(status="unavailable", reason=health.reason), status=503)
-    return _json(HealthOut(status="ok", systemd=health.systemd_version, running=engine.executing,
+        return _json(HealthOut(status="unavailable", node=node, reason=health.reason), status=503)
+    return _json(HealthOut(status="ok", node=node, systemd=health.systemd_version, running=engine.executing,
                            queued=engine.queue_depth))
+
+
+async def nodes(request: web.Request) -> web.Response:
+    """The nodes sharing this one's store (admins only): one, with a store of its own."""
+    if not caller_of(request).admin:
+        raise Forbidden("only an admin token may list the nodes")
+    cluster = request.app[ENGINE].cluster
+    found, now = await cluster.nodes(), time.time()
+    return _json(NodesOut(queued=sum(n.queued for n in found), nodes=[
+        NodeOut(name=n.name, url=n.url, capacity=n.capacity, running=n.running, queued=n.queued,
+                started_at=n.started_at, heartbeat_at=n.heartbeat_at, alive=now - n.heartbeat_at < ALIVE_S,
+                this=n.name == cluster.name) for n in found]))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -179,6 +179,8 @@ class RunOut(BaseModel):
     signal: str | None = Field(description="The signal that ended it (e.g. SIGKILL, SIGSEGV); null if it exited.")
     unit: str = Field(description="Its systemd unit: unitbox-run-<id>.service, or the warm unit it was handed "
                                   "to, unitbox-warm-<slot>.service (its description names the run).")
+    node: str | None = Field(default=None, description="The node it runs on when several share a store "
+                                                       "(docs/operations.md); null with a store of its own.")
     runtime: str = Field(description="The runtime it ran with.")
     created_at: Timestamp = Field(description="When it was accepted.")
     started_at: Timestamp = Field(description="When its unit started; null until then.")
@@ -234,7 +236,7 @@ class RunOut(BaseModel):
                      "inline_truncated": details.inline_truncated}
         return cls(
             id=record.id, state=record.state, exit_code=record.exit_code, signal=record.signal,
-            unit=record.unit or unit_name(record.id),
+            unit=record.unit or unit_name(record.id), node=record.node,
             runtime=record.runtime, created_at=_time(record.created_at), started_at=_time(record.started_at),
             finished_at=_time(record.finished_at), duration_ms=record.duration_ms, cpu_ms=record.cpu_ms,
             memory_peak_bytes=record.memory_peak_bytes, limits=LimitsOut.model_validate(record.limits.as_dict()),
@@ -283,8 +285,26 @@ class ServerLimitsOut(BaseModel):
     maxima: LimitsOut = Field(description="The most a request may ask for; above is a 422.")
 
 
+class NodeOut(BaseModel):
+    name: str = Field(description="The node's name (`node` in its config; its host name by default).")
+    url: str = Field(description="Where the other nodes relay requests for its runs.")
+    capacity: int = Field(description="Runs it executes at once (its `max_concurrent`).")
+    running: int = Field(description="Runs starting or running there, at its last heartbeat.")
+    queued: int = Field(description="Runs waiting there for a free slot, at its last heartbeat.")
+    started_at: float = Field(description="When its daemon started (Unix time).")
+    heartbeat_at: float = Field(description="Its last heartbeat (Unix time); one every 2 s.")
+    alive: bool = Field(description="Its last heartbeat is less than 6 s old.")
+    this: bool = Field(description="It is the node that answers this request.")
+
+
+class NodesOut(BaseModel):
+    nodes: list[NodeOut]
+    queued: int = Field(description="Runs queued on any node.")
+
+
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
+    node: str | None = Field(default=None, description="The node that answers (clusters: docs/operations.md).")
     systemd: str | None = None
     running: int = 0
     queued: int = 0

@@ -13,6 +13,7 @@ from unitbox.api.models import (
     ErrorOut,
     FilesOut,
     HealthOut,
+    NodesOut,
     OutputOut,
     RunOut,
     RunRequest,
@@ -25,6 +26,7 @@ from unitbox.api.models import (
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
     "400": "Malformed JSON or multipart body", "401": "Missing or wrong bearer token",
+    "403": "The token may not do this (admins only)",
     "404": "Unknown id or path", "405": "Wrong method", "408": "Body not received within body_timeout_s",
     "413": "Body over the configured size",
     "415": "Wrong content type", "422": "Well-formed but invalid", "503": "Queue full or service unavailable",
@@ -69,7 +71,7 @@ def _wait_param() -> dict[str, Any]:
 
 def build_openapi() -> dict[str, Any]:
     models: list[type[BaseModel]] = [RunRequest, RunOut, SubmitOut, OutputOut, RunsPage, RuntimesOut,
-                                     ServerLimitsOut, HealthOut, FilesOut, ErrorOut]
+                                     ServerLimitsOut, HealthOut, NodesOut, FilesOut, ErrorOut]
     _, schemas = models_json_schema([(m, "serialization" if m is not RunRequest else "validation")
                                      for m in models], ref_template=_REF)
     submitted = {
@@ -159,6 +161,10 @@ def build_openapi() -> dict[str, Any]:
             "responses": {"200": {"description": "The source bytes (UTF-8 unless its coding line says otherwise)",
                                   "content": {"text/x-python": {"schema": {"type": "string"}}}},
                           **_errors("401", "404")}}},
+        "/nodes": {"get": {
+            "summary": "The nodes sharing this one's run store (admins only)", "operationId": "listNodes",
+            "responses": {"200": _json_body(NodesOut, "The nodes; one with a store of its own"),
+                          **_errors("401", "403", "503")}}},
         "/healthz": {"get": {
             "summary": "Liveness: can the daemon reach systemd", "operationId": "healthz",
             "responses": {"200": _json_body(HealthOut, "Healthy"), "503": _json_body(HealthOut, "Unhealthy")}}},

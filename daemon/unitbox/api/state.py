@@ -6,8 +6,9 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import ClientSession, web
 
+from unitbox.cluster import Cluster
 from unitbox.config import Config
 from unitbox.engine import Health, Submission
 from unitbox.follow import Follower
@@ -26,6 +27,7 @@ class RunService(Protocol):
 
     config: Config
     metrics: Metrics
+    cluster: Cluster
 
     @property
     def executing(self) -> int: ...
@@ -43,7 +45,9 @@ class RunService(Protocol):
     async def output_files(self, run_id: str, caller: Caller) -> tuple[RunRecord, OutputFiles]: ...
     async def runtimes(self) -> list[RuntimeInfo]: ...
     async def health(self) -> Health: ...
+    async def home_of(self, run_id: str, caller: Caller) -> tuple[str, str] | None: ...
 
 
 ENGINE = web.AppKey("engine", RunService)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+RELAY_SESSION = web.AppKey("relay_session", ClientSession)

@@ -50,15 +50,38 @@ class RunRecord:
     result_bytes: int | None = None  # size of the entrypoint's value as JSON; None: no value
     lint_findings: int | None = None  # None: no lint report
     unit: str | None = None  # the warm unit it was handed to (broker/warm.py); None: its own unitbox-run-<id>
+    node: str | None = None  # the node that accepted and runs it (a PostgreSQL store); None: the only one
     seq: int = 0
 
     def evolve(self, **changes: Any) -> RunRecord:
         return replace(self, **changes)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A daemon sharing the store, as its last heartbeat told."""
+
+    name: str
+    url: str  # where the other nodes relay requests for its runs
+    capacity: int  # max_concurrent
+    running: int
+    queued: int
+    started_at: float
+    heartbeat_at: float
+
+    def evolve(self, **changes: Any) -> NodeInfo:
+        return replace(self, **changes)
+
+
 class RunStore(Protocol):
     """What the engine, recovery and retention ask of a store. Every method
-    raises Unavailable when the store cannot answer."""
+    raises Unavailable when the store cannot answer.
+
+    `node`: the node this daemon is in a shared store (None: the store is its
+    own). Recovery and retention see only that node's runs: another node's
+    unfinished runs are its own to settle, its files are on its disk."""
+
+    node: str | None
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -78,19 +101,33 @@ class RunStore(Protocol):
         ...
 
     async def unfinished(self) -> list[RunRecord]:
-        """Runs not in a terminal state, oldest first (for restart reconciliation)."""
+        """This node's runs not in a terminal state, oldest first (for restart reconciliation)."""
         ...
 
-    async def finished_before(self, cutoff: float) -> list[str]: ...
+    async def finished_before(self, cutoff: float) -> list[str]:
+        """This node's runs that finished before `cutoff`, oldest first."""
+        ...
 
     async def finished_oldest_first(self) -> list[tuple[str, int]]:
-        """(id, stored output bytes) of every finished run, oldest first."""
+        """(id, stored output bytes) of every finished run of this node, oldest first."""
         ...
 
     async def delete(self, run_ids: Sequence[str]) -> None: ...
 
     async def known_ids(self, run_ids: Collection[str]) -> set[str]:
         """Those of `run_ids` that have a record."""
+        ...
+
+    async def heartbeat(self, node: NodeInfo) -> None:
+        """Records (or refreshes) a node's row."""
+        ...
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every node that ever beat, by name."""
+        ...
+
+    async def queued(self) -> int:
+        """Runs queued on any node."""
         ...
 
 
@@ -144,4 +181,4 @@ def open_store(config: Config) -> RunStore:
         from unitbox.store.sqlite import SqliteStore
         return SqliteStore(config.database_path)
     from unitbox.store.postgres import PostgresStore  # psycopg (and libpq) only when asked for
-    return PostgresStore(config.store)
+    return PostgresStore(config.store, node=config.node_name)

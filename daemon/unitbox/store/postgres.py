@@ -29,8 +29,18 @@ from psycopg_pool import AsyncConnectionPool
 
 from unitbox.errors import Unavailable
 from unitbox.outcome import RunState
-from unitbox.store import UNFINISHED, RecentFinals, RunRecord, unavailable_message
-from unitbox.store.schema import COLUMNS, from_row, migrations, page_query, to_row
+from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunRecord, unavailable_message
+from unitbox.store.schema import (
+    COLUMNS,
+    from_row,
+    heartbeat_query,
+    migrations,
+    node_from_row,
+    node_row,
+    node_scope,
+    page_query,
+    to_row,
+)
 
 T = TypeVar("T")
 Connection = psycopg.AsyncConnection[DictRow]
@@ -60,8 +70,9 @@ def _unavailable(exc: psycopg.Error) -> Unavailable:
 
 
 class PostgresStore:
-    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, url: str, *, node: str | None = None, pool_size: int = POOL_SIZE) -> None:
         self.url = url
+        self.node = node
         self._pool_size = pool_size
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._closed = False
@@ -219,18 +230,22 @@ class PostgresStore:
         return [from_row(r) for r in await self._rows(query, params)]
 
     async def unfinished(self) -> list[RunRecord]:
-        states = [str(s) for s in UNFINISHED]
-        rows = await self._rows("SELECT * FROM runs WHERE state = ANY(%s) ORDER BY seq", (states,))
+        scope, mine = node_scope(self.node, mark="%s")
+        rows = await self._rows(f"SELECT * FROM runs WHERE state = ANY(%s){scope} ORDER BY seq",  # noqa: S608
+                                [[str(s) for s in UNFINISHED], *mine])
         return [from_row(r) for r in rows]
 
     async def finished_before(self, cutoff: float) -> list[str]:
+        scope, mine = node_scope(self.node, mark="%s")
         rows = await self._rows(
-            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < %s ORDER BY seq", (cutoff,))
+            f"SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < %s{scope} ORDER BY seq",  # noqa: S608
+            [cutoff, *mine])
         return [r["id"] for r in rows]
 
     async def finished_oldest_first(self) -> list[tuple[str, int]]:
-        rows = await self._rows(
-            "SELECT id, stdout_bytes + stderr_bytes AS stored FROM runs WHERE finished_at IS NOT NULL ORDER BY seq")
+        scope, mine = node_scope(self.node, mark="%s")
+        rows = await self._rows(f"SELECT id, stdout_bytes + stderr_bytes AS stored FROM runs "  # noqa: S608
+                                f"WHERE finished_at IS NOT NULL{scope} ORDER BY seq", mine)
         return [(r["id"], int(r["stored"])) for r in rows]
 
     async def delete(self, run_ids: Sequence[str]) -> None:
@@ -245,3 +260,17 @@ class PostgresStore:
         if not run_ids:
             return set()
         return {r["id"] for r in await self._rows("SELECT id FROM runs WHERE id = ANY(%s)", (list(run_ids),))}
+
+    async def heartbeat(self, node: NodeInfo) -> None:
+        row = node_row(node)
+
+        async def beat(conn: Connection) -> None:
+            await conn.execute(heartbeat_query("%s"), row)
+        await self._transaction(beat, durable=False)
+
+    async def nodes(self) -> list[NodeInfo]:
+        return [node_from_row(r) for r in await self._rows("SELECT * FROM nodes ORDER BY name")]
+
+    async def queued(self) -> int:
+        rows = await self._rows("SELECT count(*) AS queued FROM runs WHERE state = %s", (str(RunState.QUEUED),))
+        return int(rows[0]["queued"])

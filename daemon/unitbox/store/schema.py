@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import RunRecord
+from unitbox.store import NodeInfo, RunRecord
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -62,6 +62,17 @@ _MIGRATIONS: list[str] = [
     """
     ALTER TABLE runs ADD COLUMN unit TEXT;
     """,
+    # 5: nodes sharing a PostgreSQL store: the node each run is on, and each node's heartbeat
+    """
+    ALTER TABLE runs ADD COLUMN node TEXT;
+    CREATE INDEX runs_node ON runs(node, state);
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        capacity {int} NOT NULL, running {int} NOT NULL, queued {int} NOT NULL,
+        started_at {real} NOT NULL, heartbeat_at {real} NOT NULL
+    );
+    """,
 ]
 
 
@@ -104,3 +115,27 @@ def page_query(state: RunState | None, limit: int, before_seq: int | None, owner
         query += f" AND state = {mark}"
         params.append(str(state))
     return query + f" ORDER BY seq DESC LIMIT {mark}", [*params, limit]
+
+
+def node_scope(node: str | None, *, mark: str) -> tuple[str, list[Any]]:
+    """The condition (`AND …`) that keeps a query to `node`'s runs; none for a store of one node."""
+    return ("", []) if node is None else (f" AND node = {mark}", [node])
+
+
+NODE_COLUMNS = [f.name for f in fields(NodeInfo)]
+
+
+def heartbeat_query(mark: str) -> str:
+    """Insert or refresh a node's row (the same statement in SQLite >= 3.24 and PostgreSQL)."""
+    marks = ", ".join([mark] * len(NODE_COLUMNS))
+    refresh = ", ".join(f"{c} = excluded.{c}" for c in NODE_COLUMNS if c != "name")
+    return (f"INSERT INTO nodes ({', '.join(NODE_COLUMNS)}) VALUES ({marks}) "  # noqa: S608
+            f"ON CONFLICT (name) DO UPDATE SET {refresh}")
+
+
+def node_row(node: NodeInfo) -> list[Any]:
+    return [getattr(node, c) for c in NODE_COLUMNS]
+
+
+def node_from_row(row: Mapping[str, Any]) -> NodeInfo:
+    return NodeInfo(**{c: row[c] for c in NODE_COLUMNS})

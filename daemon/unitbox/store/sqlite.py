@@ -41,8 +41,18 @@ from typing import Any, TypeVar
 
 from unitbox.errors import Unavailable
 from unitbox.outcome import RunState
-from unitbox.store import UNFINISHED, RecentFinals, RunRecord, unavailable_message
-from unitbox.store.schema import COLUMNS, from_row, migrations, page_query, to_row
+from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunRecord, unavailable_message
+from unitbox.store.schema import (
+    COLUMNS,
+    from_row,
+    heartbeat_query,
+    migrations,
+    node_from_row,
+    node_row,
+    node_scope,
+    page_query,
+    to_row,
+)
 
 T = TypeVar("T")
 
@@ -76,8 +86,9 @@ _Write = tuple[Callable[[sqlite3.Connection], Any], bool, "asyncio.Future[Any]"]
 
 
 class SqliteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, node: str | None = None) -> None:
         self.path = path
+        self.node = node
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unitbox-store")
         self._db: sqlite3.Connection | None = None
         self._closed = False
@@ -240,22 +251,25 @@ class SqliteStore:
         return await self._run(page)
 
     async def unfinished(self) -> list[RunRecord]:
-        """Runs not in a terminal state, oldest first (for restart reconciliation)."""
+        scope, mine = node_scope(self.node, mark="?")
         states = [str(s) for s in UNFINISHED]
 
         def unfinished(db: sqlite3.Connection) -> list[RunRecord]:
-            rows = db.execute("SELECT * FROM runs WHERE state IN (?, ?, ?) ORDER BY seq", states)
+            rows = db.execute(f"SELECT * FROM runs WHERE state IN (?, ?, ?){scope} ORDER BY seq", [*states, *mine])  # noqa: S608
             return [from_row(r) for r in rows]
         return await self._run(unfinished)
 
     async def finished_before(self, cutoff: float) -> list[str]:
+        scope, mine = node_scope(self.node, mark="?")
         return await self._run(lambda db: [r[0] for r in db.execute(
-            "SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY seq", (cutoff,))])
+            f"SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?{scope} ORDER BY seq",  # noqa: S608
+            [cutoff, *mine])])
 
     async def finished_oldest_first(self) -> list[tuple[str, int]]:
-        """(id, stored output bytes) of every finished run, oldest first."""
+        scope, mine = node_scope(self.node, mark="?")
         return await self._run(lambda db: [(r[0], r[1]) for r in db.execute(
-            "SELECT id, stdout_bytes + stderr_bytes FROM runs WHERE finished_at IS NOT NULL ORDER BY seq")])
+            f"SELECT id, stdout_bytes + stderr_bytes FROM runs WHERE finished_at IS NOT NULL{scope} ORDER BY seq",  # noqa: S608
+            mine)])
 
     async def delete(self, run_ids: Sequence[str]) -> None:
         self._recent.deleted(run_ids)
@@ -273,6 +287,17 @@ class SqliteStore:
                 found.update(r[0] for r in db.execute(f"SELECT id FROM runs WHERE id IN ({marks})", chunk))  # noqa: S608
             return found
         return await self._run(known)
+
+    async def heartbeat(self, node: NodeInfo) -> None:
+        row = node_row(node)
+        await self._write(lambda db: db.execute(heartbeat_query("?"), row))
+
+    async def nodes(self) -> list[NodeInfo]:
+        return await self._run(lambda db: [node_from_row(r) for r in db.execute("SELECT * FROM nodes ORDER BY name")])
+
+    async def queued(self) -> int:
+        return await self._run(lambda db: int(db.execute(
+            "SELECT count(*) FROM runs WHERE state = ?", (str(RunState.QUEUED),)).fetchone()[0]))
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

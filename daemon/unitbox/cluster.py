@@ -1,0 +1,83 @@
+"""Nodes sharing one PostgreSQL store (docs/operations.md "Several nodes").
+
+Each node runs the runs it accepted (they are its systemd units, their
+files on its disk) and answers for every run: status, listings and waits
+from the store; the rest (output, events, files, cancel) relayed to the
+node the run is on (api/relay.py), at the address that node publishes in
+its heartbeat. A submission's wait is always on the node that accepted
+it, so it never crosses nodes. With a store of its own (SQLite) a daemon is the only node
+and none of this runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unitbox.config import Config
+from unitbox.errors import UnitboxError
+from unitbox.store import NodeInfo, RunRecord, RunStore
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0
+ALIVE_S = 3 * HEARTBEAT_S  # a node whose last heartbeat is older is shown as not alive
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    running: int
+    queued: int
+
+
+class Cluster:
+    def __init__(self, config: Config, store: RunStore, load: Callable[[], Load]) -> None:
+        self.config = config
+        self.name = store.node or config.node_name
+        self.shared = store.node is not None
+        self._store = store
+        self._load = load
+        self._started_at = time.time()
+        self._urls: dict[str, str] = {}  # node → URL, as last read from the store
+        self.queued_everywhere = 0  # runs queued on any node, as of the last heartbeat
+
+    def me(self) -> NodeInfo:
+        load, now = self._load(), time.time()
+        return NodeInfo(name=self.name, url=self.config.advertise_url, capacity=self.config.max_concurrent,
+                        running=load.running, queued=load.queued, started_at=self._started_at, heartbeat_at=now)
+
+    async def beat(self) -> None:
+        await self._store.heartbeat(self.me())
+        self.queued_everywhere = await self._store.queued()
+
+    async def heartbeat_loop(self) -> None:
+        """This node's row, every HEARTBEAT_S. A store that does not answer is
+        /healthz's to report; the beats resume when it is back."""
+        while True:
+            try:
+                await self.beat()
+            except UnitboxError as exc:
+                log.debug("heartbeat: %s", exc.message)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def nodes(self) -> list[NodeInfo]:
+        if not self.shared:
+            return [self.me()]
+        nodes = await self._store.nodes()
+        self._urls = {node.name: node.url for node in nodes}
+        return nodes
+
+    def elsewhere(self, record: RunRecord) -> bool:
+        """`record` is a run of another node."""
+        return self.shared and record.node is not None and record.node != self.name
+
+    async def home_of(self, record: RunRecord) -> tuple[str, str] | None:
+        """(node, URL) of the node `record` is on, when that is another one."""
+        if not self.elsewhere(record) or record.node is None:
+            return None
+        if record.node not in self._urls:
+            await self.nodes()
+        url = self._urls.get(record.node)
+        return (record.node, url) if url is not None else None

@@ -1,0 +1,121 @@
+"""Two nodes sharing one PostgreSQL store (a real throw-away server; systemd
+faked), each a real HTTP server: any node answers for any run. Status,
+listings and waits come from the store; output, events, files, code and
+cancel are relayed to the node the run is on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from tests.support.daemon import free_port
+from tests.support.fake_systemd import FakeSystemd, fake_broker, until
+from tests.support.postgres import Postgres
+from unitbox.api.app import create_app
+from unitbox.config import load_config
+from unitbox.engine import Engine
+from unitbox.profile import unit_name
+from unitbox.runtimes import Runtimes
+from unitbox.store import open_store
+
+Client = TestClient[Any, web.Application]
+MakeNode = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def make_node(tmp_path: Path, postgres: Postgres, aiohttp_client: Any) -> AsyncIterator[MakeNode]:
+    url = postgres.new_database()
+
+    async def make(name: str, fake: FakeSystemd | None = None, **settings: Any) -> Client:
+        port = free_port()
+        cfg = load_config(Path("/dev/null"), environ={}, cli={
+            "state_dir": str(tmp_path / name), "store": url, "node": name,
+            "advertise": f"http://127.0.0.1:{port}", **settings})
+        engine = Engine(cfg, fake_broker(cfg, fake or FakeSystemd()), open_store(cfg), Runtimes(cfg))
+        client: Client = await aiohttp_client(TestServer(create_app(engine), port=port))
+        return client
+    yield make
+
+
+async def test_any_node_answers_for_a_run_of_another(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    run = await (await a.post("/run-json?wait=true", json={"code": "print(1)"})).json()
+    assert run["state"] == "succeeded"
+    seen_from_b = await (await b.get(f"/status/{run['id']}")).json()
+    assert {k: seen_from_b[k] for k in ("id", "state", "exit_code")} == {k: run[k] for k in ("id", "state", "exit_code")}
+    assert [r["id"] for r in (await (await b.get("/runs")).json())["runs"]] == [run["id"]]
+    for path in (f"/output/{run['id']}", f"/output/{run['id']}?stream=stdout", f"/runs/{run['id']}/code",
+                 f"/runs/{run['id']}/files", f"/runs/{run['id']}/events"):
+        here, there = await a.get(path), await b.get(path)
+        assert (there.status, await there.read()) == (here.status, await here.read()), path
+    assert (await b.get(f"/output/{run['id']}")).headers.get("Content-Type") == "application/json; charset=utf-8"
+    cancelled = await b.post(f"/runs/{run['id']}/cancel")
+    assert cancelled.status == 200  # already over: unchanged, as its own node answers
+    assert (await b.get("/output/0123456789abcdef")).status == 404
+
+
+async def test_a_live_run_s_events_stream_through_another_node_as_they_come(make_node: MakeNode) -> None:
+    fake = FakeSystemd(auto_finish=False)
+    a, b = await make_node("a", fake), await make_node("b")
+    run = await (await a.post("/run-json", json={"code": "print(1)"})).json()
+    await until(lambda: fake._live(unit_name(run["id"])))
+    stream = await b.get(f"/runs/{run['id']}/events")
+    assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+    first = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 5)  # while the run goes on
+    assert first.startswith(b"event: state\nid: 0.0\n")
+    fake.finish(unit_name(run["id"]))
+    rest = await asyncio.wait_for(stream.content.read(), 10)
+    assert b"event: end" in rest and b'"succeeded"' in rest
+
+
+async def test_a_cancel_sent_to_another_node_reaches_the_run(make_node: MakeNode) -> None:
+    fake = FakeSystemd(auto_finish=False)
+    a, b = await make_node("a", fake), await make_node("b")
+    run = await (await a.post("/run-json", json={"code": "import time; time.sleep(60)"})).json()
+    await until(lambda: fake._live(unit_name(run["id"])))
+    cancelled = await b.post(f"/runs/{run['id']}/cancel")
+    assert cancelled.status == 202
+
+    async def ended() -> bool:
+        return bool((await (await b.get(f"/status/{run['id']}")).json())["state"] == "cancelled")
+    for _ in range(100):
+        if await ended():
+            break
+        await asyncio.sleep(0.05)
+    assert await ended()
+
+
+async def test_the_nodes_are_listed_with_their_load_for_admins_only(make_node: MakeNode) -> None:
+    tokens = {"tokens": {"root": {"secret": "r" * 32, "admin": True}, "alice": {"secret": "a" * 32}}}
+    a, b = await make_node("a", **tokens), await make_node("b", **tokens)
+    admin, user = {"Authorization": "Bearer " + "r" * 32}, {"Authorization": "Bearer " + "a" * 32}
+    listed = await (await b.get("/nodes", headers=admin)).json()
+    assert [(n["name"], n["alive"], n["this"]) for n in listed["nodes"]] == [("a", True, False), ("b", True, True)]
+    assert {n["url"] for n in listed["nodes"]} == {str(a.make_url("")).rstrip("/"), str(b.make_url("")).rstrip("/")}
+    assert all(n["capacity"] >= 1 and n["running"] == 0 for n in listed["nodes"])
+    assert (await b.get("/nodes", headers=user)).status == 403
+    assert (await (await a.get("/healthz")).json())["node"] == "a"
+    # A run is another owner's on every node: 404 from the node it is not on, as from its own.
+    mine = await (await a.post("/run-json", json={"code": "print(1)"}, headers=user)).json()
+    assert (await b.get(f"/output/{mine['id']}", headers=user)).status == 200
+    other = {"Authorization": "Bearer " + "x" * 32}
+    assert (await b.get(f"/output/{mine['id']}", headers=other)).status == 401
+
+
+async def test_a_node_that_cannot_be_reached_is_named_and_the_store_still_answers(make_node: MakeNode) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    run = await (await a.post("/run-json?wait=true", json={"code": "print(1)"})).json()
+    await a.server.close()  # node a is gone; its record stays in the store
+    status = await b.get(f"/status/{run['id']}")
+    assert status.status == 200 and (await status.json())["state"] == "succeeded"
+    output = await b.get(f"/output/{run['id']}")
+    assert output.status == 503
+    message = json.loads(await output.read())["error"]["message"]
+    assert f"run {run['id']} is on node 'a'" in message and "cannot be reached" in message
