@@ -4,7 +4,10 @@ Each node runs the runs it accepted (they are its systemd units, their
 files on its disk) and answers for every run: status, listings and waits
 from the store; the rest (output, events, files, cancel) relayed to the
 node the run is on (api/relay.py), at the address that node publishes in
-its heartbeat. A submission's wait is always on the node that accepted
+its heartbeat. A node silent for `node_grace_s` is lost: the others end
+its unfinished runs as `error` ("node lost"), and when it comes back its
+recovery finds them settled (their units, if any still go, are stopped as
+orphans). A submission's wait is always on the node that accepted
 it, so it never crosses nodes. With a store of its own (SQLite) a daemon is the only node
 and none of this runs."""
 
@@ -42,6 +45,7 @@ class Cluster:
         self._started_at = time.time()
         self._urls: dict[str, str] = {}  # node → URL, as last read from the store
         self.queued_everywhere = 0  # runs queued on any node, as of the last heartbeat
+        self._beating_since: float | None = None  # since when this node's heartbeats succeed without a gap
 
     def me(self) -> NodeInfo:
         load, now = self._load(), time.time()
@@ -49,8 +53,22 @@ class Cluster:
                         running=load.running, queued=load.queued, started_at=self._started_at, heartbeat_at=now)
 
     async def beat(self) -> None:
-        await self._store.heartbeat(self.me())
+        """This node's row; then the runs of nodes silent for `node_grace_s`
+        end as `error` (whichever node gets there first: the update is one
+        statement, a run is settled once)."""
+        me = self.me()
+        await self._store.heartbeat(me)
         self.queued_everywhere = await self._store.queued()
+        if self._beating_since is None:
+            self._beating_since = me.heartbeat_at
+        grace = self.config.node_grace_s
+        if me.heartbeat_at - self._beating_since < grace:
+            # Judge others only after beating for a grace ourselves: after the store was down
+            # for everyone, every node first gets the time to beat again.
+            return
+        for run_id in await self._store.settle_lost(me.heartbeat_at, me.heartbeat_at - grace, grace):
+            log.warning("run %s: its node sent no heartbeat for %g s: ended as error", run_id, grace,
+                        extra={"run_id": run_id, "state": "error"})
 
     async def heartbeat_loop(self) -> None:
         """This node's row, every HEARTBEAT_S. A store that does not answer is
@@ -59,6 +77,7 @@ class Cluster:
             try:
                 await self.beat()
             except UnitboxError as exc:
+                self._beating_since = None
                 log.debug("heartbeat: %s", exc.message)
             await asyncio.sleep(HEARTBEAT_S)
 

@@ -158,6 +158,8 @@ class Config(BaseSettings):
     # (None: http:// and the first TCP address of `listen`; a wildcard address becomes the host name).
     node: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     advertise: str | None = Field(default=None, pattern=r"^https?://[^/]+$")
+    # A node silent this long is lost: another node ends its unfinished runs as `error`.
+    node_grace_s: float = Field(default=300.0, ge=5, allow_inf_nan=False)
     # The broker's socket (the packaged split: the daemon as its own user, the
     # broker a root unit of its own); None: the daemon, as root, starts the
     # broker as its child (`unitbox serve` by hand, `make run`, the tests).

@@ -19,6 +19,7 @@ from tests.support.daemon import free_port
 from tests.support.fake_systemd import FakeSystemd, fake_broker, until
 from tests.support.postgres import Postgres
 from unitbox.api.app import create_app
+from unitbox.api.state import ENGINE
 from unitbox.config import load_config
 from unitbox.engine import Engine
 from unitbox.profile import unit_name
@@ -119,3 +120,31 @@ async def test_a_node_that_cannot_be_reached_is_named_and_the_store_still_answer
     assert output.status == 503
     message = json.loads(await output.read())["error"]["message"]
     assert f"run {run['id']} is on node 'a'" in message and "cannot be reached" in message
+
+
+async def test_a_node_silent_for_its_grace_is_lost_and_its_runs_end_as_error(make_node: MakeNode) -> None:
+    fake = FakeSystemd(auto_finish=False)
+    a, b = await make_node("a", fake, node_grace_s=5), await make_node("b", node_grace_s=5)
+    run = await (await a.post("/run-json", json={"code": "import time; time.sleep(60)"})).json()
+    await until(lambda: fake._live(unit_name(run["id"])))
+    silent = a.server.app[ENGINE].cluster
+
+    async def no_heartbeat() -> None:
+        pass
+    silent.beat = no_heartbeat  # type: ignore[method-assign]  # a stops beating (as if cut off), its run goes on
+
+    async def state_from_b() -> str:
+        return str((await (await b.get(f"/status/{run['id']}")).json())["state"])
+    for _ in range(200):
+        if await state_from_b() == "error":
+            break
+        await asyncio.sleep(0.1)
+    lost = await (await b.get(f"/status/{run['id']}")).json()
+    assert lost["state"] == "error" and lost["error"] == "node lost: a sent no heartbeat for 5 s", lost
+    nodes = {n["name"]: n for n in (await (await b.get("/nodes")).json())["nodes"]}
+    assert nodes["a"]["alive"] is False and nodes["b"]["alive"] is True
+    # a's run ends after all: what a writes does not change the settled end, on any node.
+    fake.finish(unit_name(run["id"]))
+    await until(lambda: run["id"] not in a.server.app[ENGINE].runner.runs)  # type: ignore[attr-defined]
+    for node in (a, b):
+        assert (await (await node.get(f"/status/{run['id']}")).json())["state"] == "error"

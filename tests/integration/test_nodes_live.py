@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.support.testhost import TestHost, booted
 
 NODES = ("a", "b", "c")
 RUNS = int(os.environ.get("UBX_CLUSTER_RUNS", "300"))
+GRACE_S = 10
 
 
 class RoundRobin(Client):
@@ -50,7 +52,7 @@ def cluster(postgres: Postgres, hosts: dict[str, TestHost], tmp_path: Path) -> I
     try:
         for name, host in hosts.items():
             services[name] = DaemonService(host, tmp_path, name=f"node{name}", config=(
-                f'store = "{url}"\nnode = "{name}"\nmax_concurrent = 4\n'))
+                f'store = "{url}"\nnode = "{name}"\nmax_concurrent = 4\nnode_grace_s = {GRACE_S}\n'))
             services[name].start()
         yield services
     finally:
@@ -126,3 +128,28 @@ def test_one_node_killed_mid_load_loses_nothing_and_the_others_go_on(
             assert "recovering run" not in service.journal(), f"node {name} recovered runs it did not have"
     none_lost_twice_or_misplaced(cluster, hosts, outcomes)
     every_node_agrees(cluster, outcomes)
+
+
+def test_a_whole_host_lost_for_good_ends_its_runs_as_error_after_the_grace(
+        cluster: dict[str, DaemonService], hosts: dict[str, TestHost]) -> None:
+    """Last in the module: it stops node c's test host for good."""
+    doomed = [cluster["c"].client.submit("import time\ntime.sleep(120)") for _ in range(3)]
+    assert wait_for(lambda: all(cluster["c"].client.status(r)["state"] == "running" for r in doomed), 60)
+    elsewhere = Load(RoundRobin([cluster["a"].client, cluster["b"].client]), 40, parallel=8, seed=13)
+    lost_at = time.monotonic()
+    cluster.pop("c")
+    hosts["c"].stop()  # the machine is gone: its daemon, its systemd, its units
+    outcomes = elsewhere.run()
+    problems = wrong_facts(outcomes)
+    assert not problems, f"{len(problems)} wrong facts on the nodes left, e.g. {problems[:5]}"
+
+    def settled_everywhere() -> bool:
+        return all(s.client.status(r)["state"] == "error" for s in cluster.values() for r in doomed)
+    assert wait_for(settled_everywhere, GRACE_S + 30), [cluster["a"].client.status(r) for r in doomed]
+    assert time.monotonic() - lost_at >= GRACE_S  # not before the grace
+    for run_id in doomed:
+        assert cluster["a"].client.status(run_id)["error"] == f"node lost: c sent no heartbeat for {GRACE_S} s"
+    nodes = {n["name"]: n["alive"] for n in cluster["a"].client.get("/nodes").json()["nodes"]}
+    assert nodes == {"a": True, "b": True, "c": False}
+    lost_output = cluster["a"].client.get(f"/output/{doomed[0]}")
+    assert lost_output.status == 503 and b"node 'c'" in lost_output.body

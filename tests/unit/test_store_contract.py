@@ -204,3 +204,36 @@ def test_both_engines_have_the_same_migrations() -> None:
     for mine, theirs in zip(sqlite, postgresql, strict=True):
         assert mine.count("ADD COLUMN") == theirs.count("ADD COLUMN")
         assert mine.count("CREATE INDEX") == theirs.count("CREATE INDEX")
+
+
+async def test_the_runs_of_a_silent_node_are_settled_once_and_stay_so(make_store: MakeStore) -> None:
+    a, b = make_store(node="a"), make_store(node="b")
+    await a.open()
+    await b.open()
+    try:
+        beat = NodeInfo(name="a", url="http://a", capacity=1, running=1, queued=1, started_at=1.0, heartbeat_at=10.0)
+        await a.heartbeat(beat)
+        await b.heartbeat(beat.evolve(name="b", url="http://b", heartbeat_at=100.0))
+        running = await a.insert(record(rid(1), node="a"))
+        await a.update(running.evolve(state=RunState.RUNNING, started_at=11.0))
+        await a.insert(record(rid(2), node="a"))  # queued
+        done = await a.insert(record(rid(3), node="a"))
+        await a.update(done.evolve(state=RunState.SUCCEEDED, started_at=11.0, finished_at=12.0))
+        await b.insert(record(rid(4), node="b"))
+        assert sorted(await b.settle_lost(now=101.0, cutoff=50.0, grace_s=50)) == [rid(1), rid(2)]
+        lost = await b.get(rid(1))
+        assert lost is not None and lost.state is RunState.ERROR and lost.finished_at == 101.0
+        assert lost.error == "node lost: a sent no heartbeat for 50 s"
+        assert (await b.get(rid(2))).state is RunState.ERROR  # type: ignore[union-attr]
+        assert (await b.get(rid(3))).state is RunState.SUCCEEDED  # type: ignore[union-attr]
+        assert (await b.get(rid(4))).state is RunState.QUEUED  # type: ignore[union-attr]  # its own node's
+        assert await a.settle_lost(now=102.0, cutoff=50.0, grace_s=50) == []  # none of b's; a's own: never
+        assert await b.settle_lost(now=103.0, cutoff=50.0, grace_s=50) == []  # settled once
+        # a comes back and writes what it knew: the settled end stays.
+        await a.update(running.evolve(state=RunState.SUCCEEDED, started_at=11.0, finished_at=104.0, exit_code=0))
+        for store in (a, b):
+            again = await store.get(rid(1))
+            assert again is not None and again.state is RunState.ERROR and again.error == lost.error
+    finally:
+        await a.close()
+        await b.close()

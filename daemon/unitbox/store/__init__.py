@@ -130,6 +130,12 @@ class RunStore(Protocol):
         """Runs queued on any node."""
         ...
 
+    async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
+        """Ends as `error` ("node lost: …") the unfinished runs of every other
+        node whose last heartbeat is older than `cutoff`; their ids. A run so
+        settled keeps that end: its node's later updates leave it alone."""
+        ...
+
 
 UNFINISHED = (RunState.QUEUED, RunState.STARTING, RunState.RUNNING)
 RECENT_FINAL = 1024

@@ -32,6 +32,7 @@ from unitbox.outcome import RunState
 from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunRecord, unavailable_message
 from unitbox.store.schema import (
     COLUMNS,
+    LOST_PATTERN,
     from_row,
     heartbeat_query,
     migrations,
@@ -39,7 +40,10 @@ from unitbox.store.schema import (
     node_row,
     node_scope,
     page_query,
+    settle_lost_params,
+    settle_lost_query,
     to_row,
+    update_query,
 )
 
 T = TypeVar("T")
@@ -52,7 +56,7 @@ MIGRATION_LOCK = 0x756E6974626F78  # "unitbox": the advisory lock nodes migrate 
 
 _INSERT = (f"INSERT INTO runs ({', '.join(COLUMNS)}) "  # noqa: S608
            f"VALUES ({', '.join(f'%({c})s' for c in COLUMNS)}) RETURNING seq")
-_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = %({c})s' for c in COLUMNS if c != 'id')} WHERE id = %(id)s"  # noqa: S608
+_UPDATE = update_query("%({})s")
 
 
 def _unavailable(exc: psycopg.Error) -> Unavailable:
@@ -210,13 +214,13 @@ class PostgresStore:
         return record.evolve(seq=await self._write(record.id, insert, durable=True))
 
     async def update(self, record: RunRecord) -> None:
-        row = to_row(record)
+        row = to_row(record) | {"lost": LOST_PATTERN}
         never_started = record.state.terminal and record.started_at is None  # no result file behind it
 
-        async def update(conn: Connection) -> None:
-            await conn.execute(_UPDATE, row)
-        await self._write(record.id, update, durable=never_started)
-        self._recent.written(record)
+        async def update(conn: Connection) -> int:
+            return (await conn.execute(_UPDATE, row)).rowcount
+        if await self._write(record.id, update, durable=never_started):  # not settled as lost by another node
+            self._recent.written(record)
 
     async def get(self, run_id: str) -> RunRecord | None:
         if (recent := self._recent.get(run_id)) is not None:
@@ -270,6 +274,13 @@ class PostgresStore:
 
     async def nodes(self) -> list[NodeInfo]:
         return [node_from_row(r) for r in await self._rows("SELECT * FROM nodes ORDER BY name")]
+
+    async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
+        params = settle_lost_params(now, cutoff, self.node or "", grace_s)
+
+        async def settle(conn: Connection) -> list[str]:
+            return [r["id"] for r in await (await conn.execute(settle_lost_query("%s"), params)).fetchall()]
+        return await self._transaction(settle)
 
     async def queued(self) -> int:
         rows = await self._rows("SELECT count(*) AS queued FROM runs WHERE state = %s", (str(RunState.QUEUED),))

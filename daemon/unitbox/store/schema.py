@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import NodeInfo, RunRecord
+from unitbox.store import UNFINISHED, NodeInfo, RunRecord
 
 Dialect = Literal["sqlite", "postgresql"]
 
@@ -139,3 +139,30 @@ def node_row(node: NodeInfo) -> list[Any]:
 
 def node_from_row(row: Mapping[str, Any]) -> NodeInfo:
     return NodeInfo(**{c: row[c] for c in NODE_COLUMNS})
+
+
+# A run of a node silent for longer than `node_grace_s` ends `error` with this (cluster.py). Its
+# node's own later writes leave such a run as it is: a final state does not change.
+NODE_LOST = "node lost"
+
+
+def update_query(mark: str) -> str:
+    """A run's row, written by its node, unless another node settled it as lost (`lost` is the LIKE pattern)."""
+    changes = ", ".join(f"{c} = {mark.format(c)}" for c in COLUMNS if c != "id")
+    return (f"UPDATE runs SET {changes} WHERE id = {mark.format('id')} "  # noqa: S608
+            f"AND (error IS NULL OR error NOT LIKE {mark.format('lost')})")
+
+
+LOST_PATTERN = NODE_LOST + ":%"
+
+
+def settle_lost_query(mark: str) -> str:
+    """The unfinished runs of nodes whose last heartbeat is older than the cutoff (not this one): `error`."""
+    return (f"UPDATE runs SET state = {mark}, finished_at = {mark}, error = {mark} || node || {mark} "  # noqa: S608
+            f"WHERE state IN ({mark}, {mark}, {mark}) AND node IN "
+            f"(SELECT name FROM nodes WHERE heartbeat_at < {mark} AND name <> {mark}) RETURNING id")
+
+
+def settle_lost_params(now: float, cutoff: float, me: str, grace_s: float) -> list[Any]:
+    return [str(RunState.ERROR), now, f"{NODE_LOST}: ", f" sent no heartbeat for {grace_s:g} s",
+            *(str(s) for s in UNFINISHED), cutoff, me]

@@ -44,6 +44,7 @@ from unitbox.outcome import RunState
 from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunRecord, unavailable_message
 from unitbox.store.schema import (
     COLUMNS,
+    LOST_PATTERN,
     from_row,
     heartbeat_query,
     migrations,
@@ -51,7 +52,10 @@ from unitbox.store.schema import (
     node_row,
     node_scope,
     page_query,
+    settle_lost_params,
+    settle_lost_query,
     to_row,
+    update_query,
 )
 
 T = TypeVar("T")
@@ -59,7 +63,7 @@ T = TypeVar("T")
 _IDS_PER_QUERY = 500  # bound parameters per statement (SQLite's limit was 999 before 3.32)
 
 _INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})"  # noqa: S608
-_UPDATE = f"UPDATE runs SET {', '.join(f'{c} = :{c}' for c in COLUMNS if c != 'id')} WHERE id = :id"  # noqa: S608
+_UPDATE = update_query(":{}")
 MIGRATIONS = migrations("sqlite")
 
 
@@ -227,10 +231,11 @@ class SqliteStore:
         return record.evolve(seq=await self._write(insert, durable=True))
 
     async def update(self, record: RunRecord) -> None:
-        row = to_row(record)
+        row = to_row(record) | {"lost": LOST_PATTERN}
         never_started = record.state.terminal and record.started_at is None  # no result file behind it
-        await self._write(lambda db: db.execute(_UPDATE, row), durable=never_started)
-        self._recent.written(record)
+        written = await self._write(lambda db: db.execute(_UPDATE, row).rowcount, durable=never_started)
+        if written:  # not a run another node settled as lost: its row is what this node knows
+            self._recent.written(record)
 
     async def get(self, run_id: str) -> RunRecord | None:
         if (recent := self._recent.get(run_id)) is not None:
@@ -294,6 +299,10 @@ class SqliteStore:
 
     async def nodes(self) -> list[NodeInfo]:
         return await self._run(lambda db: [node_from_row(r) for r in db.execute("SELECT * FROM nodes ORDER BY name")])
+
+    async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
+        params = settle_lost_params(now, cutoff, self.node or "", grace_s)
+        return await self._write(lambda db: [r[0] for r in db.execute(settle_lost_query("?"), params)])
 
     async def queued(self) -> int:
         return await self._run(lambda db: int(db.execute(
