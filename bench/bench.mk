@@ -1,7 +1,7 @@
 # make bench: unitbox against raw systemd-run (bench/run_bench.py). Not part of make test.
 BENCH_ARGS ?=
 
-.PHONY: bench bench-quick bench-scientific bench-tools
+.PHONY: bench bench-quick bench-scientific bench-cluster bench-tools
 
 bench-tools: venv
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || { echo "==> pip install matplotlib py-spy into $(VENV) (the chart and the profiler; not runtime dependencies)"; \
@@ -20,3 +20,9 @@ bench-scientific: venv  ## numpy + pandas cold vs a preloaded warm pool (bench/s
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-numpy python3-pandas; }
 	@echo "==> booting a systemd test host; one daemon with a numpy+pandas warm pool; the same program cold and warm, alternating"
 	@$(BIN)/python bench/scientific.py $(BENCH_ARGS)
+
+bench-cluster: venv  ## three nodes on one PostgreSQL: the database's cost per run and per heartbeat (bench/cluster.py): bench/results/cluster.*
+	@command -v /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "==> apt-get install postgresql (a throw-away server is started in a temp dir)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; }
+	@echo "==> the store alone (SQLite, PostgreSQL); then three test hosts, a node in each, on one PostgreSQL"
+	@$(BIN)/python bench/cluster.py $(BENCH_ARGS)

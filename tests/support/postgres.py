@@ -32,8 +32,10 @@ def server_binaries() -> Path | None:
 
 
 class Postgres:
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, settings: dict[str, str] | None = None) -> None:
+        """`settings`: more `-c name=value` for the server (the cluster bench loads pg_stat_statements)."""
         self.bindir = bindir
+        self.settings = settings or {}
         self.dir = Path(tempfile.mkdtemp(prefix=f"ubx-pg-{RUN_TAG}-"))
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
@@ -58,7 +60,8 @@ class Postgres:
         self.start()
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1" + "".join(
+            f" -c {name}={value}" for name, value in self.settings.items())
         self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
                           "-w", "-t", "60", "start")
 
@@ -92,3 +95,9 @@ class Postgres:
                 self.stop("immediate")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def processes(self) -> list[int]:
+        """The server's processes: the postmaster and its children (backends, background workers)."""
+        main = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(main)], capture_output=True, text=True, check=False).stdout
+        return [main, *(int(pid) for pid in children.split())]

@@ -1,6 +1,6 @@
 """The PostgreSQL store (`store = "postgresql://…"`): the same runs table as
-SQLite's (schema.py), over psycopg 3's asyncio connections from a
-psycopg_pool pool, so the event loop never waits on the server.
+SQLite's (schema.py), over psycopg 3's asyncio connections from two
+psycopg_pool pools, so the event loop never waits on the server.
 
 Why psycopg 3: it speaks libpq, so a URL, a Unix socket, a ~/.pgpass, TLS
 and peer authentication work as for psql, with Debian's libpq5 (security
@@ -8,11 +8,17 @@ updates from Debian, as for python3-lxml). Its pool checks a connection
 before handing it out, so a restarted server costs no request an error.
 asyncpg would bring its own protocol code and no libpq.
 
+Every call is one statement, and the connections autocommit: one round
+trip each (bench/cluster.py measured 11 per run with a transaction around
+each statement and `SET LOCAL` in it; 3 now, plus the pool's check).
+
 Durability as in SQLite (store/sqlite.py): the INSERT that accepts a run
-commits with synchronous_commit on, as does the final record of a run that
-never started; other state changes commit with it off (PostgreSQL's group
-commit: a crash of the server may undo the last ones, which recovery
-re-derives from systemd and the result file).
+commits with the server's synchronous_commit (on by default), as does the
+final record of a run that never started: those go through the durable
+pool. Other writes and the reads go through the fast pool, whose
+connections have synchronous_commit off (PostgreSQL's group commit: a crash
+of the server may undo the last ones, which recovery re-derives from
+systemd and the result file).
 
 The schema's version is in the table unitbox_schema; nodes that start
 together migrate one at a time, under an advisory lock."""
@@ -49,7 +55,8 @@ from unitbox.store.schema import (
 T = TypeVar("T")
 Connection = psycopg.AsyncConnection[DictRow]
 
-POOL_SIZE = 8  # connections per node: the writes of many runs in flight at once
+POOL_SIZE = 8  # fast connections per node: the writes of many runs in flight at once
+DURABLE_POOL_SIZE = 4  # and durable ones: accepting runs
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: a server that does not answer is a 503 soon
 WAIT_S = 5.0  # for a free connection from the pool, or a new one
 MIGRATION_LOCK = 0x756E6974626F78  # "unitbox": the advisory lock nodes migrate under
@@ -78,24 +85,23 @@ class PostgresStore:
         self.url = url
         self.node = node
         self._pool_size = pool_size
-        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._pools: dict[bool, AsyncConnectionPool[Connection]] = {}
         self._closed = False
         self._recent = RecentFinals()
         self._lost = False  # a connection failed: make sure of the server before the next request
         self._reconnecting = asyncio.Lock()
         self._writing: dict[str, asyncio.Task[Any]] = {}  # each run's last write, by id
         self._connect_args: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S,
-                                              "application_name": "unitbox"}
+                                              "application_name": "unitbox", "autocommit": True}
 
     # -- plumbing --------------------------------------------------------------
-    async def _transaction(self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = True) -> T:
-        """`fn` in one transaction on a connection of the pool: committed, or
-        rolled back on error. Not `durable`: its commit does not wait for the disk."""
+    async def _statement(self, fn: Callable[[Connection], Awaitable[T]], *, durable: bool = False) -> T:
+        """`fn`, one statement (a transaction of its own: the connections
+        autocommit, so it costs one round trip) on a connection of the
+        durable or the fast pool."""
         try:
-            pool = await self._connected_pool()
-            async with pool.connection() as conn, conn.transaction():
-                if not durable:
-                    await conn.execute("SET LOCAL synchronous_commit TO off")
+            pools = await self._connected_pools()
+            async with pools[durable].connection() as conn:
                 return await fn(conn)
         except psycopg.OperationalError as exc:  # the server went away, or the pool found none
             self._lost = True
@@ -103,40 +109,44 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
 
-    async def _connected_pool(self) -> AsyncConnectionPool[Connection]:
-        """The pool; after a lost connection, a new pool once the server
-        answers again. psycopg_pool would retry with a backoff that grows to
-        minutes and hold each request WAIT_S meanwhile; one direct connection
-        says at once whether the server is back, and if not, why."""
+    async def _connected_pools(self) -> dict[bool, AsyncConnectionPool[Connection]]:
+        """The pools (by durable); after a lost connection, new pools once the
+        server answers again. psycopg_pool would retry with a backoff that
+        grows to minutes and hold each request WAIT_S meanwhile; one direct
+        connection says at once whether the server is back, and if not, why."""
         if self._closed:
             raise Unavailable("the run store is closed")
-        if self._pool is None:
+        if not self._pools:
             raise Unavailable("the run store is not open")
         if self._lost:
             async with self._reconnecting:  # one attempt at a time; those waiting see its outcome
                 if self._lost:
                     await self._connect_once()
-                    old, self._pool = self._pool, await self._new_pool()
+                    old, self._pools = self._pools, await self._new_pools()
                     self._lost = False
-                    await old.close()
-        return self._pool
+                    await asyncio.gather(*(pool.close() for pool in old.values()))
+        return self._pools
 
     async def _connect_once(self, then: Callable[[Connection], Awaitable[None]] | None = None) -> None:
         async with await Connection.connect(self.url, **self._connect_args) as conn, conn.transaction():
             if then is not None:
                 await then(conn)
 
-    async def _new_pool(self) -> AsyncConnectionPool[Connection]:
-        pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-            self.url, connection_class=Connection, min_size=1, max_size=self._pool_size, open=False,
-            timeout=WAIT_S, check=AsyncConnectionPool.check_connection, name="unitbox-store",
-            kwargs=self._connect_args)
+    async def _new_pools(self) -> dict[bool, AsyncConnectionPool[Connection]]:
+        async def fast(conn: Connection) -> None:  # each new connection of the fast pool
+            await conn.execute("SET synchronous_commit TO off")
+        pools: dict[bool, AsyncConnectionPool[Connection]] = {}
         try:
-            await pool.open(wait=True, timeout=WAIT_S + CONNECT_TIMEOUT_S)
+            for durable, size in ((True, DURABLE_POOL_SIZE), (False, self._pool_size)):
+                pools[durable] = AsyncConnectionPool(
+                    self.url, connection_class=Connection, min_size=1, max_size=size, open=False,
+                    timeout=WAIT_S, check=AsyncConnectionPool.check_connection, kwargs=self._connect_args,
+                    configure=None if durable else fast, name=f"unitbox-store-{'durable' if durable else 'fast'}")
+                await pools[durable].open(wait=True, timeout=WAIT_S + CONNECT_TIMEOUT_S)
         except BaseException:
-            await pool.close()
+            await asyncio.gather(*(pool.close() for pool in pools.values()))
             raise
-        return pool
+        return pools
 
     async def _write(self, run_id: str, fn: Callable[[Connection], Awaitable[T]], *, durable: bool) -> T:
         """`fn` once the earlier writes of the same run are committed: with
@@ -147,7 +157,7 @@ class PostgresStore:
         async def write() -> T:
             if previous is not None:
                 await asyncio.wait([previous])  # its outcome is its own caller's
-            return await self._transaction(fn, durable=durable)
+            return await self._statement(fn, durable=durable)
         task = asyncio.ensure_future(write())
         self._writing[run_id] = task
 
@@ -162,7 +172,7 @@ class PostgresStore:
     async def _rows(self, query: str, params: Sequence[Any] = ()) -> list[DictRow]:
         async def fetch(conn: Connection) -> list[DictRow]:
             return await (await conn.execute(query, params)).fetchall()
-        return await self._transaction(fetch)
+        return await self._statement(fetch)
 
     async def _migrate(self, conn: Connection) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
@@ -185,7 +195,7 @@ class PostgresStore:
             raise Unavailable("the run store is closed")
         try:
             await self._connect_once(then=self._migrate)
-            self._pool = await self._new_pool()
+            self._pools = await self._new_pools()
         except psycopg.Error as exc:
             raise _unavailable(exc) from exc
 
@@ -196,9 +206,8 @@ class PostgresStore:
         if self._closed:  # by another close() meanwhile
             return
         self._closed = True
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        pools, self._pools = self._pools, {}
+        await asyncio.gather(*(pool.close() for pool in pools.values()))
 
     async def ping(self) -> None:
         await self._rows("SELECT 1")
@@ -258,7 +267,7 @@ class PostgresStore:
 
         async def delete(conn: Connection) -> None:
             await conn.execute("DELETE FROM runs WHERE id = ANY(%s)", (ids,))
-        await self._transaction(delete, durable=False)
+        await self._statement(delete)
 
     async def known_ids(self, run_ids: Collection[str]) -> set[str]:
         if not run_ids:
@@ -270,7 +279,7 @@ class PostgresStore:
 
         async def beat(conn: Connection) -> None:
             await conn.execute(heartbeat_query("%s"), row)
-        await self._transaction(beat, durable=False)
+        await self._statement(beat)
 
     async def nodes(self) -> list[NodeInfo]:
         return [node_from_row(r) for r in await self._rows("SELECT * FROM nodes ORDER BY name")]
@@ -280,7 +289,7 @@ class PostgresStore:
 
         async def settle(conn: Connection) -> list[str]:
             return [r["id"] for r in await (await conn.execute(settle_lost_query("%s"), params)).fetchall()]
-        return await self._transaction(settle)
+        return await self._statement(settle)
 
     async def queued(self) -> int:
         rows = await self._rows("SELECT count(*) AS queued FROM runs WHERE state = %s", (str(RunState.QUEUED),))
