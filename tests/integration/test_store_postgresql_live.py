@@ -1,9 +1,9 @@
 """The daemon as a real service in a test host, its run records in
 PostgreSQL (`store = "postgresql://…"`: a throw-away server of Debian's
 package on this machine, reached over loopback). Under a mixed load, with
-the daemon killed -9 or the database server restarted mid-load, every run
-still ends in its true state exactly once, and the database holds what the
-API says."""
+the database server restarted mid-load, every run still ends in its true
+state exactly once, and the database holds what the API says. (A daemon
+killed -9 on PostgreSQL: tests/integration/test_nodes_live.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_lifecycle_live import FAULT_RUNS, none_lost_or_twice, settled, survives
+from tests.integration.test_lifecycle_live import FAULT_RUNS, none_lost_or_twice, settled
 from tests.support.daemon import DaemonService
 from tests.support.load import Load, wait_for, wrong_facts
 from tests.support.postgres import Postgres
@@ -42,16 +42,6 @@ def database_agrees(postgres: Postgres, database: str, service: DaemonService) -
     for run_id, (state, exit_code) in stored.items():
         expected = listed[run_id]["exit_code"]
         assert (state, exit_code) == (listed[run_id]["state"], "" if expected is None else str(expected)), run_id
-
-
-def test_kill_9_of_the_daemon_mid_load_on_postgresql(postgres: Postgres, host: TestHost, tmp_path: Path) -> None:
-    service, database = service_on(postgres, host, tmp_path, "pgkill")
-    try:
-        survives(service, service.crash, after=1 / 3, seed=5)
-        assert "recovering run" in service.journal()
-        database_agrees(postgres, database, service)
-    finally:
-        service.stop()
 
 
 def test_postgresql_restarted_mid_load_refuses_then_loses_nothing(postgres: Postgres, host: TestHost,
