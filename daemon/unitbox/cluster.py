@@ -1,15 +1,17 @@
 """Nodes sharing one PostgreSQL store (docs/operations.md "Several nodes").
 
 Each node runs the runs it accepted (they are its systemd units, their
-files on its disk) and answers for every run: status, listings and waits
-from the store; the rest (output, events, files, cancel) relayed to the
-node the run is on (api/relay.py), at the address that node publishes in
-its heartbeat. A node silent for `node_grace_s` is lost: the others end
-its unfinished runs as `error` ("node lost"), and when it comes back its
-recovery finds them settled (their units, if any still go, are stopped as
-orphans). A submission's wait is always on the node that accepted
-it, so it never crosses nodes. With a store of its own (SQLite) a daemon is the only node
-and none of this runs."""
+files on its disk) and answers for every run: status and listings from the
+store; output, events, files, code and cancel relayed to the node the run
+is on (api/relay.py), at the URL that node publishes in its heartbeat. A
+submission's wait is on the node that accepted it, so it never crosses.
+
+A node silent for `node_grace_s` is lost: the others end its unfinished
+runs as `error` ("node lost"); when it comes back its recovery finds them
+settled, and stops their units as orphans.
+
+With a store of its own (SQLite) a daemon is the only node: no heartbeat,
+no relay."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
 ALIVE_S = 3 * HEARTBEAT_S  # a node whose last heartbeat is older is shown as not alive
+URLS_FOR_S = 5 * HEARTBEAT_S  # the nodes' URLs are read again after this (a node may move)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,7 @@ class Cluster:
         self._load = load
         self._started_at = time.time()
         self._urls: dict[str, str] = {}  # node → URL, as last read from the store
+        self._urls_read_at = 0.0  # monotonic
         self.queued_everywhere = 0  # runs queued on any node, as of the last heartbeat
         self._beating_since: float | None = None  # since when this node's heartbeats succeed without a gap
 
@@ -85,7 +89,7 @@ class Cluster:
         if not self.shared:
             return [self.me()]
         nodes = await self._store.nodes()
-        self._urls = {node.name: node.url for node in nodes}
+        self._urls, self._urls_read_at = {node.name: node.url for node in nodes}, time.monotonic()
         return nodes
 
     def elsewhere(self, record: RunRecord) -> bool:
@@ -96,7 +100,7 @@ class Cluster:
         """(node, URL) of the node `record` is on, when that is another one."""
         if not self.elsewhere(record) or record.node is None:
             return None
-        if record.node not in self._urls:
+        if record.node not in self._urls or time.monotonic() - self._urls_read_at > URLS_FOR_S:
             await self.nodes()
         url = self._urls.get(record.node)
         return (record.node, url) if url is not None else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,8 @@ async def test_a_cancel_sent_to_another_node_reaches_the_run(make_node: MakeNode
 
 
 async def test_the_nodes_are_listed_with_their_load_for_admins_only(make_node: MakeNode) -> None:
-    tokens = {"tokens": {"root": {"secret": "r" * 32, "admin": True}, "alice": {"secret": "a" * 32}}}
+    tokens = {"tokens": {"root": {"secret": "r" * 32, "admin": True}, "alice": {"secret": "a" * 32},
+                         "bob": {"secret": "b" * 32}}}
     a, b = await make_node("a", **tokens), await make_node("b", **tokens)
     admin, user = {"Authorization": "Bearer " + "r" * 32}, {"Authorization": "Bearer " + "a" * 32}
     listed = await (await b.get("/nodes", headers=admin)).json()
@@ -104,10 +106,15 @@ async def test_the_nodes_are_listed_with_their_load_for_admins_only(make_node: M
     assert (await b.get("/nodes", headers=user)).status == 403
     assert (await (await a.get("/healthz")).json())["node"] == "a"
     # A run is another owner's on every node: 404 from the node it is not on, as from its own.
-    mine = await (await a.post("/run-json", json={"code": "print(1)"}, headers=user)).json()
+    mine = await (await a.post("/run-json?wait=true", json={"code": "print(1)"}, headers=user)).json()
     assert (await b.get(f"/output/{mine['id']}", headers=user)).status == 200
-    other = {"Authorization": "Bearer " + "x" * 32}
-    assert (await b.get(f"/output/{mine['id']}", headers=other)).status == 401
+    bob = {"Authorization": "Bearer " + "b" * 32}
+    for path in (f"/output/{mine['id']}", f"/runs/{mine['id']}/code", f"/status/{mine['id']}"):
+        here, there = await a.get(path, headers=bob), await b.get(path, headers=bob)
+        assert (here.status, await here.read()) == (there.status, await there.read()), path
+        assert there.status == 404
+    assert (await b.post(f"/runs/{mine['id']}/cancel", headers=bob)).status == 404
+    assert (await b.get(f"/output/{mine['id']}", headers={"Authorization": "Bearer " + "x" * 32})).status == 401
 
 
 async def test_a_node_that_cannot_be_reached_is_named_and_the_store_still_answers(make_node: MakeNode) -> None:
@@ -148,3 +155,10 @@ async def test_a_node_silent_for_its_grace_is_lost_and_its_runs_end_as_error(mak
     await until(lambda: run["id"] not in a.server.app[ENGINE].runner.runs)  # type: ignore[attr-defined]
     for node in (a, b):
         assert (await (await node.get(f"/status/{run['id']}")).json())["state"] == "error"
+
+
+async def test_a_daemon_with_a_store_of_its_own_is_the_one_node(client: Client) -> None:
+    listed = await (await client.get("/nodes")).json()
+    assert [(n["name"], n["alive"], n["this"]) for n in listed["nodes"]] == [(socket.gethostname(), True, True)]
+    assert listed["nodes"][0]["url"] == "http://127.0.0.1:8080"  # from `listen`, the default
+    assert (await (await client.get("/healthz")).json())["node"] == socket.gethostname()

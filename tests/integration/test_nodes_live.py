@@ -25,6 +25,9 @@ from tests.support.testhost import TestHost, booted
 NODES = ("a", "b", "c")
 RUNS = int(os.environ.get("UBX_CLUSTER_RUNS", "300"))
 GRACE_S = 10
+TOKEN = {name: name[0] * 32 for name in ("root", "alice", "bob")}
+TOKENS = "".join(f'[tokens.{name}]\nsecret = "{secret}"\n' + ("admin = true\n" if name == "root" else "")
+                 for name, secret in TOKEN.items())
 
 
 class RoundRobin(Client):
@@ -52,7 +55,8 @@ def cluster(postgres: Postgres, hosts: dict[str, TestHost], tmp_path: Path) -> I
     try:
         for name, host in hosts.items():
             services[name] = DaemonService(host, tmp_path, name=f"node{name}", config=(
-                f'store = "{url}"\nnode = "{name}"\nmax_concurrent = 4\nnode_grace_s = {GRACE_S}\n'))
+                f'store = "{url}"\nnode = "{name}"\nmax_concurrent = 4\nnode_grace_s = {GRACE_S}\n{TOKENS}'))
+            services[name].client.token = TOKEN["root"]  # the loads' client: an admin, it sees every run
             services[name].start()
         yield services
     finally:
@@ -128,6 +132,25 @@ def test_one_node_killed_mid_load_loses_nothing_and_the_others_go_on(
             assert "recovering run" not in service.journal(), f"node {name} recovered runs it did not have"
     none_lost_twice_or_misplaced(cluster, hosts, outcomes)
     every_node_agrees(cluster, outcomes)
+
+
+def test_a_run_stays_its_owners_on_every_node(cluster: dict[str, DaemonService]) -> None:
+    """A request for another token's run is relayed with the caller's own token, and the node
+    that runs it answers as for an unknown id; its owner reads it from any node."""
+    alice, bob = (Client(cluster["a"].client.base_url, TOKEN[name]) for name in ("alice", "bob"))
+    run = alice.run("print('mine')")
+    for node in cluster.values():
+        as_alice = Client(node.client.base_url, TOKEN["alice"])
+        as_bob = Client(node.client.base_url, TOKEN["bob"])
+        assert as_alice.get(f"/output/{run['id']}?stream=stdout").body == b"mine\n"
+        for path in (f"/status/{run['id']}", f"/output/{run['id']}", f"/runs/{run['id']}/code",
+                     f"/runs/{run['id']}/events", f"/runs/{run['id']}/files"):
+            refused = as_bob.get(path)
+            unknown = as_bob.get(path.replace(run["id"], "0123456789abcdef"))
+            assert (refused.status, refused.body) == (404, unknown.body.replace(b"0123456789abcdef", run["id"].encode()))
+        assert as_bob.request("POST", f"/runs/{run['id']}/cancel").status == 404
+        assert as_bob.get("/runs").json()["runs"] == [] and as_bob.get("/nodes").status == 403
+    assert bob.get(f"/status/{run['id']}").status == 404
 
 
 def test_a_whole_host_lost_for_good_ends_its_runs_as_error_after_the_grace(
