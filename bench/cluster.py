@@ -13,10 +13,11 @@ Round trips are counted from the server's log (log_statement = all).
    trip, BEGIN and COMMIT included), its transactions, the server's
    execution time, and the CPU its processes used (from /proc). Before it,
    an idle spell gives a node's heartbeat cost per second.
-3. From those: how many nodes one PostgreSQL core serves.
-
-Claim latency is not measured: nodes do not claim each other's queued runs
-yet (a run runs on the node that accepted it).
+3. The claim latency: runs sent to node a only, 5 at a time, each
+   sleeping 0.3 s: a's slots fill, the rest go to the shared queue, and b
+   and c (free) claim them. From the nodes' logs: how long after it was
+   queued each run was claimed (NOTIFY, the claim, p50 and p99).
+4. From those: how many nodes one PostgreSQL core serves.
 
     sudo .venv/bin/python bench/cluster.py [--runs 300] [--out bench/results/cluster]
 
@@ -120,6 +121,7 @@ def main() -> None:  # noqa: PLR0915 (one measurement after the other, as the do
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--store-runs", type=int, default=960)
+    parser.add_argument("--claims", type=int, default=120)
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/cluster")
     args = parser.parse_args()
     bindir = server_binaries()
@@ -176,7 +178,14 @@ def main() -> None:  # noqa: PLR0915 (one measurement after the other, as the do
                                         [next(order) for _ in range(args.runs)]))
             elapsed, cpu_used = time.perf_counter() - started, cpu_s(server) - cpu_before
             busy, busy_logged = statements(server, database), logged(server, mark)
-        assert all(r.status == 200 and r.json()["state"] == "succeeded" for r in replies), "a run did not succeed"
+            print(f"==> claim latency: {args.claims} runs of 0.3 s to node a only, 5 at a time")
+            with ThreadPoolExecutor(5) as pool:
+                sleepers = list(pool.map(lambda _: clients[0].post_json(
+                    "/run-json?wait=true", {"code": "import time\ntime.sleep(0.3)"}, timeout=120), range(args.claims)))
+            claims = sorted(float(ms) for d in daemons for ms in re.findall(
+                r"claimed from the shared queue, ([0-9.]+) ms after", d.log.read_text()))
+        assert all(r.status == 200 and r.json()["state"] == "succeeded" for r in replies + sleepers), \
+            "a run did not succeed"
     finally:
         server.destroy()
     beats = beat_calls_per_node_s * len(NODES) * elapsed
@@ -186,7 +195,10 @@ def main() -> None:  # noqa: PLR0915 (one measurement after the other, as the do
                "server_exec_ms": (busy["exec_ms"] - beat_ms_per_node_s * len(NODES) * elapsed) / args.runs,
                "server_cpu_ms": cpu_used * 1000 / args.runs}
     per_core = 1000 / per_run["server_cpu_ms"]
-    result.update({"runs": args.runs, "elapsed_s": elapsed, "runs_per_s": args.runs / elapsed, "per_run": per_run,
+    claim_ms = {"n": len(claims), "p50": claims[len(claims) // 2] if claims else None,
+                "p99": claims[min(len(claims) - 1, len(claims) * 99 // 100)] if claims else None}
+    result.update({"claim_latency_ms": claim_ms, "runs": args.runs, "elapsed_s": elapsed,
+                   "runs_per_s": args.runs / elapsed, "per_run": per_run,
                    "heartbeat_per_node_s": {"statements": beat_calls_per_node_s, "server_exec_ms": beat_ms_per_node_s},
                    "top_statements": busy["top"], "runs_per_s_per_postgresql_core": per_core,
                    "nodes_per_postgresql_core": per_core / NODE_RUNS_PER_S})
@@ -215,6 +227,10 @@ def main() -> None:  # noqa: PLR0915 (one measurement after the other, as the do
         f"PostgreSQL's CPU: **{per_run['server_cpu_ms']:.2f} ms**;",
         f"- a node's heartbeat: {beat_calls_per_node_s:.1f} statements/s, "
         f"{beat_ms_per_node_s:.2f} ms/s of server time.",
+        "",
+        f"Claim latency (queued on a busy node to claimed by a free one, {claim_ms['n']} of {args.claims} runs "
+        f"went through the shared queue): p50 **{claim_ms['p50'] or 0:.1f} ms**, "
+        f"p99 **{claim_ms['p99'] or 0:.1f} ms**.",
         "",
         f"One PostgreSQL core takes ≈{per_core:.0f} runs/s: ≈**{per_core / NODE_RUNS_PER_S:.0f} nodes** of "
         f"{NODE_RUNS_PER_S} runs/s each (a 2-core node's full-profile rate).",

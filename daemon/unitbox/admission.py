@@ -22,6 +22,10 @@ class Admission:
     def depth(self) -> int:
         return len(self._queue)
 
+    def free_now(self) -> int:
+        """Slots no run holds or waits for: runs taken now would start at once."""
+        return max(0, self.max_concurrent - self.executing - self._reserved - len(self._queue))
+
     def reserve(self) -> None:
         """Take a place for a new submission or raise Busy (503). A place is
         a free slot or room in the queue; undo with `unreserve` or `admit`."""
@@ -30,6 +34,10 @@ class Admission:
         if waiting >= self.queue_size + free_slots:
             raise Busy(f"the queue is full ({self.queue_size} runs waiting); try again later",
                        retry_after_s=max(1, waiting // max(1, self.max_concurrent)))
+        self._reserved += 1
+
+    def reserve_claimed(self) -> None:
+        """A place for a run claimed from the shared queue: claimed for a free slot, so never refused."""
         self._reserved += 1
 
     def unreserve(self) -> None:

@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from unitbox.config import Config
 from unitbox.errors import UnitboxError
+from unitbox.outcome import RunState
 from unitbox.store import NodeInfo, RunRecord, RunStore
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 ALIVE_S = 3 * HEARTBEAT_S  # a node whose last heartbeat is older is shown as not alive
 URLS_FOR_S = 5 * HEARTBEAT_S  # the nodes' URLs are read again after this (a node may move)
+LOOK_S = 0.2  # how often a run of another node, or one no node has taken yet, is looked up again
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,22 @@ class Cluster:
     def elsewhere(self, record: RunRecord) -> bool:
         """`record` is a run of another node."""
         return self.shared and record.node is not None and record.node != self.name
+
+    @staticmethod
+    def unclaimed(record: RunRecord) -> bool:
+        """In the shared queue: no node has taken it yet."""
+        return record.node is None and record.state is RunState.QUEUED
+
+    async def until(self, record: RunRecord, done: Callable[[RunRecord], bool],
+                    get: Callable[[], Awaitable[RunRecord]], timeout_s: float, closing: asyncio.Event) -> RunRecord:
+        """`record` looked up again (from the store) until `done` says so,
+        `timeout_s` runs out or the daemon begins to shut down: a run on
+        another node, or one waiting for a node."""
+        deadline = time.monotonic() + timeout_s
+        while not done(record) and not closing.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(min(LOOK_S, max(0.0, deadline - time.monotonic())))
+            record = await get()
+        return record
 
     async def home_of(self, record: RunRecord) -> tuple[str, str] | None:
         """(node, URL) of the node `record` is on, when that is another one."""

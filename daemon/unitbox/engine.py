@@ -26,13 +26,14 @@ from unitbox import notify
 from unitbox.admission import Admission
 from unitbox.broker.client import Broker
 from unitbox.budget import DiskBudget, submission_bytes
+from unitbox.claims import Claimer
 from unitbox.cluster import Cluster, Load
 from unitbox.config import Config
 from unitbox.errors import Busy, InvalidInput, NotFound, Unavailable, UnitboxError
 from unitbox.follow import Follower, Followers
 from unitbox.launcher import Launcher
 from unitbox.leftovers import OutputFiles, RunDetails, load_details, load_files
-from unitbox.lifecycle import RunLife
+from unitbox.lifecycle import Phase, RunLife
 from unitbox.limits import Limits
 from unitbox.lint import find_linter
 from unitbox.metrics import Metrics
@@ -43,7 +44,7 @@ from unitbox.retention import RunFiles, retention_loop
 from unitbox.rundir import RunDir, prepare_data_dir
 from unitbox.runner import Runner
 from unitbox.runtimes import RuntimeInfo, Runtimes
-from unitbox.store import RunRecord, RunStore
+from unitbox.store import RunInputs, RunRecord, RunStore
 from unitbox.tokens import EVERYONE, Caller
 
 log = logging.getLogger(__name__)
@@ -104,10 +105,12 @@ class Engine:
                                   on_output=self._followers.output_kept)
         self._admission = Admission(config.queue_size, config.max_concurrent)
         self._runner = Runner(broker, store, self._launcher, self._admission, metrics=self.metrics,
-                              run_dir=self.run_dir, stored_fds=stored_fds, on_advance=self._followers.advanced)
+                              run_dir=self.run_dir, stored_fds=stored_fds, on_advance=self._advanced)
         self._stopped = False
         self._linter = find_linter(config)  # the broker finds the same one
         self.cluster = Cluster(config, store, lambda: Load(self.executing, self.queue_depth))
+        self._claims = Claimer(store, free=self._admission.free_now, adopt=self._adopt) \
+            if self.cluster.shared else None
         if self.cluster.shared:
             self.metrics.gauge("unitbox_cluster_queue_depth", "Runs queued on any node of the cluster "
                                "(as of this node's last heartbeat).", lambda: self.cluster.queued_everywhere)
@@ -133,6 +136,9 @@ class Engine:
         runner.spawn(runner.records.retry_unsaved())
         if self.cluster.shared:
             runner.spawn(self.cluster.heartbeat_loop())
+        if self._claims is not None:
+            runner.spawn(self._claims.listen_loop())
+            runner.spawn(self._claims.claim_loop())
         files = RunFiles(self.config.runs_dir, self.config.ends_dir, self._broker.forget)
         runner.spawn(retention_loop(self._store, files, self.config.retention, self.budget,
                                     is_live=runner.runs.__contains__))
@@ -178,6 +184,9 @@ class Engine:
         if submission.lint is not LintMode.OFF and self._linter is None:
             raise InvalidInput("lint is not available on this server: ruff is not installed",
                                details=[{"field": "lint", "message": "no linter"}])
+        entry = f"{submission.entrypoint} {self.config.result_kb * 1024}" if submission.entrypoint else None
+        if self._claims is not None and self._admission.free_now() == 0:
+            return await self._enqueue(submission, entry)  # every slot here is taken: the shared queue
         stored = submission_bytes(submission.code, submission.stdin, submission.args) + \
             sum(len(content) for _, content in submission.files)
         self.budget.check_submission(stored)  # disk budget or free-space floor reached → 503
@@ -189,7 +198,6 @@ class Engine:
                            limits=submission.limits, runtime=submission.runtime, owner=submission.owner,
                            entrypoint=submission.entrypoint, lint=submission.lint.value,
                            input_files=len(submission.files), node=self._store.node)
-        entry = f"{submission.entrypoint} {self.config.result_kb * 1024}" if submission.entrypoint else None
         try:
             # In a thread: its 6 fsyncs would hold the loop ≈0.7 ms (more on a slow disk); the hop costs ≈0.08.
             await asyncio.to_thread(run_dir.create, submission.code, submission.stdin, submission.args,
@@ -209,6 +217,49 @@ class Engine:
         log.debug("run %s queued", run_id, extra={"run_id": run_id, "state": "queued"})
         self._runner.pump()
         return run.live_view()
+
+    async def _enqueue(self, submission: Submission, entry: str | None) -> RunRecord:
+        """Into the shared queue, inputs and all, for the first node with a free slot (claims.py)."""
+        if self.cluster.queued_everywhere >= self.config.queue_size:
+            raise Busy(f"the queue is full ({self.config.queue_size} runs waiting on the nodes); try again later",
+                       retry_after_s=5)
+        self.cluster.queued_everywhere += 1  # until the next heartbeat counts again
+        record = RunRecord(id=new_run_id(), state=RunState.QUEUED, created_at=time.time(),
+                           limits=submission.limits, runtime=submission.runtime, owner=submission.owner,
+                           entrypoint=submission.entrypoint, lint=submission.lint.value,
+                           input_files=len(submission.files))
+        inputs = RunInputs(code=submission.code, stdin=submission.stdin, args=list(submission.args), entry=entry,
+                           files=tuple(submission.files))
+        record = await self._store.enqueue(record, inputs)
+        log.debug("run %s queued for any node", record.id, extra={"run_id": record.id, "state": "queued"})
+        return record
+
+    async def _adopt(self, record: RunRecord, inputs: RunInputs) -> None:
+        """A run this node claimed from the shared queue: staged here, then run as if accepted here."""
+        run_dir = RunDir.of(self.config, record.id)
+        self._admission.reserve_claimed()
+        self.budget.charge(record.id, inputs.size)
+        try:
+            await asyncio.to_thread(run_dir.create, inputs.code, inputs.stdin, inputs.args, files=inputs.files,
+                                    entry=inputs.entry)
+        except OSError as exc:
+            self._admission.unreserve()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(run_dir.remove)
+            self.budget.forget([record.id])
+            log.error("run %s: cannot be staged here: %s", record.id, exc, extra={"run_id": record.id})
+            await self._runner.records.persist(record.evolve(
+                state=RunState.ERROR, finished_at=time.time(),
+                error=f"its inputs could not be staged on node {self.cluster.name}: {exc.strerror or exc}"))
+            return
+        self._runner.runs[record.id] = RunLife(record, run_dir)
+        self._admission.admit(record.id)
+        self._runner.pump()
+
+    def _advanced(self, run: RunLife) -> None:
+        self._followers.advanced(run)
+        if run.phase is Phase.DONE and self._claims is not None:
+            self._claims.wake()  # a slot is free: the shared queue may have a run for it
 
     # Every look at a run goes through `get` with the caller (the HTTP side's
     # RunService requires one; EVERYONE is for the daemon's own use): a run
@@ -259,8 +310,14 @@ class Engine:
     async def wait(self, run_id: str, timeout_s: float, caller: Caller = EVERYONE) -> RunRecord:
         """The run once it has finished, or as it is when `timeout_s` runs out
         or the daemon begins to shut down."""
-        await self.get(run_id, caller)  # another's run: 404 at once, nothing held
+        record = await self.get(run_id, caller)  # another's run: 404 at once, nothing held
         run, closing = self._runner.runs.get(run_id), self._runner.closing
+        if run is None and self.cluster.shared:  # queued for any node, or claimed by another
+            record = await self.cluster.until(record, lambda r: r.state.terminal or r.node == self.cluster.name,
+                                              functools.partial(self.get, run_id, caller), timeout_s, closing)
+            run = self._runner.runs.get(run_id)  # claimed here meanwhile: waited for as ours
+            if run is None:
+                return record
         if run is not None and not closing.is_set():
             waiters = [asyncio.ensure_future(run.done.wait()), asyncio.ensure_future(closing.wait()),
                        asyncio.ensure_future(run.answerable.wait())]  # a warm unit's program has exited
@@ -281,16 +338,31 @@ class Engine:
         or had already finished (200, unchanged)."""
         record = await self.get(run_id, caller)  # another's run: 404, untouched
         run = self._runner.runs.get(run_id)
+        if run is None and self.cluster.unclaimed(record) and self.cluster.shared:
+            cancelled = await self._store.cancel_unclaimed(run_id, time.time())
+            if cancelled is not None:
+                return cancelled, True
+            run = self._runner.runs.get(run_id)  # claimed meanwhile: here, or elsewhere
+            if run is None:
+                raise Unavailable(f"run {run_id} was taken by a node just now; send the cancel again",
+                                  retry_after_s=1)
         if run is None:
             return record, False
         return await self._runner.cancel(run)
 
-    async def home_of(self, run_id: str, caller: Caller = EVERYONE) -> tuple[str, str] | None:
+    async def home_of(self, run_id: str, caller: Caller = EVERYONE, *,
+                      placed_within_s: float = 0.0) -> tuple[str, str] | None:
         """(node, URL) of the node a run is on, when that is another node of
-        the cluster (api/relay.py relays there); None: answered here."""
+        the cluster (api/relay.py relays there); None: answered here.
+        `placed_within_s`: a run no node has taken yet is waited for that long."""
         if not self.cluster.shared or run_id in self._runner.runs:
             return None
-        return await self.cluster.home_of(await self.get(run_id, caller))
+        record = await self.get(run_id, caller)
+        if placed_within_s and self.cluster.unclaimed(record):
+            record = await self.cluster.until(record, lambda r: not self.cluster.unclaimed(r),
+                                              functools.partial(self.get, run_id, caller), placed_within_s,
+                                              self._runner.closing)
+        return await self.cluster.home_of(record)
 
     async def health(self) -> Health:
         """systemd answering (the broker's heartbeat, cached: no call to PID 1

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
+from tests.support.daemon import free_port
 from tests.support.fake_systemd import FakeSystemd, fake_broker
+from tests.support.postgres import Postgres
 from unitbox.api.app import create_app
 from unitbox.config import load_config
 from unitbox.engine import Engine
@@ -34,3 +36,25 @@ def make_client(tmp_path: Path, aiohttp_client: Any) -> MakeClient:
 @pytest.fixture
 async def client(make_client: MakeClient) -> AsyncIterator[TestClient[Any, web.Application]]:
     yield await make_client()
+
+
+MakeNode = Callable[..., Awaitable[TestClient[Any, web.Application]]]
+
+
+@pytest.fixture
+async def make_node(tmp_path: Path, postgres: Postgres, aiohttp_client: Any) -> AsyncIterator[MakeNode]:
+    """Nodes sharing one new PostgreSQL database, each a real HTTP server on a loopback port of its own
+    (what it advertises: the relay between them is real HTTP); systemd faked for each."""
+    url = postgres.new_database()
+
+    async def make(name: str, fake: FakeSystemd | None = None, **settings: Any) -> TestClient[Any, web.Application]:
+        port = free_port()
+        cfg = load_config(Path("/dev/null"), environ={}, cli={
+            "state_dir": str(tmp_path / name), "store": url, "node": name,
+            "advertise": f"http://127.0.0.1:{port}", **settings})
+        engine = Engine(cfg, fake_broker(cfg, fake or FakeSystemd()), open_store(cfg), Runtimes(cfg))
+        client: TestClient[Any, web.Application] = await aiohttp_client(TestServer(create_app(engine), port=port))
+        return client
+    yield make
+
+

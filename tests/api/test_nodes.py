@@ -8,42 +8,17 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from tests.support.daemon import free_port
-from tests.support.fake_systemd import FakeSystemd, fake_broker, until
-from tests.support.postgres import Postgres
-from unitbox.api.app import create_app
+from tests.api.conftest import MakeNode
+from tests.support.fake_systemd import FakeSystemd, until
 from unitbox.api.state import ENGINE
-from unitbox.config import load_config
-from unitbox.engine import Engine
 from unitbox.profile import unit_name
-from unitbox.runtimes import Runtimes
-from unitbox.store import open_store
 
 Client = TestClient[Any, web.Application]
-MakeNode = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture
-async def make_node(tmp_path: Path, postgres: Postgres, aiohttp_client: Any) -> AsyncIterator[MakeNode]:
-    url = postgres.new_database()
-
-    async def make(name: str, fake: FakeSystemd | None = None, **settings: Any) -> Client:
-        port = free_port()
-        cfg = load_config(Path("/dev/null"), environ={}, cli={
-            "state_dir": str(tmp_path / name), "store": url, "node": name,
-            "advertise": f"http://127.0.0.1:{port}", **settings})
-        engine = Engine(cfg, fake_broker(cfg, fake or FakeSystemd()), open_store(cfg), Runtimes(cfg))
-        client: Client = await aiohttp_client(TestServer(create_app(engine), port=port))
-        return client
-    yield make
 
 
 async def test_any_node_answers_for_a_run_of_another(make_node: MakeNode) -> None:

@@ -1,9 +1,11 @@
 """Three nodes sharing one PostgreSQL store, each the daemon as a real
 service in a test host of its own (docs/operations.md "Several nodes").
 Every request of a mixed load goes to the next node in turn (submissions,
-status polls, cancels): every run ends in its true state exactly once, each
-run's unit ran on one host only, and every node gives every run's record
-and output alike, even with one node's daemon killed -9 mid-load."""
+status polls, cancels); a node whose slots are full queues what it accepts
+for any node (the shared queue). Every run ends in its true state exactly
+once, each run's unit ran on one host only, and every node gives every
+run's record and output alike, even with one node's daemon killed -9
+mid-load; a whole host lost ends its runs as `error` after the grace."""
 
 from __future__ import annotations
 
@@ -113,6 +115,9 @@ def test_three_nodes_share_a_mixed_load_and_any_node_answers_for_any_run(
     assert [(n["name"], n["alive"]) for n in nodes] == [(name, True) for name in NODES]
     ran_on = units_seen(hosts, [o.run["id"] for o in outcomes if o.run["started_at"] is not None])
     assert {where[0] for where in ran_on.values()} == set(NODES), "a node ran none of the load"
+    # 12 at a time on 3 nodes of 4 slots, with cancels and timeouts: nodes fill, and runs go through the shared queue.
+    claimed = sum(s.journal().count("claimed from the shared queue") for s in cluster.values())
+    assert claimed > 0, "no run went through the shared queue"
 
 
 def test_one_node_killed_mid_load_loses_nothing_and_the_others_go_on(

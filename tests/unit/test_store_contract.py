@@ -13,7 +13,7 @@ import pytest
 from unitbox.errors import Unavailable
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import NodeInfo, RunRecord, RunStore
+from unitbox.store import NodeInfo, RunInputs, RunRecord, RunStore
 from unitbox.store.schema import migrations
 from unitbox.store.sqlite import SqliteStore
 
@@ -200,7 +200,7 @@ async def test_nodes_heartbeat_and_are_listed_by_name(store: RunStore) -> None:
 
 def test_both_engines_have_the_same_migrations() -> None:
     sqlite, postgresql = migrations("sqlite"), migrations("postgresql")
-    assert len(sqlite) == len(postgresql) == 5
+    assert len(sqlite) == len(postgresql) == 6
     for mine, theirs in zip(sqlite, postgresql, strict=True):
         assert mine.count("ADD COLUMN") == theirs.count("ADD COLUMN")
         assert mine.count("CREATE INDEX") == theirs.count("CREATE INDEX")
@@ -237,3 +237,94 @@ async def test_the_runs_of_a_silent_node_are_settled_once_and_stay_so(make_store
     finally:
         await a.close()
         await b.close()
+
+
+INPUTS = RunInputs(code=b"print('hi')\n", stdin=b"\x00\xffbytes", args=["--n", "3"], entry="main 1024",
+                   files=(("data/in.csv", b"a,b\n"), ("x.bin", bytes(range(256)))))
+
+
+async def test_the_shared_queue_is_claimed_oldest_first_with_the_inputs(make_store: MakeStore) -> None:
+    a, b = make_store(node="a"), make_store(node="b")
+    await a.open()
+    await b.open()
+    try:
+        queued = [await a.enqueue(record(rid(n)), INPUTS) for n in range(5)]
+        assert [r.node for r in queued] == [None] * 5 and await a.queued() == 5
+        assert await a.inputs(rid(0)) == INPUTS
+        first = await b.claim(2)
+        assert [(r.id, r.node) for r, _ in first] == [(rid(0), "b"), (rid(1), "b")]
+        assert all(inputs == INPUTS for _, inputs in first)
+        assert [r.id for r, _ in await a.claim(10)] == [rid(2), rid(3), rid(4)]
+        assert await b.claim(10) == [] and await a.claim(0) == []
+        assert [r.id for r in await b.unfinished()] == [rid(0), rid(1)]  # claimed: the claimer's to run
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_queued_run_is_cancelled_only_while_no_node_has_it(make_store: MakeStore) -> None:
+    a, b = make_store(node="a"), make_store(node="b")
+    await a.open()
+    await b.open()
+    try:
+        await a.enqueue(record(rid(1)), INPUTS)
+        await a.enqueue(record(rid(2)), INPUTS)
+        cancelled = await b.cancel_unclaimed(rid(1), now=5.0)
+        assert cancelled is not None and cancelled.state is RunState.CANCELLED and cancelled.node == "b"
+        assert cancelled.cancel_requested and cancelled.finished_at == 5.0
+        assert await a.get(rid(1)) == cancelled
+        assert await b.finished_before(6.0) == [rid(1)]  # the canceller's, for its retention
+        assert [r.id for r, _ in await a.claim(5)] == [rid(2)]
+        assert await b.cancel_unclaimed(rid(2), now=6.0) is None  # a has it: a cancels it
+        assert await b.cancel_unclaimed(rid(1), now=6.0) is None
+        await a.delete([rid(1), rid(2)])
+        assert await a.inputs(rid(2)) is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_lost_node_s_unstarted_runs_go_back_to_the_queue(make_store: MakeStore) -> None:
+    a, b = make_store(node="a"), make_store(node="b")
+    await a.open()
+    await b.open()
+    try:
+        beat = NodeInfo(name="a", url="http://a", capacity=1, running=1, queued=1, started_at=1.0, heartbeat_at=10.0)
+        await a.heartbeat(beat)
+        await b.heartbeat(beat.evolve(name="b", url="http://b", heartbeat_at=100.0))
+        await a.enqueue(record(rid(1)), INPUTS)
+        await a.enqueue(record(rid(2)), INPUTS)
+        (running, _), _claimed = await a.claim(2)
+        await a.update(running.evolve(state=RunState.RUNNING, started_at=11.0))
+        local = await a.insert(record(rid(3), node="a"))  # accepted by a with a free slot: inputs on a's disk only
+        assert sorted(await b.settle_lost(now=101.0, cutoff=50.0, grace_s=50)) == [rid(1), rid(3)]
+        requeued = await b.get(rid(2))
+        assert requeued is not None and requeued.state is RunState.QUEUED and requeued.node is None
+        assert [(r.id, r.node) for r, _ in await b.claim(5)] == [(rid(2), "b")]
+        assert (await b.get(local.id)).state is RunState.ERROR  # type: ignore[union-attr]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_many_nodes_claiming_at_once_never_take_a_run_twice(make_store: MakeStore) -> None:
+    stores = [make_store(node=f"n{n}") for n in range(4)]
+    for store in stores:
+        await store.open()
+    try:
+        for n in range(60):
+            await stores[0].enqueue(record(rid(n)), INPUTS)
+
+        async def take(store: RunStore) -> list[str]:
+            taken: list[str] = []
+            while claimed := await store.claim(3):
+                taken += [r.id for r, _ in claimed]
+            return taken
+        shares = await asyncio.gather(*(take(s) for s in stores))
+        everything = [run_id for share in shares for run_id in share]
+        assert sorted(everything) == [rid(n) for n in range(60)]  # each once
+        for store, share in zip(stores, shares, strict=True):
+            assert [r.node for r in [await store.get(i) for i in share]] == [store.node] * len(share)
+    finally:
+        for store in stores:
+            await store.close()

@@ -39,7 +39,7 @@ async def test_a_schema_1_database_is_upgraded_and_keeps_its_runs(tmp_path: Path
     finally:
         await store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 5
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
     assert "runs_owner" in {row[1] for row in db.execute("PRAGMA index_list(runs)")}
     db.close()
     reopened = SqliteStore(path)  # a second open migrates nothing and loses nothing

@@ -21,6 +21,8 @@ from unitbox.engine import Engine
 # others (status, listing, wait) come from the shared store here.
 RELAYED: set[Handler] = {output.output, events.events, handlers.cancel, files.list_files, files.get_file,
                          files.code}
+# Those that wait for a node to take a run from the shared queue (the others answer at once).
+PLACED_FIRST: set[Handler] = {events.events, files.code}
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/run-json", handlers.run_json),
@@ -46,7 +48,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
 def create_app(engine: Engine, *, manage_engine: bool = True, shutdown_grace_s: float = 0.0) -> web.Application:
     """`manage_engine`: start the engine with the app and stop it on cleanup."""
     config = engine.config
-    middlewares: list[Middleware] = [error_middleware, auth_middleware(config.tokens), relay_middleware(RELAYED)]
+    middlewares: list[Middleware] = [error_middleware, auth_middleware(config.tokens),
+                                     relay_middleware(RELAYED, PLACED_FIRST)]
     app = web.Application(middlewares=middlewares, client_max_size=config.max_request_kb * 1024)
     app[ENGINE] = engine
     app[OPENAPI] = build_openapi()

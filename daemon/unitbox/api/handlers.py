@@ -37,6 +37,7 @@ from unitbox.api.models import (
     check_entrypoint,
     decode_source,
 )
+from unitbox.api.relay import forward
 from unitbox.api.state import ENGINE, OPENAPI
 from unitbox.cluster import ALIVE_S
 from unitbox.engine import Submission
@@ -117,7 +118,7 @@ def _submission(request: web.Request, source: bytes, stdin: str, args: list[str]
                       files=check_files(ways.files, config.files))
 
 
-async def _accept(request: web.Request, submission: Submission, wait: bool) -> web.Response:
+async def _accept(request: web.Request, submission: Submission, wait: bool) -> web.StreamResponse:
     engine = request.app[ENGINE]
     began = time.perf_counter()
     record = await engine.submit(submission)
@@ -125,6 +126,10 @@ async def _accept(request: web.Request, submission: Submission, wait: bool) -> w
     if wait:
         record = await engine.wait(record.id, engine.config.wait_max_s, caller_of(request))
         if record.state.terminal:
+            home = await engine.home_of(record.id, caller_of(request))
+            if home is not None:  # it ran on another node (the shared queue): that node has its output
+                return await forward(request, *home, by=engine.cluster.name, method="GET",
+                                     path_qs=f"/status/{record.id}?include=output")
             return _json(await _detailed(request, record, include_output=True))
     location = f"/status/{record.id}"
     body = SubmitOut(id=record.id, state=record.state, status_url=location, output_url=f"/output/{record.id}")
@@ -139,7 +144,7 @@ def _source_or_422(read: Any, field: str) -> bytes:
     return source
 
 
-async def run_json(request: web.Request) -> web.Response:
+async def run_json(request: web.Request) -> web.StreamResponse:
     if request.content_type != "application/json":
         raise UnsupportedMediaType(f"send the run as application/json, not {request.content_type or 'nothing'}")
     async with _body_deadline(request):
@@ -214,7 +219,7 @@ def _json_part(parts: dict[str, bytes], name: str) -> Any:
         raise InvalidInput(f"form field {name!r} is not valid JSON: {exc}") from None
 
 
-async def run_file(request: web.Request) -> web.Response:
+async def run_file(request: web.Request) -> web.StreamResponse:
     if request.content_type != "multipart/form-data":
         raise UnsupportedMediaType(f"upload the file as multipart/form-data, not {request.content_type or 'nothing'}")
     engine = request.app[ENGINE]

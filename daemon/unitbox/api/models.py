@@ -180,7 +180,8 @@ class RunOut(BaseModel):
     unit: str = Field(description="Its systemd unit: unitbox-run-<id>.service, or the warm unit it was handed "
                                   "to, unitbox-warm-<slot>.service (its description names the run).")
     node: str | None = Field(default=None, description="The node it runs on when several share a store "
-                                                       "(docs/operations.md); null with a store of its own.")
+                                                       "(docs/operations.md); null while it waits in their "
+                                                       "shared queue, and with a store of its own.")
     runtime: str = Field(description="The runtime it ran with.")
     created_at: Timestamp = Field(description="When it was accepted.")
     started_at: Timestamp = Field(description="When its unit started; null until then.")

@@ -31,29 +31,34 @@ _NOT_PASSED = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
                "transfer-encoding", "upgrade", "host", "content-length"}
 
 
-def relay_middleware(relayed: set[Handler]) -> aiohttp.typedefs.Middleware:
-    """Relays the requests for `relayed` handlers whose run is on another node."""
+def relay_middleware(relayed: set[Handler], placed_first: set[Handler]) -> aiohttp.typedefs.Middleware:
+    """Relays the requests for `relayed` handlers whose run is on another
+    node. For `placed_first` ones (a live stream, the code), a run that no
+    node has taken yet is waited for until one has (up to `wait_max_s`)."""
     @web.middleware
     async def relay(request: web.Request, handler: Handler) -> web.StreamResponse:
         run_id = request.match_info.get("id")
         if run_id is None or request.match_info.handler not in relayed or RELAYED_BY in request.headers:
             return await handler(request)
         engine = request.app[ENGINE]
-        home = await engine.home_of(run_id, caller_of(request))  # another's run: 404 here, as anywhere
+        wait = engine.config.wait_max_s if request.match_info.handler in placed_first else 0.0
+        home = await engine.home_of(run_id, caller_of(request), placed_within_s=wait)  # another's run: 404
         if home is None:
             return await handler(request)
-        return await _forward(request, *home, by=engine.cluster.name)
+        return await forward(request, *home, by=engine.cluster.name)
     return relay
 
 
-async def _forward(request: web.Request, node: str, url: str, *, by: str) -> web.StreamResponse:
+async def forward(request: web.Request, node: str, url: str, *, by: str, method: str | None = None,
+                  path_qs: str | None = None) -> web.StreamResponse:
+    """`request` (or `method` `path_qs` with its headers) to the node at `url`; its answer, streamed."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_PASSED}
     headers[RELAYED_BY] = by
-    body = await request.read() if request.body_exists else None
+    body = await request.read() if request.body_exists and method is None else None
     session = request.app[RELAY_SESSION]
     try:
-        upstream = await session.request(request.method, url + request.rel_url.path_qs, headers=headers,
-                                         data=body, allow_redirects=False)
+        upstream = await session.request(method or request.method, url + (path_qs or request.rel_url.path_qs),
+                                         headers=headers, data=body, allow_redirects=False)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise Unavailable(f"run {request.match_info['id']} is on node {node!r} ({url}), which cannot be "
                           f"reached: {exc or type(exc).__name__}") from exc

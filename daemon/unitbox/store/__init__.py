@@ -73,6 +73,23 @@ class NodeInfo:
         return replace(self, **changes)
 
 
+@dataclass(frozen=True, slots=True)
+class RunInputs:
+    """What RunDir.create writes: kept in a shared store for a queued run,
+    so whichever node claims it can stage it."""
+
+    code: bytes
+    stdin: bytes
+    args: list[str]
+    entry: str | None = None  # "<function> <result cap>" (entrypoint runs)
+    files: tuple[tuple[str, bytes], ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.code) + len(self.stdin) + sum(len(a) for a in self.args) + \
+            sum(len(content) for _, content in self.files)
+
+
 class RunStore(Protocol):
     """What the engine, recovery and retention ask of a store. Every method
     raises Unavailable when the store cannot answer.
@@ -131,9 +148,34 @@ class RunStore(Protocol):
         ...
 
     async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
-        """Ends as `error` ("node lost: …") the unfinished runs of every other
-        node whose last heartbeat is older than `cutoff`; their ids. A run so
-        settled keeps that end: its node's later updates leave it alone."""
+        """For every other node whose last heartbeat is older than `cutoff`:
+        its queued runs whose inputs are in the store go back to the shared
+        queue; its other unfinished runs end as `error` ("node lost: …").
+        The ids of those ended. A run so ended keeps that end: its node's
+        later updates leave it alone."""
+        ...
+
+    # -- the shared queue (several nodes) --------------------------------------
+    async def enqueue(self, record: RunRecord, inputs: RunInputs) -> RunRecord:
+        """Records a run that no node has taken yet (`node` None), with its
+        inputs, durably; wakes the nodes waiting for work."""
+        ...
+
+    async def claim(self, up_to: int) -> list[tuple[RunRecord, RunInputs]]:
+        """Takes up to `up_to` unclaimed queued runs for this node, oldest
+        first; none is ever taken by two nodes."""
+        ...
+
+    async def inputs(self, run_id: str) -> RunInputs | None: ...
+
+    async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
+        """Cancels a run no node has taken yet (then it is this node's); None
+        if it was taken (or is not queued) meanwhile."""
+        ...
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """Returns when a run was queued for any node to take (or after
+        `timeout_s`: the nodes also look now and then)."""
         ...
 
 

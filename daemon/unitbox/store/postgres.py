@@ -35,17 +35,24 @@ from psycopg_pool import AsyncConnectionPool
 
 from unitbox.errors import Unavailable
 from unitbox.outcome import RunState
-from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunRecord, unavailable_message
+from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunInputs, RunRecord, unavailable_message
 from unitbox.store.schema import (
     COLUMNS,
+    INPUTS_INSERT,
     LOST_PATTERN,
+    cancel_unclaimed_query,
+    claim_query,
     from_row,
     heartbeat_query,
+    inputs_from_row,
+    inputs_row,
     migrations,
     node_from_row,
     node_row,
     node_scope,
     page_query,
+    requeue_lost_params,
+    requeue_lost_query,
     settle_lost_params,
     settle_lost_query,
     to_row,
@@ -60,6 +67,8 @@ DURABLE_POOL_SIZE = 4  # and durable ones: accepting runs
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: a server that does not answer is a 503 soon
 WAIT_S = 5.0  # for a free connection from the pool, or a new one
 MIGRATION_LOCK = 0x756E6974626F78  # "unitbox": the advisory lock nodes migrate under
+QUEUE_CHANNEL = "unitbox_queue"  # NOTIFY: a run was queued for any node to take
+_WAKE = f"SELECT pg_notify('{QUEUE_CHANNEL}', '')"
 
 _INSERT = (f"INSERT INTO runs ({', '.join(COLUMNS)}) "  # noqa: S608
            f"VALUES ({', '.join(f'%({c})s' for c in COLUMNS)}) RETURNING seq")
@@ -91,6 +100,7 @@ class PostgresStore:
         self._lost = False  # a connection failed: make sure of the server before the next request
         self._reconnecting = asyncio.Lock()
         self._writing: dict[str, asyncio.Task[Any]] = {}  # each run's last write, by id
+        self._listener: Connection | None = None  # LISTENs for queued runs (wait_for_work)
         self._connect_args: dict[str, Any] = {"row_factory": dict_row, "connect_timeout": CONNECT_TIMEOUT_S,
                                               "application_name": "unitbox", "autocommit": True}
 
@@ -208,6 +218,9 @@ class PostgresStore:
         self._closed = True
         pools, self._pools = self._pools, {}
         await asyncio.gather(*(pool.close() for pool in pools.values()))
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
     async def ping(self) -> None:
         await self._rows("SELECT 1")
@@ -267,6 +280,7 @@ class PostgresStore:
 
         async def delete(conn: Connection) -> None:
             await conn.execute("DELETE FROM runs WHERE id = ANY(%s)", (ids,))
+            await conn.execute("DELETE FROM run_inputs WHERE id = ANY(%s)", (ids,))
         await self._statement(delete)
 
     async def known_ids(self, run_ids: Collection[str]) -> set[str]:
@@ -285,11 +299,73 @@ class PostgresStore:
         return [node_from_row(r) for r in await self._rows("SELECT * FROM nodes ORDER BY name")]
 
     async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
-        params = settle_lost_params(now, cutoff, self.node or "", grace_s)
+        me = self.node or ""
+        params, requeue = settle_lost_params(now, cutoff, me, grace_s), requeue_lost_params(cutoff, me)
 
         async def settle(conn: Connection) -> list[str]:
+            if await (await conn.execute(requeue_lost_query("%s"), requeue)).fetchall():
+                await conn.execute(_WAKE)
             return [r["id"] for r in await (await conn.execute(settle_lost_query("%s"), params)).fetchall()]
         return await self._statement(settle)
+
+    # -- the shared queue --------------------------------------------------------
+    async def enqueue(self, record: RunRecord, inputs: RunInputs) -> RunRecord:
+        row, stored = to_row(record), inputs_row(record.id, inputs)
+
+        async def enqueue(conn: Connection) -> int:
+            async with conn.transaction():  # the run, its inputs and the wake-up, together
+                inserted = await (await conn.execute(_INSERT, row)).fetchone()
+                await conn.execute(INPUTS_INSERT.format(m="%s"), stored)
+                await conn.execute(_WAKE)
+            assert inserted is not None
+            return int(inserted["seq"])
+        return record.evolve(seq=await self._write(record.id, enqueue, durable=True))
+
+    async def claim(self, up_to: int) -> list[tuple[RunRecord, RunInputs]]:
+        if up_to <= 0:
+            return []
+        params = [self.node or "", str(RunState.QUEUED), up_to]
+
+        async def claim(conn: Connection) -> list[tuple[RunRecord, RunInputs]]:
+            records = sorted((from_row(r) for r in await (await conn.execute(claim_query("%s"), params)).fetchall()),
+                             key=lambda r: r.seq)
+            if not records:
+                return []
+            rows = await (await conn.execute("SELECT * FROM run_inputs WHERE id = ANY(%s)",
+                                             ([r.id for r in records],))).fetchall()
+            stored = {row["id"]: inputs_from_row(row) for row in rows}
+            return [(record, stored[record.id]) for record in records]
+        return await self._statement(claim, durable=True)
+
+    async def inputs(self, run_id: str) -> RunInputs | None:
+        rows = await self._rows("SELECT * FROM run_inputs WHERE id = %s", (run_id,))
+        return inputs_from_row(rows[0]) if rows else None
+
+    async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
+        params = [str(RunState.CANCELLED), now, self.node or "", run_id, str(RunState.QUEUED)]
+
+        async def cancel(conn: Connection) -> RunRecord | None:
+            row = await (await conn.execute(cancel_unclaimed_query("%s"), params)).fetchone()
+            return from_row(row) if row else None
+        record = await self._write(run_id, cancel, durable=True)
+        if record is not None:
+            self._recent.written(record)
+        return record
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        """On a connection of its own that LISTENs; a lost one is made again
+        at the next call (meanwhile the caller's timeout is the wake-up)."""
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = await Connection.connect(self.url, **self._connect_args)
+                await self._listener.execute(f"LISTEN {QUEUE_CHANNEL}")
+            async for _ in self._listener.notifies(timeout=timeout_s, stop_after=1):
+                pass
+        except psycopg.Error:
+            if self._listener is not None:
+                await self._listener.close()
+            self._listener = None
+            await asyncio.sleep(timeout_s)
 
     async def queued(self) -> int:
         rows = await self._rows("SELECT count(*) AS queued FROM runs WHERE state = %s", (str(RunState.QUEUED),))

@@ -4,6 +4,7 @@ between a RunRecord and a row."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import fields
@@ -11,16 +12,16 @@ from typing import Any, Literal
 
 from unitbox.limits import Limits
 from unitbox.outcome import RunState
-from unitbox.store import UNFINISHED, NodeInfo, RunRecord
+from unitbox.store import UNFINISHED, NodeInfo, RunInputs, RunRecord
 
 Dialect = Literal["sqlite", "postgresql"]
 
 # {serial}: the run's order of arrival; {real}: seconds and milliseconds; {int}: counts and
 # bytes (memory peaks pass 2^31: PostgreSQL's INTEGER is 32 bits, SQLite's 64).
 _WORDS: dict[Dialect, dict[str, str]] = {
-    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL", "int": "INTEGER"},
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL", "int": "INTEGER", "blob": "BLOB"},
     "postgresql": {"serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "real": "DOUBLE PRECISION",
-                   "int": "BIGINT"},
+                   "int": "BIGINT", "blob": "BYTEA"},
 }
 
 _MIGRATIONS: list[str] = [
@@ -72,6 +73,14 @@ _MIGRATIONS: list[str] = [
         capacity {int} NOT NULL, running {int} NOT NULL, queued {int} NOT NULL,
         started_at {real} NOT NULL, heartbeat_at {real} NOT NULL
     );
+    """,
+    # 6: the shared queue: a queued run's inputs, for the node that claims it (files: JSON, base64)
+    """
+    CREATE TABLE run_inputs (
+        id TEXT PRIMARY KEY,
+        code {blob} NOT NULL, stdin {blob} NOT NULL, args TEXT NOT NULL, entry TEXT, files TEXT NOT NULL
+    );
+    CREATE INDEX runs_unclaimed ON runs(seq) WHERE state = 'queued' AND node IS NULL;
     """,
 ]
 
@@ -154,6 +163,45 @@ def update_query(mark: str) -> str:
 
 
 LOST_PATTERN = NODE_LOST + ":%"
+
+
+def requeue_lost_query(mark: str) -> str:
+    """The queued runs of nodes whose last heartbeat is older than the cutoff (not this one), whose
+    inputs are in the store: back to the shared queue."""
+    return (f"UPDATE runs SET node = NULL WHERE state = {mark} AND node IN "  # noqa: S608
+            f"(SELECT name FROM nodes WHERE heartbeat_at < {mark} AND name <> {mark}) "
+            "AND id IN (SELECT id FROM run_inputs) RETURNING id")
+
+
+def requeue_lost_params(cutoff: float, me: str) -> list[Any]:
+    return [str(RunState.QUEUED), cutoff, me]
+
+
+def claim_query(mark: str) -> str:
+    """Up to N unclaimed queued runs, oldest first, for this node. `skip_locked`: PostgreSQL's
+    FOR UPDATE SKIP LOCKED (SQLite has one writer at a time: nothing to skip)."""
+    lock = " FOR UPDATE SKIP LOCKED" if mark == "%s" else ""
+    return (f"UPDATE runs SET node = {mark} WHERE seq IN (SELECT seq FROM runs "  # noqa: S608
+            f"WHERE state = {mark} AND node IS NULL ORDER BY seq LIMIT {mark}{lock}) RETURNING *")
+
+
+def cancel_unclaimed_query(mark: str) -> str:
+    return (f"UPDATE runs SET state = {mark}, finished_at = {mark}, cancel_requested = 1, node = {mark} "  # noqa: S608
+            f"WHERE id = {mark} AND state = {mark} AND node IS NULL RETURNING *")
+
+
+def inputs_row(run_id: str, inputs: RunInputs) -> list[Any]:
+    files = json.dumps([[path, base64.b64encode(content).decode()] for path, content in inputs.files])
+    return [run_id, inputs.code, inputs.stdin, json.dumps(inputs.args), inputs.entry, files]
+
+
+def inputs_from_row(row: Mapping[str, Any]) -> RunInputs:
+    files = tuple((path, base64.b64decode(content)) for path, content in json.loads(row["files"]))
+    return RunInputs(code=bytes(row["code"]), stdin=bytes(row["stdin"]), args=json.loads(row["args"]),
+                     entry=row["entry"], files=files)
+
+
+INPUTS_INSERT = "INSERT INTO run_inputs (id, code, stdin, args, entry, files) VALUES ({m}, {m}, {m}, {m}, {m}, {m})"
 
 
 def settle_lost_query(mark: str) -> str:

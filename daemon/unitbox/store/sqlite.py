@@ -41,17 +41,24 @@ from typing import Any, TypeVar
 
 from unitbox.errors import Unavailable
 from unitbox.outcome import RunState
-from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunRecord, unavailable_message
+from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunInputs, RunRecord, unavailable_message
 from unitbox.store.schema import (
     COLUMNS,
+    INPUTS_INSERT,
     LOST_PATTERN,
+    cancel_unclaimed_query,
+    claim_query,
     from_row,
     heartbeat_query,
+    inputs_from_row,
+    inputs_row,
     migrations,
     node_from_row,
     node_row,
     node_scope,
     page_query,
+    requeue_lost_params,
+    requeue_lost_query,
     settle_lost_params,
     settle_lost_query,
     to_row,
@@ -278,7 +285,12 @@ class SqliteStore:
 
     async def delete(self, run_ids: Sequence[str]) -> None:
         self._recent.deleted(run_ids)
-        await self._write(lambda db: db.executemany("DELETE FROM runs WHERE id = ?", [(i,) for i in run_ids]))
+        ids = [(i,) for i in run_ids]
+
+        def delete(db: sqlite3.Connection) -> None:
+            db.executemany("DELETE FROM runs WHERE id = ?", ids)
+            db.executemany("DELETE FROM run_inputs WHERE id = ?", ids)
+        await self._write(delete)
 
     async def known_ids(self, run_ids: Collection[str]) -> set[str]:
         """Those of `run_ids` that have a record."""
@@ -301,8 +313,58 @@ class SqliteStore:
         return await self._run(lambda db: [node_from_row(r) for r in db.execute("SELECT * FROM nodes ORDER BY name")])
 
     async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
-        params = settle_lost_params(now, cutoff, self.node or "", grace_s)
-        return await self._write(lambda db: [r[0] for r in db.execute(settle_lost_query("?"), params)])
+        me = self.node or ""
+        params, requeue = settle_lost_params(now, cutoff, me, grace_s), requeue_lost_params(cutoff, me)
+
+        def settle(db: sqlite3.Connection) -> list[str]:
+            db.execute(requeue_lost_query("?"), requeue).fetchall()
+            return [r[0] for r in db.execute(settle_lost_query("?"), params)]
+        return await self._write(settle)
+
+    # -- the shared queue: one node with SQLite, but the same contract ---------------
+    async def enqueue(self, record: RunRecord, inputs: RunInputs) -> RunRecord:
+        row, stored = to_row(record), inputs_row(record.id, inputs)
+
+        def enqueue(db: sqlite3.Connection) -> int:
+            seq = int(db.execute(_INSERT, row).lastrowid or 0)
+            db.execute(INPUTS_INSERT.format(m="?"), stored)
+            return seq
+        return record.evolve(seq=await self._write(enqueue, durable=True))
+
+    async def claim(self, up_to: int) -> list[tuple[RunRecord, RunInputs]]:
+        if up_to <= 0:
+            return []
+        params = [self.node or "", str(RunState.QUEUED), up_to]
+
+        def claim(db: sqlite3.Connection) -> list[tuple[RunRecord, RunInputs]]:
+            records = sorted((from_row(r) for r in db.execute(claim_query("?"), params).fetchall()),
+                             key=lambda r: r.seq)
+            found = []
+            for record in records:
+                row = db.execute("SELECT * FROM run_inputs WHERE id = ?", (record.id,)).fetchone()
+                found.append((record, inputs_from_row(row)))
+            return found
+        return await self._write(claim)
+
+    async def inputs(self, run_id: str) -> RunInputs | None:
+        def read(db: sqlite3.Connection) -> RunInputs | None:
+            row = db.execute("SELECT * FROM run_inputs WHERE id = ?", (run_id,)).fetchone()
+            return inputs_from_row(row) if row else None
+        return await self._run(read)
+
+    async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
+        params = [str(RunState.CANCELLED), now, self.node or "", run_id, str(RunState.QUEUED)]
+
+        def cancel(db: sqlite3.Connection) -> RunRecord | None:
+            row = db.execute(cancel_unclaimed_query("?"), params).fetchone()
+            return from_row(row) if row else None
+        record = await self._write(cancel, durable=True)
+        if record is not None:
+            self._recent.written(record)
+        return record
+
+    async def wait_for_work(self, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)  # no other node to hear from
 
     async def queued(self) -> int:
         return await self._run(lambda db: int(db.execute(
