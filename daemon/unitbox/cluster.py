@@ -65,6 +65,7 @@ class Cluster:
         me = self.me()
         await self._store.heartbeat(me)
         self.queued_everywhere = await self._store.queued()
+        await self._store.forget_inputs()
         if self._beating_since is None:
             self._beating_since = me.heartbeat_at
         grace = self.config.node_grace_s

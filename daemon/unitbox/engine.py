@@ -109,7 +109,7 @@ class Engine:
         self._stopped = False
         self._linter = find_linter(config)  # the broker finds the same one
         self.cluster = Cluster(config, store, lambda: Load(self.executing, self.queue_depth))
-        self._claims = Claimer(store, free=self._admission.free_now, adopt=self._adopt) \
+        self._claims = Claimer(store, free=self._free_for_claims, adopt=self._adopt) \
             if self.cluster.shared else None
         if self.cluster.shared:
             self.metrics.gauge("unitbox_cluster_queue_depth", "Runs queued on any node of the cluster "
@@ -238,7 +238,8 @@ class Engine:
         """A run this node claimed from the shared queue: staged here, then run as if accepted here."""
         run_dir = RunDir.of(self.config, record.id)
         self._admission.reserve_claimed()
-        self.budget.charge(record.id, inputs.size)
+        self.budget.charge(record.id, submission_bytes(inputs.code, inputs.stdin, inputs.args)
+                           + sum(len(content) for _, content in inputs.files))
         try:
             await asyncio.to_thread(run_dir.create, inputs.code, inputs.stdin, inputs.args, files=inputs.files,
                                     entry=inputs.entry)
@@ -255,6 +256,18 @@ class Engine:
         self._runner.runs[record.id] = RunLife(record, run_dir)
         self._admission.admit(record.id)
         self._runner.pump()
+
+    def _free_for_claims(self) -> int:
+        """Slots for runs of the shared queue: none while shutting down or without systemd."""
+        runner = self._runner
+        return self._admission.free_now() if runner.accepting and runner.broker_ok else 0
+
+    async def queued_code(self, record: RunRecord) -> bytes | None:
+        """The code of a run waiting in the shared queue (no node has staged it yet)."""
+        if not self.cluster.unclaimed(record):
+            return None
+        inputs = await self._store.inputs(record.id)
+        return inputs.code if inputs is not None else None
 
     def _advanced(self, run: RunLife) -> None:
         self._followers.advanced(run)

@@ -60,6 +60,8 @@ async def test_the_oldest_queued_run_is_claimed_first_and_an_unclaimed_one_cance
     await until(lambda: held_a._live(unit_name(busy[0]["id"])) and held_b._live(unit_name(busy[1]["id"])))
     queued = [await (await a.post("/run-json", json={"code": f"print({n})"})).json() for n in range(3)]
     assert [(await status(b, q["id"]))["node"] for q in queued] == [None] * 3
+    code = await b.get(f"/runs/{queued[2]['id']}/code")  # no node has it: from the store
+    assert code.status == 200 and await code.read() == b"print(2)"
     cancelled = await b.post(f"/runs/{queued[1]['id']}/cancel")  # no node has it: cancelled where asked
     assert cancelled.status == 202 and (await cancelled.json())["state"] == "cancelled"
     held_b.finish(unit_name(busy[1]["id"]))  # b has a free slot: it takes the oldest

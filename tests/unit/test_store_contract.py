@@ -328,3 +328,11 @@ async def test_many_nodes_claiming_at_once_never_take_a_run_twice(make_store: Ma
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_the_inputs_of_finished_runs_are_forgotten(store: RunStore) -> None:
+    queued = await store.enqueue(record(rid(1)), INPUTS)
+    await store.enqueue(record(rid(2)), INPUTS)
+    await store.update(queued.evolve(state=RunState.SUCCEEDED, started_at=2.0, finished_at=3.0))
+    await store.forget_inputs()
+    assert await store.inputs(rid(1)) is None and await store.inputs(rid(2)) == INPUTS

@@ -22,7 +22,7 @@ from unitbox.engine import Engine
 RELAYED: set[Handler] = {output.output, events.events, handlers.cancel, files.list_files, files.get_file,
                          files.code}
 # Those that wait for a node to take a run from the shared queue (the others answer at once).
-PLACED_FIRST: set[Handler] = {events.events, files.code}
+PLACED_FIRST: set[Handler] = {events.events}
 
 ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/run-json", handlers.run_json),

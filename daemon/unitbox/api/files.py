@@ -56,7 +56,10 @@ async def code(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     record = await engine.get(request.match_info["id"], caller_of(request))
     script = engine.run_dir(record.id).script
-    if not script.is_file():  # a run refused before its directory was made
-        raise NotFound(f"run {record.id} has no code stored")
-    return web.FileResponse(script, headers={**FILE_SECURITY, hdrs.CONTENT_TYPE: "text/x-python",
-                                             hdrs.CONTENT_DISPOSITION: "inline; filename=main.py"})
+    headers = {**FILE_SECURITY, hdrs.CONTENT_TYPE: "text/x-python",
+               hdrs.CONTENT_DISPOSITION: "inline; filename=main.py"}
+    if not script.is_file():
+        if (queued := await engine.queued_code(record)) is not None:  # in the shared queue: from the store
+            return web.Response(body=queued, headers=headers)
+        raise NotFound(f"run {record.id} has no code stored")  # a run refused before its directory was made
+    return web.FileResponse(script, headers=headers)

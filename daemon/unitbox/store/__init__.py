@@ -84,11 +84,6 @@ class RunInputs:
     entry: str | None = None  # "<function> <result cap>" (entrypoint runs)
     files: tuple[tuple[str, bytes], ...] = ()
 
-    @property
-    def size(self) -> int:
-        return len(self.code) + len(self.stdin) + sum(len(a) for a in self.args) + \
-            sum(len(content) for _, content in self.files)
-
 
 class RunStore(Protocol):
     """What the engine, recovery and retention ask of a store. Every method
@@ -167,6 +162,10 @@ class RunStore(Protocol):
         ...
 
     async def inputs(self, run_id: str) -> RunInputs | None: ...
+
+    async def forget_inputs(self) -> None:
+        """Drops the inputs of finished runs (the node that ran them staged them)."""
+        ...
 
     async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
         """Cancels a run no node has taken yet (then it is this node's); None

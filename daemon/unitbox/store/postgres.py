@@ -38,6 +38,7 @@ from unitbox.outcome import RunState
 from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunInputs, RunRecord, unavailable_message
 from unitbox.store.schema import (
     COLUMNS,
+    FORGET_INPUTS,
     INPUTS_INSERT,
     LOST_PATTERN,
     cancel_unclaimed_query,
@@ -340,6 +341,11 @@ class PostgresStore:
     async def inputs(self, run_id: str) -> RunInputs | None:
         rows = await self._rows("SELECT * FROM run_inputs WHERE id = %s", (run_id,))
         return inputs_from_row(rows[0]) if rows else None
+
+    async def forget_inputs(self) -> None:
+        async def forget(conn: Connection) -> None:
+            await conn.execute(FORGET_INPUTS)
+        await self._statement(forget)
 
     async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
         params = [str(RunState.CANCELLED), now, self.node or "", run_id, str(RunState.QUEUED)]

@@ -201,6 +201,10 @@ def inputs_from_row(row: Mapping[str, Any]) -> RunInputs:
                      entry=row["entry"], files=files)
 
 
+# The inputs of finished runs: kept while a run may still need a node (a lost node's queued runs
+# go back to the queue), then dropped; the table stays as small as the queue.
+FORGET_INPUTS = ("DELETE FROM run_inputs WHERE id IN (SELECT r.id FROM runs r JOIN run_inputs i ON i.id = r.id "
+                 "WHERE r.finished_at IS NOT NULL)")
 INPUTS_INSERT = "INSERT INTO run_inputs (id, code, stdin, args, entry, files) VALUES ({m}, {m}, {m}, {m}, {m}, {m})"
 
 

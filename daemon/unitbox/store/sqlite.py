@@ -44,6 +44,7 @@ from unitbox.outcome import RunState
 from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunInputs, RunRecord, unavailable_message
 from unitbox.store.schema import (
     COLUMNS,
+    FORGET_INPUTS,
     INPUTS_INSERT,
     LOST_PATTERN,
     cancel_unclaimed_query,
@@ -351,6 +352,9 @@ class SqliteStore:
             row = db.execute("SELECT * FROM run_inputs WHERE id = ?", (run_id,)).fetchone()
             return inputs_from_row(row) if row else None
         return await self._run(read)
+
+    async def forget_inputs(self) -> None:
+        await self._write(lambda db: db.execute(FORGET_INPUTS))
 
     async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
         params = [str(RunState.CANCELLED), now, self.node or "", run_id, str(RunState.QUEUED)]
