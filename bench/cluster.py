@@ -57,6 +57,7 @@ from tests.support.testhost import booted  # noqa: E402
 
 NODES = ("a", "b", "c")
 NODE_RUNS_PER_S = 20  # one node on 2 cores, full profile (README "Performance")
+SLOTS = os.cpu_count() or 1  # each node's max_concurrent (the default)
 IDLE_S = 20
 
 
@@ -111,6 +112,36 @@ def statements(server: Postgres, database: str) -> dict[str, Any]:
     parsed = [(int(c), float(t), q) for c, t, q in (row.split("|", 2) for row in rows)]
     return {"exec_ms": sum(t for _, t, _ in parsed),
             "top": [{"calls": c, "exec_ms": round(t, 1), "query": q[:100]} for c, t, q in parsed[:8]]}
+
+
+def log_after(path: Path, offset: int) -> str:
+    with path.open() as log:
+        log.seek(offset)
+        return log.read()
+
+
+def phase(server: Postgres, database: str, daemons: list[Any], clients: list[Any], *, runs: int, ways: int,
+          beat_calls_s: float, beat_ms_s: float) -> dict[str, Any]:
+    """`runs` trivial runs, wait=true, each to the next node, `ways` at a time: the database's cost per run
+    (the heartbeats' share taken out), and how many went through the shared queue."""
+    reset(server, database)
+    mark, marks = server.log.stat().st_size, [d.log.stat().st_size for d in daemons]
+    cpu_before, started = cpu_s(server), time.perf_counter()
+    order = itertools.cycle(clients)
+    with ThreadPoolExecutor(ways) as pool:
+        replies = list(pool.map(lambda c: c.post_json("/run-json?wait=true", {"code": "pass"}, timeout=120),
+                                [next(order) for _ in range(runs)]))
+    elapsed, cpu_used = time.perf_counter() - started, cpu_s(server) - cpu_before
+    busy, busy_logged = statements(server, database), logged(server, mark)
+    failed = [(r.status, r.body[:300]) for r in replies if r.status != 200 or r.json()["state"] != "succeeded"]
+    assert not failed, f"{len(failed)} runs did not succeed, e.g. {failed[:3]}"
+    queued = sum(log_after(d.log, m).count("claimed from the shared queue") for d, m in zip(daemons, marks,
+                                                                                         strict=True))
+    return {"ways": ways, "runs_per_s": runs / elapsed, "through_the_queue": queued / runs,
+            "statements": (sum(busy_logged.values()) - beat_calls_s * elapsed) / runs,
+            "by_kind": {kind: round(count / runs, 2) for kind, count in sorted(busy_logged.items())},
+            "server_exec_ms": (busy["exec_ms"] - beat_ms_s * elapsed) / runs,
+            "server_cpu_ms": cpu_used * 1000 / runs}
 
 
 def reset(server: Postgres, database: str) -> None:
@@ -168,41 +199,41 @@ def main() -> None:  # noqa: PLR0915 (one measurement after the other, as the do
             idle, idle_logged = statements(server, database), logged(server, mark)
             beat_calls_per_node_s = sum(idle_logged.values()) / len(NODES) / IDLE_S
             beat_ms_per_node_s = idle["exec_ms"] / len(NODES) / IDLE_S
-            print(f"==> {args.runs} trivial runs, wait=true, each to the next node, 12 at a time")
-            reset(server, database)
-            mark = server.log.stat().st_size
-            cpu_before, started = cpu_s(server), time.perf_counter()
-            order = itertools.cycle(clients)
-            with ThreadPoolExecutor(12) as pool:
-                replies = list(pool.map(lambda c: c.post_json("/run-json?wait=true", {"code": "pass"}, timeout=120),
-                                        [next(order) for _ in range(args.runs)]))
-            elapsed, cpu_used = time.perf_counter() - started, cpu_s(server) - cpu_before
-            busy, busy_logged = statements(server, database), logged(server, mark)
-            print(f"==> claim latency: {args.claims} runs of 0.3 s to node a only, 5 at a time")
-            with ThreadPoolExecutor(5) as pool:
+            phases = {}
+            for name, ways in (("direct", len(NODES) * SLOTS), ("through the queue", 2 * len(NODES) * SLOTS)):
+                print(f"==> {args.runs} trivial runs, wait=true, each to the next node, {ways} at a time ({name})")
+                phases[name] = phase(server, database, daemons, clients, runs=args.runs, ways=ways,
+                                     beat_calls_s=beat_calls_per_node_s * len(NODES),
+                                     beat_ms_s=beat_ms_per_node_s * len(NODES))
+            print(f"==> claim latency: {args.claims} runs of 0.3 s to node a only, {SLOTS * 2 + 1} at a time")
+            marks = [d.log.stat().st_size for d in daemons]
+            with ThreadPoolExecutor(SLOTS * 2 + 1) as pool:
                 sleepers = list(pool.map(lambda _: clients[0].post_json(
                     "/run-json?wait=true", {"code": "import time\ntime.sleep(0.3)"}, timeout=120), range(args.claims)))
-            claims = sorted(float(ms) for d in daemons for ms in re.findall(
-                r"claimed from the shared queue, ([0-9.]+) ms after", d.log.read_text()))
-        assert all(r.status == 200 and r.json()["state"] == "succeeded" for r in replies + sleepers), \
-            "a run did not succeed"
+            claims = sorted(float(ms) for d, mark in zip(daemons, marks, strict=True) for ms in re.findall(
+                r"claimed from the shared queue, ([0-9.]+) ms after", log_after(d.log, mark)))
+        failed = [(r.status, r.body[:300]) for r in sleepers if r.status != 200 or r.json()["state"] != "succeeded"]
+        assert not failed, f"{len(failed)} runs did not succeed, e.g. {failed[:3]}"
     finally:
         server.destroy()
-    beats = beat_calls_per_node_s * len(NODES) * elapsed
-    per_run = {"statements": (sum(busy_logged.values()) - beats) / args.runs,
-               "by_kind": {kind: round(count / args.runs, 2) for kind, count in busy_logged.items()},
-               "explicit_transactions": busy_logged.get("COMMIT", 0) / args.runs,
-               "server_exec_ms": (busy["exec_ms"] - beat_ms_per_node_s * len(NODES) * elapsed) / args.runs,
-               "server_cpu_ms": cpu_used * 1000 / args.runs}
-    per_core = 1000 / per_run["server_cpu_ms"]
+    per_run = phases["through the queue"]
+    direct = phases["direct"]
+    per_core = {name: 1000 / ph["server_cpu_ms"] for name, ph in phases.items()}
     claim_ms = {"n": len(claims), "p50": claims[len(claims) // 2] if claims else None,
                 "p99": claims[min(len(claims) - 1, len(claims) * 99 // 100)] if claims else None}
-    result.update({"claim_latency_ms": claim_ms, "runs": args.runs, "elapsed_s": elapsed,
-                   "runs_per_s": args.runs / elapsed, "per_run": per_run,
+    result.update({"claim_latency_ms": claim_ms, "runs": args.runs, "per_run": phases,
                    "heartbeat_per_node_s": {"statements": beat_calls_per_node_s, "server_exec_ms": beat_ms_per_node_s},
-                   "top_statements": busy["top"], "runs_per_s_per_postgresql_core": per_core,
-                   "nodes_per_postgresql_core": per_core / NODE_RUNS_PER_S})
+                   "runs_per_s_per_postgresql_core": per_core,
+                   "nodes_per_postgresql_core": {k: v / NODE_RUNS_PER_S for k, v in per_core.items()}})
     s1, s16 = stores["1-way"], stores["16-way"]
+
+    def row(name: str, ph: dict[str, Any]) -> str:
+        kinds = ", ".join(f"{k} {v:g}" for k, v in ph["by_kind"].items())
+        return (f"| {name} ({ph['ways']} at a time, {ph['through_the_queue']:.0%} through the queue, "
+                f"{ph['runs_per_s']:.1f} runs/s) | {ph['statements']:.1f} ({kinds}) | {2 * ph['statements']:.1f} | "
+                f"{ph['server_exec_ms']:.2f} ms | {ph['server_cpu_ms']:.2f} ms | "
+                f"≈{1000 / ph['server_cpu_ms']:.0f} runs/s, "
+                f"≈{1000 / ph['server_cpu_ms'] / NODE_RUNS_PER_S:.0f} nodes |")
     lines = [
         "# Nodes sharing PostgreSQL: the database's cost per run (bench/cluster.py)",
         "",
@@ -216,24 +247,23 @@ def main() -> None:  # noqa: PLR0915 (one measurement after the other, as the do
         f"| 1 at a time, ms per run | {s1['sqlite_ms_per_run']:.2f} | {s1['postgresql_ms_per_run']:.2f} |",
         f"| 16 at a time, runs/s | {s16['sqlite_runs_per_s']:.0f} | {s16['postgresql_runs_per_s']:.0f} |",
         "",
-        f"Three nodes, {args.runs} trivial runs (wait=true, round-robin, 12 at a time, "
-        f"{args.runs / elapsed:.1f} runs/s on this one machine), per run:",
+        f"Three nodes ({SLOTS} slots each), {args.runs} trivial runs each way (wait=true, each to the next node). "
+        "Per run, heartbeats taken out: statements (each its own transaction, by kind, from the server's log), "
+        "round trips (the pool checks each connection it hands out with an empty query, which the log does "
+        "not show), the server's execution time and its processes' CPU, and what one PostgreSQL core takes "
+        f"at that cost (nodes of {NODE_RUNS_PER_S} runs/s, a 2-core node's full-profile rate):",
         "",
-        f"- statements: **{per_run['statements']:.1f}**, each its own transaction "
-        f"({', '.join(f'{k} {v:g}' for k, v in sorted(per_run['by_kind'].items()))}, heartbeats included); "
-        f"round trips: **{2 * per_run['statements']:.1f}** (the pool checks each connection it hands out "
-        "with an empty query, which the log does not show);",
-        f"- server execution time: **{per_run['server_exec_ms']:.2f} ms**; "
-        f"PostgreSQL's CPU: **{per_run['server_cpu_ms']:.2f} ms**;",
-        f"- a node's heartbeat: {beat_calls_per_node_s:.1f} statements/s, "
+        "| load | statements | round trips | execution | CPU | one core takes |",
+        "|---|---|---:|---:|---:|---|",
+        row("direct", direct),
+        row("through the queue", per_run),
+        "",
+        f"A node's heartbeat: {beat_calls_per_node_s:.1f} statements/s, "
         f"{beat_ms_per_node_s:.2f} ms/s of server time.",
         "",
-        f"Claim latency (queued on a busy node to claimed by a free one, {claim_ms['n']} of {args.claims} runs "
-        f"went through the shared queue): p50 **{claim_ms['p50'] or 0:.1f} ms**, "
+        f"Claim latency, from queued on a busy node to claimed by a free one ({claim_ms['n']} of {args.claims} "
+        f"runs sent to node a alone went through the shared queue): p50 **{claim_ms['p50'] or 0:.1f} ms**, "
         f"p99 **{claim_ms['p99'] or 0:.1f} ms**.",
-        "",
-        f"One PostgreSQL core takes ≈{per_core:.0f} runs/s: ≈**{per_core / NODE_RUNS_PER_S:.0f} nodes** of "
-        f"{NODE_RUNS_PER_S} runs/s each (a 2-core node's full-profile rate).",
     ]
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)

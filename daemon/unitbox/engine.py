@@ -326,7 +326,7 @@ class Engine:
         record = await self.get(run_id, caller)  # another's run: 404 at once, nothing held
         run, closing = self._runner.runs.get(run_id), self._runner.closing
         if run is None and self.cluster.shared:  # queued for any node, or claimed by another
-            record = await self.cluster.until(record, lambda r: r.state.terminal or r.node == self.cluster.name,
+            record = await self.cluster.until(record, lambda r: r.state.terminal or run_id in self._runner.runs,
                                               functools.partial(self.get, run_id, caller), timeout_s, closing)
             run = self._runner.runs.get(run_id)  # claimed here meanwhile: waited for as ours
             if run is None:

@@ -85,3 +85,18 @@ async def test_a_stream_of_a_queued_run_waits_for_its_node_and_follows_it_there(
     held_b.finish(unit_name(queued["id"]))
     body = await asyncio.wait_for((await asyncio.wait_for(stream, 10)).read(), 10)
     assert b"event: end" in body and b'"node":"b"' in body and b'"succeeded"' in body
+
+
+async def test_a_waiting_client_gets_its_run_when_its_own_node_claims_it_later(make_node: MakeNode) -> None:
+    held_a, held_b = FakeSystemd(auto_finish=False), FakeSystemd(auto_finish=False)
+    a, b = await make_node("a", held_a, **BUSY), await make_node("b", held_b, **BUSY)
+    busy = [await (await node.post("/run-json", json={"code": "pass"})).json() for node in (a, b)]
+    await until(lambda: held_a._live(unit_name(busy[0]["id"])) and held_b._live(unit_name(busy[1]["id"])))
+    waiting = asyncio.ensure_future(a.post("/run-json?wait=true", json={"code": "print(2)"}))
+    await asyncio.sleep(0.3)
+    held_a.auto_finish = True
+    held_a.finish(unit_name(busy[0]["id"]))  # a's slot frees: a takes its own queued run
+    answer = await asyncio.wait_for(waiting, 10)
+    run = await answer.json()
+    assert answer.status == 200 and run["state"] == "succeeded" and run["node"] == "a", run
+    assert run["stdout"] == "fake output\n"

@@ -85,9 +85,11 @@ class Load:
         deadline = time.monotonic() + within_s
         while True:
             try:
-                run = self.client.status(run_id)
-                if run["state"] in TERMINAL:
-                    return run
+                reply = self.client.get(f"/status/{run_id}")
+                # 503: the store is down, and the run is not in this daemon's memory (in the shared queue)
+                assert reply.status in (200, 503), (reply.status, reply.body)
+                if reply.status == 200 and (run := reply.json())["state"] in TERMINAL:
+                    return dict(run)
             except TRANSIENT:
                 pass
             assert time.monotonic() < deadline, f"run {run_id} did not end within {within_s} s"

@@ -40,6 +40,17 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> MakeStore:
 
 
 @pytest.fixture
+async def nodes(make_store: MakeStore) -> AsyncIterator[tuple[RunStore, RunStore]]:
+    """Two nodes, a and b, on one database."""
+    a, b = make_store(node="a"), make_store(node="b")
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+@pytest.fixture
 async def store(make_store: MakeStore) -> AsyncIterator[RunStore]:
     opened = make_store()
     await opened.open()
@@ -163,27 +174,21 @@ async def test_a_reopened_store_migrates_nothing_and_loses_nothing(make_store: M
         await store.close()
 
 
-async def test_a_node_recovers_and_retains_only_its_own_runs_and_reads_them_all(make_store: MakeStore) -> None:
-    a, b = make_store(node="a"), make_store(node="b")
-    await a.open()
-    await b.open()
-    try:
-        for number, (store, state) in enumerate([(a, RunState.RUNNING), (b, RunState.RUNNING),
-                                                 (a, RunState.SUCCEEDED), (b, RunState.SUCCEEDED)]):
-            inserted = await store.insert(record(rid(number), node=store.node))
-            await store.update(inserted.evolve(state=state, finished_at=2.0 if state.terminal else None,
-                                               stdout_bytes=number))
-        assert [r.id for r in await a.unfinished()] == [rid(0)]
-        assert [r.id for r in await b.unfinished()] == [rid(1)]
-        assert await a.finished_before(3.0) == [rid(2)] and await a.finished_oldest_first() == [(rid(2), 2)]
-        assert await b.finished_before(3.0) == [rid(3)] and await b.finished_oldest_first() == [(rid(3), 3)]
-        for store in (a, b):  # reads see every node's runs
-            assert [r.id for r in await store.page(None, 10, None)] == [rid(n) for n in (3, 2, 1, 0)]
-            assert (await store.get(rid(1)), await store.get(rid(2))) != (None, None)
-            assert await store.queued() == 0
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_node_recovers_and_retains_only_its_own_runs_and_reads_them_all(nodes: tuple[RunStore, RunStore]) -> None:
+    a, b = nodes
+    for number, (store, state) in enumerate([(a, RunState.RUNNING), (b, RunState.RUNNING),
+                                             (a, RunState.SUCCEEDED), (b, RunState.SUCCEEDED)]):
+        inserted = await store.insert(record(rid(number), node=store.node))
+        await store.update(inserted.evolve(state=state, finished_at=2.0 if state.terminal else None,
+                                           stdout_bytes=number))
+    assert [r.id for r in await a.unfinished()] == [rid(0)]
+    assert [r.id for r in await b.unfinished()] == [rid(1)]
+    assert await a.finished_before(3.0) == [rid(2)] and await a.finished_oldest_first() == [(rid(2), 2)]
+    assert await b.finished_before(3.0) == [rid(3)] and await b.finished_oldest_first() == [(rid(3), 3)]
+    for store in (a, b):  # reads see every node's runs
+        assert [r.id for r in await store.page(None, 10, None)] == [rid(n) for n in (3, 2, 1, 0)]
+        assert (await store.get(rid(1)), await store.get(rid(2))) != (None, None)
+        assert await store.queued() == 0
 
 
 async def test_nodes_heartbeat_and_are_listed_by_name(store: RunStore) -> None:
@@ -206,105 +211,81 @@ def test_both_engines_have_the_same_migrations() -> None:
         assert mine.count("CREATE INDEX") == theirs.count("CREATE INDEX")
 
 
-async def test_the_runs_of_a_silent_node_are_settled_once_and_stay_so(make_store: MakeStore) -> None:
-    a, b = make_store(node="a"), make_store(node="b")
-    await a.open()
-    await b.open()
-    try:
-        beat = NodeInfo(name="a", url="http://a", capacity=1, running=1, queued=1, started_at=1.0, heartbeat_at=10.0)
-        await a.heartbeat(beat)
-        await b.heartbeat(beat.evolve(name="b", url="http://b", heartbeat_at=100.0))
-        running = await a.insert(record(rid(1), node="a"))
-        await a.update(running.evolve(state=RunState.RUNNING, started_at=11.0))
-        await a.insert(record(rid(2), node="a"))  # queued
-        done = await a.insert(record(rid(3), node="a"))
-        await a.update(done.evolve(state=RunState.SUCCEEDED, started_at=11.0, finished_at=12.0))
-        await b.insert(record(rid(4), node="b"))
-        assert sorted(await b.settle_lost(now=101.0, cutoff=50.0, grace_s=50)) == [rid(1), rid(2)]
-        lost = await b.get(rid(1))
-        assert lost is not None and lost.state is RunState.ERROR and lost.finished_at == 101.0
-        assert lost.error == "node lost: a sent no heartbeat for 50 s"
-        assert (await b.get(rid(2))).state is RunState.ERROR  # type: ignore[union-attr]
-        assert (await b.get(rid(3))).state is RunState.SUCCEEDED  # type: ignore[union-attr]
-        assert (await b.get(rid(4))).state is RunState.QUEUED  # type: ignore[union-attr]  # its own node's
-        assert await a.settle_lost(now=102.0, cutoff=50.0, grace_s=50) == []  # none of b's; a's own: never
-        assert await b.settle_lost(now=103.0, cutoff=50.0, grace_s=50) == []  # settled once
-        # a comes back and writes what it knew: the settled end stays.
-        await a.update(running.evolve(state=RunState.SUCCEEDED, started_at=11.0, finished_at=104.0, exit_code=0))
-        for store in (a, b):
-            again = await store.get(rid(1))
-            assert again is not None and again.state is RunState.ERROR and again.error == lost.error
-    finally:
-        await a.close()
-        await b.close()
+async def test_the_runs_of_a_silent_node_are_settled_once_and_stay_so(nodes: tuple[RunStore, RunStore]) -> None:
+    a, b = nodes
+    beat = NodeInfo(name="a", url="http://a", capacity=1, running=1, queued=1, started_at=1.0, heartbeat_at=10.0)
+    await a.heartbeat(beat)
+    await b.heartbeat(beat.evolve(name="b", url="http://b", heartbeat_at=100.0))
+    running = await a.insert(record(rid(1), node="a"))
+    await a.update(running.evolve(state=RunState.RUNNING, started_at=11.0))
+    await a.insert(record(rid(2), node="a"))  # queued
+    done = await a.insert(record(rid(3), node="a"))
+    await a.update(done.evolve(state=RunState.SUCCEEDED, started_at=11.0, finished_at=12.0))
+    await b.insert(record(rid(4), node="b"))
+    assert sorted(await b.settle_lost(now=101.0, cutoff=50.0, grace_s=50)) == [rid(1), rid(2)]
+    lost = await b.get(rid(1))
+    assert lost is not None and lost.state is RunState.ERROR and lost.finished_at == 101.0
+    assert lost.error == "node lost: a sent no heartbeat for 50 s"
+    assert (await b.get(rid(2))).state is RunState.ERROR  # type: ignore[union-attr]
+    assert (await b.get(rid(3))).state is RunState.SUCCEEDED  # type: ignore[union-attr]
+    assert (await b.get(rid(4))).state is RunState.QUEUED  # type: ignore[union-attr]  # its own node's
+    assert await a.settle_lost(now=102.0, cutoff=50.0, grace_s=50) == []  # none of b's; a's own: never
+    assert await b.settle_lost(now=103.0, cutoff=50.0, grace_s=50) == []  # settled once
+    # a comes back and writes what it knew: the settled end stays.
+    await a.update(running.evolve(state=RunState.SUCCEEDED, started_at=11.0, finished_at=104.0, exit_code=0))
+    for store in (a, b):
+        again = await store.get(rid(1))
+        assert again is not None and again.state is RunState.ERROR and again.error == lost.error
 
 
 INPUTS = RunInputs(code=b"print('hi')\n", stdin=b"\x00\xffbytes", args=["--n", "3"], entry="main 1024",
                    files=(("data/in.csv", b"a,b\n"), ("x.bin", bytes(range(256)))))
 
 
-async def test_the_shared_queue_is_claimed_oldest_first_with_the_inputs(make_store: MakeStore) -> None:
-    a, b = make_store(node="a"), make_store(node="b")
-    await a.open()
-    await b.open()
-    try:
-        queued = [await a.enqueue(record(rid(n)), INPUTS) for n in range(5)]
-        assert [r.node for r in queued] == [None] * 5 and await a.queued() == 5
-        assert await a.inputs(rid(0)) == INPUTS
-        first = await b.claim(2)
-        assert [(r.id, r.node) for r, _ in first] == [(rid(0), "b"), (rid(1), "b")]
-        assert all(inputs == INPUTS for _, inputs in first)
-        assert [r.id for r, _ in await a.claim(10)] == [rid(2), rid(3), rid(4)]
-        assert await b.claim(10) == [] and await a.claim(0) == []
-        assert [r.id for r in await b.unfinished()] == [rid(0), rid(1)]  # claimed: the claimer's to run
-    finally:
-        await a.close()
-        await b.close()
+async def test_the_shared_queue_is_claimed_oldest_first_with_the_inputs(nodes: tuple[RunStore, RunStore]) -> None:
+    a, b = nodes
+    queued = [await a.enqueue(record(rid(n)), INPUTS) for n in range(5)]
+    assert [r.node for r in queued] == [None] * 5 and await a.queued() == 5
+    assert await a.inputs(rid(0)) == INPUTS
+    first = await b.claim(2)
+    assert [(r.id, r.node) for r, _ in first] == [(rid(0), "b"), (rid(1), "b")]
+    assert all(inputs == INPUTS for _, inputs in first)
+    assert [r.id for r, _ in await a.claim(10)] == [rid(2), rid(3), rid(4)]
+    assert await b.claim(10) == [] and await a.claim(0) == []
+    assert [r.id for r in await b.unfinished()] == [rid(0), rid(1)]  # claimed: the claimer's to run
 
 
-async def test_a_queued_run_is_cancelled_only_while_no_node_has_it(make_store: MakeStore) -> None:
-    a, b = make_store(node="a"), make_store(node="b")
-    await a.open()
-    await b.open()
-    try:
-        await a.enqueue(record(rid(1)), INPUTS)
-        await a.enqueue(record(rid(2)), INPUTS)
-        cancelled = await b.cancel_unclaimed(rid(1), now=5.0)
-        assert cancelled is not None and cancelled.state is RunState.CANCELLED and cancelled.node == "b"
-        assert cancelled.cancel_requested and cancelled.finished_at == 5.0
-        assert await a.get(rid(1)) == cancelled
-        assert await b.finished_before(6.0) == [rid(1)]  # the canceller's, for its retention
-        assert [r.id for r, _ in await a.claim(5)] == [rid(2)]
-        assert await b.cancel_unclaimed(rid(2), now=6.0) is None  # a has it: a cancels it
-        assert await b.cancel_unclaimed(rid(1), now=6.0) is None
-        await a.delete([rid(1), rid(2)])
-        assert await a.inputs(rid(2)) is None
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_queued_run_is_cancelled_only_while_no_node_has_it(nodes: tuple[RunStore, RunStore]) -> None:
+    a, b = nodes
+    await a.enqueue(record(rid(1)), INPUTS)
+    await a.enqueue(record(rid(2)), INPUTS)
+    cancelled = await b.cancel_unclaimed(rid(1), now=5.0)
+    assert cancelled is not None and cancelled.state is RunState.CANCELLED and cancelled.node == "b"
+    assert cancelled.cancel_requested and cancelled.finished_at == 5.0
+    assert await a.get(rid(1)) == cancelled
+    assert await b.finished_before(6.0) == [rid(1)]  # the canceller's, for its retention
+    assert [r.id for r, _ in await a.claim(5)] == [rid(2)]
+    assert await b.cancel_unclaimed(rid(2), now=6.0) is None  # a has it: a cancels it
+    assert await b.cancel_unclaimed(rid(1), now=6.0) is None
+    await a.delete([rid(1), rid(2)])
+    assert await a.inputs(rid(2)) is None
 
 
-async def test_a_lost_node_s_unstarted_runs_go_back_to_the_queue(make_store: MakeStore) -> None:
-    a, b = make_store(node="a"), make_store(node="b")
-    await a.open()
-    await b.open()
-    try:
-        beat = NodeInfo(name="a", url="http://a", capacity=1, running=1, queued=1, started_at=1.0, heartbeat_at=10.0)
-        await a.heartbeat(beat)
-        await b.heartbeat(beat.evolve(name="b", url="http://b", heartbeat_at=100.0))
-        await a.enqueue(record(rid(1)), INPUTS)
-        await a.enqueue(record(rid(2)), INPUTS)
-        (running, _), _claimed = await a.claim(2)
-        await a.update(running.evolve(state=RunState.RUNNING, started_at=11.0))
-        local = await a.insert(record(rid(3), node="a"))  # accepted by a with a free slot: inputs on a's disk only
-        assert sorted(await b.settle_lost(now=101.0, cutoff=50.0, grace_s=50)) == [rid(1), rid(3)]
-        requeued = await b.get(rid(2))
-        assert requeued is not None and requeued.state is RunState.QUEUED and requeued.node is None
-        assert [(r.id, r.node) for r, _ in await b.claim(5)] == [(rid(2), "b")]
-        assert (await b.get(local.id)).state is RunState.ERROR  # type: ignore[union-attr]
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_lost_node_s_unstarted_runs_go_back_to_the_queue(nodes: tuple[RunStore, RunStore]) -> None:
+    a, b = nodes
+    beat = NodeInfo(name="a", url="http://a", capacity=1, running=1, queued=1, started_at=1.0, heartbeat_at=10.0)
+    await a.heartbeat(beat)
+    await b.heartbeat(beat.evolve(name="b", url="http://b", heartbeat_at=100.0))
+    await a.enqueue(record(rid(1)), INPUTS)
+    await a.enqueue(record(rid(2)), INPUTS)
+    (running, _), _claimed = await a.claim(2)
+    await a.update(running.evolve(state=RunState.RUNNING, started_at=11.0))
+    local = await a.insert(record(rid(3), node="a"))  # accepted by a with a free slot: inputs on a's disk only
+    assert sorted(await b.settle_lost(now=101.0, cutoff=50.0, grace_s=50)) == [rid(1), rid(3)]
+    requeued = await b.get(rid(2))
+    assert requeued is not None and requeued.state is RunState.QUEUED and requeued.node is None
+    assert [(r.id, r.node) for r, _ in await b.claim(5)] == [(rid(2), "b")]
+    assert (await b.get(local.id)).state is RunState.ERROR  # type: ignore[union-attr]
 
 
 async def test_many_nodes_claiming_at_once_never_take_a_run_twice(make_store: MakeStore) -> None:

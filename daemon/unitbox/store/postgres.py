@@ -31,34 +31,12 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from unitbox.errors import Unavailable
 from unitbox.outcome import RunState
 from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunInputs, RunRecord, unavailable_message
-from unitbox.store.schema import (
-    COLUMNS,
-    FORGET_INPUTS,
-    INPUTS_INSERT,
-    LOST_PATTERN,
-    cancel_unclaimed_query,
-    claim_query,
-    from_row,
-    heartbeat_query,
-    inputs_from_row,
-    inputs_row,
-    migrations,
-    node_from_row,
-    node_row,
-    node_scope,
-    page_query,
-    requeue_lost_params,
-    requeue_lost_query,
-    settle_lost_params,
-    settle_lost_query,
-    to_row,
-    update_query,
-)
+from unitbox.store import schema as sql
 
 T = TypeVar("T")
 Connection = psycopg.AsyncConnection[DictRow]
@@ -66,14 +44,17 @@ Connection = psycopg.AsyncConnection[DictRow]
 POOL_SIZE = 8  # fast connections per node: the writes of many runs in flight at once
 DURABLE_POOL_SIZE = 4  # and durable ones: accepting runs
 CONNECT_TIMEOUT_S = 5  # libpq's connect_timeout: a server that does not answer is a 503 soon
-WAIT_S = 5.0  # for a free connection from the pool, or a new one
+# For a free connection from the pool, or a new one: a request waits no longer when the server has
+# just gone away (then the next ones fail fast: see _connected_pools). Statements take milliseconds:
+# only thousands of writes at once would make a request wait this long on a healthy server.
+WAIT_S = 2.0
 MIGRATION_LOCK = 0x756E6974626F78  # "unitbox": the advisory lock nodes migrate under
 QUEUE_CHANNEL = "unitbox_queue"  # NOTIFY: a run was queued for any node to take
 _WAKE = f"SELECT pg_notify('{QUEUE_CHANNEL}', '')"
 
-_INSERT = (f"INSERT INTO runs ({', '.join(COLUMNS)}) "  # noqa: S608
-           f"VALUES ({', '.join(f'%({c})s' for c in COLUMNS)}) RETURNING seq")
-_UPDATE = update_query("%({})s")
+_INSERT = (f"INSERT INTO runs ({', '.join(sql.COLUMNS)}) "  # noqa: S608
+           f"VALUES ({', '.join(f'%({c})s' for c in sql.COLUMNS)}) RETURNING seq")
+_UPDATE = sql.update_query("%({})s")
 
 
 def _unavailable(exc: psycopg.Error) -> Unavailable:
@@ -111,9 +92,16 @@ class PostgresStore:
         autocommit, so it costs one round trip) on a connection of the
         durable or the fast pool."""
         try:
-            pools = await self._connected_pools()
-            async with pools[durable].connection() as conn:
-                return await fn(conn)
+            while True:
+                pools = await self._connected_pools()
+                try:
+                    async with pools[durable].connection() as conn:
+                        return await fn(conn)
+                except PoolClosed:
+                    if self._closed or pools is self._pools:
+                        raise
+                    # Replaced by new pools (the server came back) after we took the old ones: no
+                    # statement was sent on it, so it goes to the new ones.
         except psycopg.OperationalError as exc:  # the server went away, or the pool found none
             self._lost = True
             raise _unavailable(exc) from exc
@@ -138,6 +126,15 @@ class PostgresStore:
                     await asyncio.gather(*(pool.close() for pool in old.values()))
         return self._pools
 
+    async def _check(self, conn: Connection) -> None:
+        """The pool's look at a connection before handing it out (an empty
+        query): a dead one means the server went away or restarted."""
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.Error:
+            self._lost = True
+            raise
+
     async def _connect_once(self, then: Callable[[Connection], Awaitable[None]] | None = None) -> None:
         async with await Connection.connect(self.url, **self._connect_args) as conn, conn.transaction():
             if then is not None:
@@ -151,7 +148,7 @@ class PostgresStore:
             for durable, size in ((True, DURABLE_POOL_SIZE), (False, self._pool_size)):
                 pools[durable] = AsyncConnectionPool(
                     self.url, connection_class=Connection, min_size=1, max_size=size, open=False,
-                    timeout=WAIT_S, check=AsyncConnectionPool.check_connection, kwargs=self._connect_args,
+                    timeout=WAIT_S, check=self._check, kwargs=self._connect_args,
                     configure=None if durable else fast, name=f"unitbox-store-{'durable' if durable else 'fast'}")
                 await pools[durable].open(wait=True, timeout=WAIT_S + CONNECT_TIMEOUT_S)
         except BaseException:
@@ -192,7 +189,7 @@ class PostgresStore:
         if row is None:
             await conn.execute("INSERT INTO unitbox_schema (version) VALUES (0)")
         version = row["version"] if row else 0
-        scripts = migrations("postgresql")
+        scripts = sql.migrations("postgresql")
         for script in scripts[version:]:
             await conn.execute(script)  # no parameters: several statements in one go
         if version < len(scripts):
@@ -228,7 +225,7 @@ class PostgresStore:
 
     # -- runs ------------------------------------------------------------------
     async def insert(self, record: RunRecord) -> RunRecord:
-        row = to_row(record)
+        row = sql.to_row(record)
 
         async def insert(conn: Connection) -> int:
             inserted = await (await conn.execute(_INSERT, row)).fetchone()
@@ -237,7 +234,7 @@ class PostgresStore:
         return record.evolve(seq=await self._write(record.id, insert, durable=True))
 
     async def update(self, record: RunRecord) -> None:
-        row = to_row(record) | {"lost": LOST_PATTERN}
+        row = sql.to_row(record) | {"lost": sql.LOST_PATTERN}
         never_started = record.state.terminal and record.started_at is None  # no result file behind it
 
         async def update(conn: Connection) -> int:
@@ -249,28 +246,28 @@ class PostgresStore:
         if (recent := self._recent.get(run_id)) is not None:
             return recent
         rows = await self._rows("SELECT * FROM runs WHERE id = %s", (run_id,))
-        return from_row(rows[0]) if rows else None
+        return sql.from_row(rows[0]) if rows else None
 
     async def page(self, state: RunState | None, limit: int, before_seq: int | None,
                    owner: str | None = None) -> list[RunRecord]:
-        query, params = page_query(state, limit, before_seq, owner, mark="%s")
-        return [from_row(r) for r in await self._rows(query, params)]
+        query, params = sql.page_query(state, limit, before_seq, owner, mark="%s")
+        return [sql.from_row(r) for r in await self._rows(query, params)]
 
     async def unfinished(self) -> list[RunRecord]:
-        scope, mine = node_scope(self.node, mark="%s")
+        scope, mine = sql.node_scope(self.node, mark="%s")
         rows = await self._rows(f"SELECT * FROM runs WHERE state = ANY(%s){scope} ORDER BY seq",  # noqa: S608
                                 [[str(s) for s in UNFINISHED], *mine])
-        return [from_row(r) for r in rows]
+        return [sql.from_row(r) for r in rows]
 
     async def finished_before(self, cutoff: float) -> list[str]:
-        scope, mine = node_scope(self.node, mark="%s")
+        scope, mine = sql.node_scope(self.node, mark="%s")
         rows = await self._rows(
             f"SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < %s{scope} ORDER BY seq",  # noqa: S608
             [cutoff, *mine])
         return [r["id"] for r in rows]
 
     async def finished_oldest_first(self) -> list[tuple[str, int]]:
-        scope, mine = node_scope(self.node, mark="%s")
+        scope, mine = sql.node_scope(self.node, mark="%s")
         rows = await self._rows(f"SELECT id, stdout_bytes + stderr_bytes AS stored FROM runs "  # noqa: S608
                                 f"WHERE finished_at IS NOT NULL{scope} ORDER BY seq", mine)
         return [(r["id"], int(r["stored"])) for r in rows]
@@ -290,33 +287,33 @@ class PostgresStore:
         return {r["id"] for r in await self._rows("SELECT id FROM runs WHERE id = ANY(%s)", (list(run_ids),))}
 
     async def heartbeat(self, node: NodeInfo) -> None:
-        row = node_row(node)
+        row = sql.node_row(node)
 
         async def beat(conn: Connection) -> None:
-            await conn.execute(heartbeat_query("%s"), row)
+            await conn.execute(sql.heartbeat_query("%s"), row)
         await self._statement(beat)
 
     async def nodes(self) -> list[NodeInfo]:
-        return [node_from_row(r) for r in await self._rows("SELECT * FROM nodes ORDER BY name")]
+        return [sql.node_from_row(r) for r in await self._rows("SELECT * FROM nodes ORDER BY name")]
 
     async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
         me = self.node or ""
-        params, requeue = settle_lost_params(now, cutoff, me, grace_s), requeue_lost_params(cutoff, me)
+        params, requeue = sql.settle_lost_params(now, cutoff, me, grace_s), sql.requeue_lost_params(cutoff, me)
 
         async def settle(conn: Connection) -> list[str]:
-            if await (await conn.execute(requeue_lost_query("%s"), requeue)).fetchall():
+            if await (await conn.execute(sql.requeue_lost_query("%s"), requeue)).fetchall():
                 await conn.execute(_WAKE)
-            return [r["id"] for r in await (await conn.execute(settle_lost_query("%s"), params)).fetchall()]
+            return [r["id"] for r in await (await conn.execute(sql.settle_lost_query("%s"), params)).fetchall()]
         return await self._statement(settle)
 
     # -- the shared queue --------------------------------------------------------
     async def enqueue(self, record: RunRecord, inputs: RunInputs) -> RunRecord:
-        row, stored = to_row(record), inputs_row(record.id, inputs)
+        row, stored = sql.to_row(record), sql.inputs_row(record.id, inputs)
 
         async def enqueue(conn: Connection) -> int:
             async with conn.transaction():  # the run, its inputs and the wake-up, together
                 inserted = await (await conn.execute(_INSERT, row)).fetchone()
-                await conn.execute(INPUTS_INSERT.format(m="%s"), stored)
+                await conn.execute(sql.INPUTS_INSERT.format(m="%s"), stored)
                 await conn.execute(_WAKE)
             assert inserted is not None
             return int(inserted["seq"])
@@ -328,31 +325,31 @@ class PostgresStore:
         params = [self.node or "", str(RunState.QUEUED), up_to]
 
         async def claim(conn: Connection) -> list[tuple[RunRecord, RunInputs]]:
-            records = sorted((from_row(r) for r in await (await conn.execute(claim_query("%s"), params)).fetchall()),
-                             key=lambda r: r.seq)
+            claimed = await (await conn.execute(sql.claim_query("%s"), params)).fetchall()
+            records = sorted((sql.from_row(r) for r in claimed), key=lambda r: r.seq)
             if not records:
                 return []
             rows = await (await conn.execute("SELECT * FROM run_inputs WHERE id = ANY(%s)",
                                              ([r.id for r in records],))).fetchall()
-            stored = {row["id"]: inputs_from_row(row) for row in rows}
+            stored = {row["id"]: sql.inputs_from_row(row) for row in rows}
             return [(record, stored[record.id]) for record in records]
         return await self._statement(claim, durable=True)
 
     async def inputs(self, run_id: str) -> RunInputs | None:
         rows = await self._rows("SELECT * FROM run_inputs WHERE id = %s", (run_id,))
-        return inputs_from_row(rows[0]) if rows else None
+        return sql.inputs_from_row(rows[0]) if rows else None
 
     async def forget_inputs(self) -> None:
         async def forget(conn: Connection) -> None:
-            await conn.execute(FORGET_INPUTS)
+            await conn.execute(sql.FORGET_INPUTS)
         await self._statement(forget)
 
     async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
         params = [str(RunState.CANCELLED), now, self.node or "", run_id, str(RunState.QUEUED)]
 
         async def cancel(conn: Connection) -> RunRecord | None:
-            row = await (await conn.execute(cancel_unclaimed_query("%s"), params)).fetchone()
-            return from_row(row) if row else None
+            row = await (await conn.execute(sql.cancel_unclaimed_query("%s"), params)).fetchone()
+            return sql.from_row(row) if row else None
         record = await self._write(run_id, cancel, durable=True)
         if record is not None:
             self._recent.written(record)

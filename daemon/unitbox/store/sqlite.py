@@ -42,37 +42,15 @@ from typing import Any, TypeVar
 from unitbox.errors import Unavailable
 from unitbox.outcome import RunState
 from unitbox.store import UNFINISHED, NodeInfo, RecentFinals, RunInputs, RunRecord, unavailable_message
-from unitbox.store.schema import (
-    COLUMNS,
-    FORGET_INPUTS,
-    INPUTS_INSERT,
-    LOST_PATTERN,
-    cancel_unclaimed_query,
-    claim_query,
-    from_row,
-    heartbeat_query,
-    inputs_from_row,
-    inputs_row,
-    migrations,
-    node_from_row,
-    node_row,
-    node_scope,
-    page_query,
-    requeue_lost_params,
-    requeue_lost_query,
-    settle_lost_params,
-    settle_lost_query,
-    to_row,
-    update_query,
-)
+from unitbox.store import schema as sql
 
 T = TypeVar("T")
 
 _IDS_PER_QUERY = 500  # bound parameters per statement (SQLite's limit was 999 before 3.32)
 
-_INSERT = f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join(':' + c for c in COLUMNS)})"  # noqa: S608
-_UPDATE = update_query(":{}")
-MIGRATIONS = migrations("sqlite")
+_INSERT = f"INSERT INTO runs ({', '.join(sql.COLUMNS)}) VALUES ({', '.join(':' + c for c in sql.COLUMNS)})"  # noqa: S608
+_UPDATE = sql.update_query(":{}")
+MIGRATIONS = sql.migrations("sqlite")
 
 
 def _unavailable(exc: sqlite3.Error) -> Unavailable:
@@ -232,14 +210,14 @@ class SqliteStore:
 
     # -- runs ------------------------------------------------------------------
     async def insert(self, record: RunRecord) -> RunRecord:
-        row = to_row(record)
+        row = sql.to_row(record)
 
         def insert(db: sqlite3.Connection) -> int:
             return int(db.execute(_INSERT, row).lastrowid or 0)
         return record.evolve(seq=await self._write(insert, durable=True))
 
     async def update(self, record: RunRecord) -> None:
-        row = to_row(record) | {"lost": LOST_PATTERN}
+        row = sql.to_row(record) | {"lost": sql.LOST_PATTERN}
         never_started = record.state.terminal and record.started_at is None  # no result file behind it
         written = await self._write(lambda db: db.execute(_UPDATE, row).rowcount, durable=never_started)
         if written:  # not a run another node settled as lost: its row is what this node knows
@@ -251,35 +229,35 @@ class SqliteStore:
 
         def get(db: sqlite3.Connection) -> RunRecord | None:
             row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-            return from_row(row) if row else None
+            return sql.from_row(row) if row else None
         return await self._run(get)
 
     async def page(self, state: RunState | None, limit: int, before_seq: int | None,
                    owner: str | None = None) -> list[RunRecord]:
         """Newest first: up to `limit` runs older than `before_seq` (only `owner`'s, if given)."""
-        query, params = page_query(state, limit, before_seq, owner, mark="?")
+        query, params = sql.page_query(state, limit, before_seq, owner, mark="?")
 
         def page(db: sqlite3.Connection) -> list[RunRecord]:
-            return [from_row(r) for r in db.execute(query, params)]
+            return [sql.from_row(r) for r in db.execute(query, params)]
         return await self._run(page)
 
     async def unfinished(self) -> list[RunRecord]:
-        scope, mine = node_scope(self.node, mark="?")
+        scope, mine = sql.node_scope(self.node, mark="?")
         states = [str(s) for s in UNFINISHED]
 
         def unfinished(db: sqlite3.Connection) -> list[RunRecord]:
             rows = db.execute(f"SELECT * FROM runs WHERE state IN (?, ?, ?){scope} ORDER BY seq", [*states, *mine])  # noqa: S608
-            return [from_row(r) for r in rows]
+            return [sql.from_row(r) for r in rows]
         return await self._run(unfinished)
 
     async def finished_before(self, cutoff: float) -> list[str]:
-        scope, mine = node_scope(self.node, mark="?")
+        scope, mine = sql.node_scope(self.node, mark="?")
         return await self._run(lambda db: [r[0] for r in db.execute(
             f"SELECT id FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?{scope} ORDER BY seq",  # noqa: S608
             [cutoff, *mine])])
 
     async def finished_oldest_first(self) -> list[tuple[str, int]]:
-        scope, mine = node_scope(self.node, mark="?")
+        scope, mine = sql.node_scope(self.node, mark="?")
         return await self._run(lambda db: [(r[0], r[1]) for r in db.execute(
             f"SELECT id, stdout_bytes + stderr_bytes FROM runs WHERE finished_at IS NOT NULL{scope} ORDER BY seq",  # noqa: S608
             mine)])
@@ -307,28 +285,29 @@ class SqliteStore:
         return await self._run(known)
 
     async def heartbeat(self, node: NodeInfo) -> None:
-        row = node_row(node)
-        await self._write(lambda db: db.execute(heartbeat_query("?"), row))
+        row = sql.node_row(node)
+        await self._write(lambda db: db.execute(sql.heartbeat_query("?"), row))
 
     async def nodes(self) -> list[NodeInfo]:
-        return await self._run(lambda db: [node_from_row(r) for r in db.execute("SELECT * FROM nodes ORDER BY name")])
+        rows = "SELECT * FROM nodes ORDER BY name"
+        return await self._run(lambda db: [sql.node_from_row(r) for r in db.execute(rows)])
 
     async def settle_lost(self, now: float, cutoff: float, grace_s: float) -> list[str]:
         me = self.node or ""
-        params, requeue = settle_lost_params(now, cutoff, me, grace_s), requeue_lost_params(cutoff, me)
+        params, requeue = sql.settle_lost_params(now, cutoff, me, grace_s), sql.requeue_lost_params(cutoff, me)
 
         def settle(db: sqlite3.Connection) -> list[str]:
-            db.execute(requeue_lost_query("?"), requeue).fetchall()
-            return [r[0] for r in db.execute(settle_lost_query("?"), params)]
+            db.execute(sql.requeue_lost_query("?"), requeue).fetchall()
+            return [r[0] for r in db.execute(sql.settle_lost_query("?"), params)]
         return await self._write(settle)
 
     # -- the shared queue: one node with SQLite, but the same contract ---------------
     async def enqueue(self, record: RunRecord, inputs: RunInputs) -> RunRecord:
-        row, stored = to_row(record), inputs_row(record.id, inputs)
+        row, stored = sql.to_row(record), sql.inputs_row(record.id, inputs)
 
         def enqueue(db: sqlite3.Connection) -> int:
             seq = int(db.execute(_INSERT, row).lastrowid or 0)
-            db.execute(INPUTS_INSERT.format(m="?"), stored)
+            db.execute(sql.INPUTS_INSERT.format(m="?"), stored)
             return seq
         return record.evolve(seq=await self._write(enqueue, durable=True))
 
@@ -338,30 +317,30 @@ class SqliteStore:
         params = [self.node or "", str(RunState.QUEUED), up_to]
 
         def claim(db: sqlite3.Connection) -> list[tuple[RunRecord, RunInputs]]:
-            records = sorted((from_row(r) for r in db.execute(claim_query("?"), params).fetchall()),
+            records = sorted((sql.from_row(r) for r in db.execute(sql.claim_query("?"), params).fetchall()),
                              key=lambda r: r.seq)
             found = []
             for record in records:
                 row = db.execute("SELECT * FROM run_inputs WHERE id = ?", (record.id,)).fetchone()
-                found.append((record, inputs_from_row(row)))
+                found.append((record, sql.inputs_from_row(row)))
             return found
         return await self._write(claim)
 
     async def inputs(self, run_id: str) -> RunInputs | None:
         def read(db: sqlite3.Connection) -> RunInputs | None:
             row = db.execute("SELECT * FROM run_inputs WHERE id = ?", (run_id,)).fetchone()
-            return inputs_from_row(row) if row else None
+            return sql.inputs_from_row(row) if row else None
         return await self._run(read)
 
     async def forget_inputs(self) -> None:
-        await self._write(lambda db: db.execute(FORGET_INPUTS))
+        await self._write(lambda db: db.execute(sql.FORGET_INPUTS))
 
     async def cancel_unclaimed(self, run_id: str, now: float) -> RunRecord | None:
         params = [str(RunState.CANCELLED), now, self.node or "", run_id, str(RunState.QUEUED)]
 
         def cancel(db: sqlite3.Connection) -> RunRecord | None:
-            row = db.execute(cancel_unclaimed_query("?"), params).fetchone()
-            return from_row(row) if row else None
+            row = db.execute(sql.cancel_unclaimed_query("?"), params).fetchone()
+            return sql.from_row(row) if row else None
         record = await self._write(cancel, durable=True)
         if record is not None:
             self._recent.written(record)
