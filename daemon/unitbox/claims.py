@@ -46,19 +46,27 @@ class Claimer:
     async def claim_loop(self) -> None:
         while True:
             self._woken.clear()
-            free = self._free()
-            if free > 0:
-                try:
-                    claimed = await self._store.claim(free)
-                except UnitboxError as exc:  # the store is down: /healthz says so; look again later
-                    log.debug("claiming queued runs: %s", exc.message)
-                    claimed = []
-                for record, inputs in claimed:
-                    waited_ms = (time.time() - record.created_at) * 1000
-                    log.info("run %s claimed from the shared queue, %.1f ms after it was queued", record.id,
-                             waited_ms, extra={"run_id": record.id})
-                    await self._adopt(record, inputs)
-                if claimed and len(claimed) == free:
+            try:
+                if await self._claim():
                     continue  # there may be more, and room for them
+            except Exception:  # a bug must not stop this node from taking work for good
+                log.exception("claiming queued runs failed; looking again in %g s", LOOK_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), LOOK_S)
+
+    async def _claim(self) -> bool:
+        """Claims and adopts what fits; True if that filled every free slot."""
+        free = self._free()
+        if free <= 0:
+            return False
+        try:
+            claimed = await self._store.claim(free)
+        except UnitboxError as exc:  # the store is down: /healthz says so; look again later
+            log.debug("claiming queued runs: %s", exc.message)
+            return False
+        for record, inputs in claimed:
+            waited_ms = (time.time() - record.created_at) * 1000
+            log.info("run %s claimed from the shared queue, %.1f ms after it was queued", record.id, waited_ms,
+                     extra={"run_id": record.id})
+            await self._adopt(record, inputs)
+        return bool(claimed) and len(claimed) == free

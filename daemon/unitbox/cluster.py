@@ -59,9 +59,11 @@ class Cluster:
                         running=load.running, queued=load.queued, started_at=self._started_at, heartbeat_at=now)
 
     async def beat(self) -> None:
-        """This node's row; then the runs of nodes silent for `node_grace_s`
-        end as `error` (whichever node gets there first: the update is one
-        statement, a run is settled once)."""
+        """This node's row, the cluster's queue depth, the inputs of finished
+        runs dropped; then the runs of nodes silent for `node_grace_s` are
+        settled: unstarted ones back to the queue, the others `error`
+        (whichever node gets there first: one statement each, a run is
+        settled once)."""
         me = self.me()
         await self._store.heartbeat(me)
         self.queued_everywhere = await self._store.queued()
