@@ -111,6 +111,7 @@ class Engine:
         self.cluster = Cluster(config, store, lambda: Load(self.executing, self.queue_depth))
         self._claims = Claimer(store, free=self._free_for_claims, adopt=self._adopt) \
             if self.cluster.shared else None
+        self._adopting: dict[str, asyncio.Event] = {}  # claimed here, being staged: not yet in the runner
         if self.cluster.shared:
             self.metrics.gauge("unitbox_cluster_queue_depth", "Runs queued on any node of the cluster "
                                "(as of this node's last heartbeat).", lambda: self.cluster.queued_everywhere)
@@ -237,6 +238,14 @@ class Engine:
     async def _adopt(self, record: RunRecord, inputs: RunInputs) -> None:
         """A run this node claimed from the shared queue: staged here, then run as if accepted here."""
         run_dir = RunDir.of(self.config, record.id)
+        staged = self._adopting[record.id] = asyncio.Event()  # a cancel meanwhile waits for it (cancel)
+        try:
+            await self._stage(record, inputs, run_dir)
+        finally:
+            staged.set()
+            del self._adopting[record.id]
+
+    async def _stage(self, record: RunRecord, inputs: RunInputs, run_dir: RunDir) -> None:
         self._admission.reserve_claimed()
         self.budget.charge(record.id, submission_bytes(inputs.code, inputs.stdin, inputs.args)
                            + sum(len(content) for _, content in inputs.files))
@@ -264,9 +273,7 @@ class Engine:
 
     async def queued_code(self, record: RunRecord) -> bytes | None:
         """The code of a run waiting in the shared queue (no node has staged it yet)."""
-        if not self.cluster.unclaimed(record):
-            return None
-        inputs = await self._store.inputs(record.id)
+        inputs = await self._store.inputs(record.id) if self.cluster.unclaimed(record) else None
         return inputs.code if inputs is not None else None
 
     def _advanced(self, run: RunLife) -> None:
@@ -350,6 +357,9 @@ class Engine:
         """Cancel a run. Returns the run and whether it was still going (202)
         or had already finished (200, unchanged)."""
         record = await self.get(run_id, caller)  # another's run: 404, untouched
+        if (staging := self._adopting.get(run_id)) is not None:  # claimed here a moment ago: being staged
+            await staging.wait()
+            record = await self.get(run_id, caller)
         run = self._runner.runs.get(run_id)
         if run is None and self.cluster.unclaimed(record) and self.cluster.shared:
             cancelled = await self._store.cancel_unclaimed(run_id, time.time())

@@ -6,11 +6,15 @@ oldest first; any node answers for it meanwhile and after."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
+
+import pytest
 
 from tests.api.conftest import MakeNode
 from tests.support.fake_systemd import FakeSystemd, until
 from unitbox.profile import unit_name
+from unitbox.rundir import RunDir
 
 BUSY = {"max_concurrent": 1}
 
@@ -100,3 +104,27 @@ async def test_a_waiting_client_gets_its_run_when_its_own_node_claims_it_later(m
     run = await answer.json()
     assert answer.status == 200 and run["state"] == "succeeded" and run["node"] == "a", run
     assert run["stdout"] == "fake output\n"
+
+
+async def test_a_cancel_that_arrives_while_the_claiming_node_stages_the_run_still_cancels_it(
+        make_node: MakeNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the claim (in the store) and the run being in the claiming node's runner, its
+    inputs are written to disk: a cancel then must wait for them, not answer "already over"."""
+    held_a, held_b = FakeSystemd(auto_finish=False), FakeSystemd(auto_finish=False)
+    a, b = await make_node("a", held_a, **BUSY), await make_node("b", held_b, **BUSY)
+    busy = [await (await node.post("/run-json", json={"code": "pass"})).json() for node in (a, b)]
+    await until(lambda: held_a._live(unit_name(busy[0]["id"])) and held_b._live(unit_name(busy[1]["id"])))
+    queued = await (await a.post("/run-json", json={"code": "import time; time.sleep(60)"})).json()
+    create = RunDir.create
+
+    def slow_create(self: RunDir, *args: Any, **kwargs: Any) -> None:
+        time.sleep(1.0)  # in the staging thread: the claim is made, the run not yet handed to the runner
+        create(self, *args, **kwargs)
+    monkeypatch.setattr(RunDir, "create", slow_create)
+    held_b.finish(unit_name(busy[1]["id"]))  # b frees a slot and claims the queued run
+    await eventually(a, queued["id"], lambda r: r["node"] == "b")
+    cancelled = await a.post(f"/runs/{queued['id']}/cancel")  # relayed to b, which is staging it
+    assert cancelled.status == 202, await cancelled.text()
+    final = await eventually(a, queued["id"], lambda r: r["state"] != "queued" and r["state"] != "starting"
+                             and r["state"] != "running")
+    assert final["state"] == "cancelled", final
