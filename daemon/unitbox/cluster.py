@@ -1,14 +1,17 @@
 """Nodes sharing one PostgreSQL store (docs/operations.md "Several nodes").
 
-Each node runs the runs it accepted (they are its systemd units, their
-files on its disk) and answers for every run: status and listings from the
-store; output, events, files, code and cancel relayed to the node the run
-is on (api/relay.py), at the URL that node publishes in its heartbeat. A
-submission's wait is on the node that accepted it, so it never crosses.
+A run runs on the node that accepted it, or, when that node's slots were
+full, on the node that claimed it from the shared queue (claims.py): its
+units and files are that node's. Every node answers for every run: status
+and listings from the store; output, events, files, code and cancel
+relayed to the node the run is on (api/relay.py), at the URL that node
+publishes in its heartbeat (here). A waited submission is answered by the
+node that accepted it, looking the run up here until it is over.
 
-A node silent for `node_grace_s` is lost: the others end its unfinished
-runs as `error` ("node lost"); when it comes back its recovery finds them
-settled, and stops their units as orphans.
+A node silent for `node_grace_s` is lost: the others put its claimed,
+unstarted runs back in the queue and end its other unfinished runs as
+`error` ("node lost"); when it comes back its recovery finds them settled,
+and stops their units as orphans.
 
 With a store of its own (SQLite) a daemon is the only node: no heartbeat,
 no relay."""
